@@ -1,0 +1,210 @@
+"""Offline demo assets: tiny SmolVLM backbone, synthetic SO-100 datasets and a tiny base SmolVLA."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from lerobot.datasets.compute_stats import aggregate_stats
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+from lerobot.utils.feature_utils import dataset_to_policy_features
+
+from .tiny_vlm import IMAGE_SIZE, build_tiny_vlm
+
+__all__ = ["build_tiny_vlm", "make_synthetic_dataset", "build_base_policy", "write_demo"]
+
+VIDEO_BACKEND = "pyav"  # torchcodec needs system FFmpeg libraries; PyAV bundles its own
+JOINTS = [
+    "shoulder_pan.pos",
+    "shoulder_lift.pos",
+    "elbow_flex.pos",
+    "wrist_flex.pos",
+    "wrist_roll.pos",
+    "gripper.pos",
+]
+CAMERAS = ("observation.images.front", "observation.images.wrist")
+NODE_TASKS = ["pick the red cube", "push the block left", "open the gripper", "wave the arm"]
+HOME = np.array([0.0, -30.0, 30.0, 0.0, 0.0, 20.0])
+CHUNK_SIZE = 10
+
+
+def _features(image_size: tuple[int, int]) -> dict:
+    """LeRobot feature spec in SO-100 follower format."""
+    vec = {"dtype": "float32", "shape": (len(JOINTS),), "names": list(JOINTS)}
+    cam = {"dtype": "video", "shape": (*image_size, 3), "names": ["height", "width", "channels"]}
+    return {"observation.state": dict(vec), "action": dict(vec), **{key: dict(cam) for key in CAMERAS}}
+
+
+def _target(latent: np.ndarray) -> np.ndarray:
+    """Map the image-visible latent (x, y, colour) in [-1, 1]^3 to a 6-joint target."""
+    u, v, g = latent
+    return np.array([70 * u, 50 * v, 30 - 40 * v, 10 - 30 * v, 40 * u, 50 + 40 * g])
+
+
+def _toward(state: np.ndarray, goal: np.ndarray, gain: float, max_step: float = 8.0) -> np.ndarray:
+    """Proportional step toward goal, rate-limited like a real servo."""
+    return state + np.clip(gain * (goal - state), -max_step, max_step)
+
+
+def _policy_step(style: int, s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Expert action for one style: a deterministic function of state and target."""
+    a = _toward(s, t, 0.25)
+    if style == 0:  # reach, then close the gripper once the arm has arrived
+        near = np.abs(s[:5] - t[:5]).max() < 6
+        a[5] = _toward(s[5:], np.array([0.0 if near else 70.0]), 0.4)[0]
+    elif style == 1:  # lower onto the target height, then sweep left with a closed gripper
+        a[5] = _toward(s[5:], np.zeros(1), 0.4)[0]
+        if abs(s[1] - t[1]) < 5:
+            a[0] = max(s[0] - 6.0, -90.0)
+    elif style == 2:  # slow approach while opening the gripper steadily
+        a = _toward(s, t, 0.12)
+        a[5] = min(s[5] + 5.0, 95.0)
+    elif style == 3:  # circle the wrist around the target: a limit cycle of radius 35
+        d = s[3:5] - t[3:5]
+        r = max(np.linalg.norm(d), 1e-3)
+        c, sn = np.cos(0.5), np.sin(0.5)
+        a[3:5] = t[3:5] + np.array([c * d[0] - sn * d[1], sn * d[0] + c * d[1]]) * (r + 0.3 * (35 - r)) / r
+    else:  # joint by joint: pan first, the rest only once the pan is aligned
+        if abs(s[0] - t[0]) > 4:
+            a[1:] = s[1:]
+    return np.clip(a, -100.0, 100.0)
+
+
+def _render(state: np.ndarray, latent: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Front camera: target square plus end-effector dot; wrist camera: one bar per joint."""
+    h, w = size
+    front = np.full((h, w, 3), 40, dtype=np.uint8)
+    tx, ty = int((latent[0] + 1) / 2 * (w - 10)), int((latent[1] + 1) / 2 * (h - 10))
+    front[ty : ty + 10, tx : tx + 10] = (220, int(60 + 80 * (latent[2] + 1)), 40)
+    ex = int(np.clip((state[0] / 70 + 1) / 2 * (w - 10) + 3, 0, w - 4))
+    ey = int(np.clip((state[1] / 50 + 1) / 2 * (h - 10) + 3, 0, h - 4))
+    front[ey : ey + 4, ex : ex + 4] = 255
+    wrist = np.full((h, w, 3), 20, dtype=np.uint8)
+    bar_w = w // len(JOINTS)
+    for j, value in enumerate(state):
+        top = int(np.clip((1 - (value + 100) / 200) * h, 0, h - 1))
+        wrist[top:, j * bar_w : (j + 1) * bar_w - 1] = (40 * j + 40, 200 - 30 * j, 120)
+    return front, wrist
+
+
+def _episode(style: int, rng: np.random.Generator, frames: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Roll out one episode: (state, action, latent) per frame with state_{t+1} ~= action_t."""
+    latent = rng.uniform(-1, 1, size=3)
+    target = _target(latent)
+    state = HOME + rng.normal(0, 5, size=6)
+    steps = []
+    for _ in range(frames):
+        action = _policy_step(style, state, target)
+        steps.append((state.astype(np.float32), action.astype(np.float32), latent))
+        state = action + rng.normal(0, 0.2, size=6)  # servo tracking error
+    return steps
+
+
+def _write_dataset(
+    root: Path, repo_id: str, plan: list[tuple[int, str]], frames: int, fps: int,
+    image_size: tuple[int, int], rng: np.random.Generator,
+) -> LeRobotDataset:
+    """Record one episode per (style, task) in plan with LeRobot's writer, then reopen it."""
+    ds = LeRobotDataset.create(
+        repo_id, fps, _features(image_size), root=root, robot_type="so100_follower",
+        use_videos=True, video_backend=VIDEO_BACKEND,
+    )
+    for style, task in plan:
+        for state, action, latent in _episode(style, rng, frames):
+            front, wrist = _render(state, latent, image_size)
+            ds.add_frame({"observation.state": state, "action": action,
+                          CAMERAS[0]: front, CAMERAS[1]: wrist, "task": task})
+        ds.save_episode()
+    ds.finalize()  # without it the parquet footers are missing
+    return LeRobotDataset(repo_id, root=root, video_backend=VIDEO_BACKEND)
+
+
+def make_synthetic_dataset(
+    root: Path,
+    repo_id: str,
+    *,
+    task: str,
+    style: int,
+    num_episodes: int = 8,
+    frames_per_episode: int = 40,
+    fps: int = 10,
+    image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE),
+    seed: int = 0,
+) -> LeRobotDataset:
+    """Write a learnable SO-100-style LeRobot v3.0 dataset whose motion depends on style."""
+    rng = np.random.default_rng([seed, style])
+    plan = [(style, task)] * num_episodes
+    return _write_dataset(Path(root), repo_id, plan, frames_per_episode, fps, image_size, rng)
+
+
+def _write_server_eval(root: Path, episodes_per_style: int, frames: int, seed: int) -> LeRobotDataset:
+    """Held-out evaluation set mixing every node's style, from an unrelated seed."""
+    rng = np.random.default_rng([seed, 10_000])
+    plan = [(style, task) for style, task in enumerate(NODE_TASKS) for _ in range(episodes_per_style)]
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    return _write_dataset(root, "zk0/demo-server-eval", plan, frames, 10, size, rng)
+
+
+def _policy_config(vlm_dir: Path) -> SmolVLAConfig:
+    """SmolVLA config sized for the tiny backbone and the synthetic datasets."""
+    features = dataset_to_policy_features(_features((IMAGE_SIZE, IMAGE_SIZE)))
+    return SmolVLAConfig(
+        input_features={k: f for k, f in features.items() if k != "action"},
+        output_features={"action": features["action"]},
+        # Stored as given in the saved config, so it must be absolute to resolve elsewhere.
+        vlm_model_name=str(Path(vlm_dir).resolve()),
+        load_vlm_weights=False,
+        chunk_size=CHUNK_SIZE,
+        n_action_steps=CHUNK_SIZE,
+        resize_imgs_with_padding=(IMAGE_SIZE, IMAGE_SIZE),
+        device="cpu",
+        push_to_hub=False,
+    )
+
+
+def build_base_policy(
+    out_dir: Path,
+    vlm_dir: Path,
+    stats_dataset: LeRobotDataset | None = None,
+    *,
+    seed: int = 0,
+    stats: dict | None = None,
+) -> Path:
+    """Build a seeded tiny SmolVLA and save it with its pre/post processors to out_dir."""
+    out_dir = Path(out_dir)
+    config = _policy_config(vlm_dir)
+    if stats is None and stats_dataset is not None:
+        stats = stats_dataset.meta.stats
+    # fork_rng keeps the caller's global RNG untouched while making init reproducible.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        policy = SmolVLAPolicy(config)
+    policy.save_pretrained(out_dir)
+    preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
+    preprocessor.save_pretrained(out_dir)
+    postprocessor.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_demo(out: Path, *, episodes: int = 8, frames: int = 40, seed: int = 0) -> dict:
+    """Write the complete offline demo (backbone, node and server datasets, base policy) under out."""
+    out = Path(out).resolve()
+    for owned in ("vlm", "datasets", "base-policy"):
+        shutil.rmtree(out / owned, ignore_errors=True)
+    paths = {"root": out, "vlm": build_tiny_vlm(out / "vlm"), "datasets": {}}
+    node_sets = []
+    for node, task in enumerate(NODE_TASKS):
+        root = out / "datasets" / f"node-{node}"
+        ds = make_synthetic_dataset(root, f"zk0/demo-node-{node}", task=task, style=node,
+                                    num_episodes=episodes, frames_per_episode=frames, seed=seed)
+        paths["datasets"][f"node-{node}"] = root
+        node_sets.append(ds)
+    server_root = out / "datasets" / "server-eval"
+    _write_server_eval(server_root, max(1, episodes // 4), frames, seed)
+    paths["datasets"]["server-eval"] = server_root
+    pooled = aggregate_stats([ds.meta.stats for ds in node_sets])
+    paths["base-policy"] = build_base_policy(out / "base-policy", paths["vlm"], seed=seed, stats=pooled)
+    return paths

@@ -1,0 +1,88 @@
+"""SmolVLA loading, the trainable subset that travels, fingerprints and checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+log = logging.getLogger("zk0")
+
+
+def load_policy(path: str, device: str) -> SmolVLAPolicy:
+    """Load a saved SmolVLA (local dir or Hub id) onto `device`."""
+    config = PreTrainedConfig.from_pretrained(path)
+    config.device = device
+    return SmolVLAPolicy.from_pretrained(path, config=config)
+
+
+def load_processors(path: str, device: str):
+    """The pre/post processors saved beside a policy, moving batches to `device`."""
+    config = PreTrainedConfig.from_pretrained(path)
+    return make_pre_post_processors(
+        config,
+        pretrained_path=path,
+        preprocessor_overrides={"device_processor": {"device": device}},
+    )
+
+
+def trainable_names(policy: torch.nn.Module) -> list[str]:
+    """Names of the parameters that train: only these travel between server and nodes."""
+    return [name for name, p in policy.named_parameters() if p.requires_grad]
+
+
+def trainable_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU float32 copies of the trainable parameters."""
+    return {
+        name: p.detach().to("cpu", torch.float32).contiguous()
+        for name, p in policy.named_parameters()
+        if p.requires_grad
+    }
+
+
+def apply_trainable(policy: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy received weights into the trainable parameters; shapes and names must match."""
+    params = dict(policy.named_parameters())
+    expected = set(trainable_names(policy))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"weights do not match the policy: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            target = params[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"weight {name}: shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            target.copy_(value.to(target.device, target.dtype))
+
+
+def frozen_fingerprint(policy: torch.nn.Module) -> str:
+    """Short hash of the frozen weights: nodes and server must share the same base."""
+    digest = hashlib.sha256()
+    for name, p in policy.named_parameters():
+        if not p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(policy, preprocessor, postprocessor, out_dir: Path, info: dict) -> Path:
+    """Write a LeRobot-format checkpoint atomically: a crash never leaves a half directory."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    policy.save_pretrained(staging)
+    preprocessor.save_pretrained(staging)
+    postprocessor.save_pretrained(staging)
+    (staging / "zk0.json").write_text(json.dumps(info, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return out_dir

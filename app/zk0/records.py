@@ -1,0 +1,65 @@
+"""Per-round records: round-NNN.json files and an always-current history.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write then rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/Inf: write them as null rather than produce invalid files.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    """Collects what happens in each round and writes it as soon as it is known."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.rounds: dict[int, dict] = {}
+
+    def _round(self, server_round: int) -> dict:
+        return self.rounds.setdefault(
+            server_round, {"round": server_round, "server_eval": None, "clients": {}, "bytes": {}}
+        )
+
+    def set(self, server_round: int, **fields: Any) -> None:
+        """Set top-level fields of a round's record."""
+        self._round(server_round).update(fields)
+        self.flush(server_round)
+
+    def add_bytes(self, server_round: int, direction: str, count: int) -> None:
+        """Count payload bytes sent to or received from nodes."""
+        record = self._round(server_round)["bytes"]
+        record[direction] = record.get(direction, 0) + int(count)
+        self.flush(server_round)
+
+    def client(self, server_round: int, node_id: int, kind: str, info: dict) -> None:
+        """Record one node's train or eval reply (metrics, name, dataset, status)."""
+        clients = self._round(server_round)["clients"]
+        entry = clients.setdefault(str(node_id), {"node_id": node_id})
+        entry.update({k: v for k, v in info.items() if k in ("name", "dataset")})
+        entry[kind] = {k: v for k, v in info.items() if k not in ("name", "dataset")}
+        self.flush(server_round)
+
+    def flush(self, server_round: int) -> None:
+        """Rewrite this round's file and the history."""
+        atomic_write_json(self.out_dir / f"round-{server_round:03d}.json", self.rounds[server_round])
+        atomic_write_json(self.out_dir / "history.json", [self.rounds[r] for r in sorted(self.rounds)])

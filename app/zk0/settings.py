@@ -1,0 +1,146 @@
+"""Typed settings for each process role, read from ZK0_* variables and Flower configs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ZK0_"
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the variable and what to do."""
+
+
+class _Zk0Settings(BaseSettings):
+    """Shared behaviour: ZK0_ prefix, kebab-case at the Flower boundary, clear errors."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Build from the environment; `overrides` (snake_case) outrank it."""
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v not in (None, "")})
+        except ValidationError as err:
+            raise SettingsError(_explain(cls, err)) from None
+
+    @classmethod
+    def from_flower_config(cls, config: dict[str, Any]) -> Self:
+        """Build from a Flower run/node config (kebab-case keys; empty string means unset)."""
+        known = cls.model_fields
+        overrides = {k.replace("-", "_"): v for k, v in config.items()}
+        return cls.load(**{k: v for k, v in overrides.items() if k in known})
+
+    def to_flower_config(self) -> dict[str, Any]:
+        """Kebab-case, TOML-friendly copy for `--run-config` / `--node-config`."""
+        out = {}
+        for key, value in self.model_dump(exclude_none=True).items():
+            out[key.replace("_", "-")] = str(value) if isinstance(value, Path) else value
+        return out
+
+    @classmethod
+    def env_names(cls) -> set[str]:
+        """Every environment variable this class reads."""
+        return {f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields}
+
+
+def _explain(cls: type[BaseSettings], err: ValidationError) -> str:
+    lines = [f"invalid {cls.__name__}:"]
+    for e in err.errors():
+        field = str(e["loc"][0]) if e["loc"] else "?"
+        var = f"{ENV_PREFIX}{field.upper()} (run/node config '{field.replace('_', '-')}')"
+        hint = cls.model_fields[field].description if field in cls.model_fields else ""
+        lines.append(f"  {var}: {e['msg']}; got {e.get('input')!r}. {hint}")
+    return "\n".join(lines)
+
+
+class ServerSettings(_Zk0Settings):
+    """What the ServerApp (and `zk0 local`) needs to run one experiment."""
+
+    num_rounds: int = Field(3, ge=1, description="Federated rounds to run; set at least 1.")
+    local_steps: int = Field(20, ge=1, description="Optimizer steps per node per round; at least 1.")
+    batch_size: int = Field(8, ge=1, description="Training batch size on each node; at least 1.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate; a positive number.")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx mu; 0 gives FedAvg, must be >= 0.")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="Share of nodes sampled per round, in (0, 1].")
+    min_nodes: int = Field(2, ge=1, description="Nodes that must reply before a round aggregates.")
+    eval_every: int = Field(1, ge=1, description="Evaluate every N rounds (round 0 and the last always).")
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N rounds (the last always).")
+    output_dir: Path = Field(Path("outputs"), description="Where rounds, history and checkpoints go.")
+    base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id.")
+    eval_dataset: str | None = Field(None, description="Server evaluation dataset: local root or Hub id.")
+    eval_batches: int = Field(4, ge=1, description="Batches per evaluation; at least 1.")
+    round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for node replies per round.")
+    seed: int = Field(0, description="Seed for sampling, evaluation noise and training order.")
+    device: str = Field("auto", description="Server evaluation device: auto, cpu, cuda or cuda:N.")
+
+    def is_eval_round(self, server_round: int) -> bool:
+        """Round 0, every `eval_every` rounds and the last round are evaluated."""
+        return server_round == 0 or server_round % self.eval_every == 0 or server_round == self.num_rounds
+
+    def is_checkpoint_round(self, server_round: int) -> bool:
+        """Every `checkpoint_every` rounds and the last round are checkpointed."""
+        return server_round > 0 and (server_round % self.checkpoint_every == 0 or server_round == self.num_rounds)
+
+
+class NodeSettings(_Zk0Settings):
+    """What one SuperNode needs: its data, its split and its device."""
+
+    dataset: str = Field(..., min_length=1, description="This node's LeRobot dataset: local root or Hub id.")
+    name: str = Field("", description="Human-readable node name used in records; defaults to the dataset name.")
+    heldout_episodes: int = Field(2, ge=0, description="Episodes held out for evaluation, never trained on.")
+    partition_id: int | None = Field(None, ge=0, description="When one dataset is split across nodes: this node's part.")
+    num_partitions: int | None = Field(None, ge=1, description="When one dataset is split across nodes: how many parts.")
+    base_policy: str | None = Field(None, description="Override where this node finds the base policy.")
+    device: str = Field("auto", description="Training device: auto, cpu, cuda or cuda:N.")
+    video_backend: Literal["pyav", "torchcodec"] = Field("pyav", description="Video decoder for camera streams.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    log_every: int = Field(5, ge=1, description="Log training progress every N steps.")
+
+    @model_validator(mode="after")
+    def _partitions_pair(self) -> Self:
+        if (self.partition_id is None) != (self.num_partitions is None):
+            raise ValueError("set both partition-id and num-partitions, or neither")
+        if self.partition_id is not None and self.partition_id >= self.num_partitions:
+            raise ValueError("partition-id must be smaller than num-partitions")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        """The node's name, or its dataset's last path component."""
+        return self.name or Path(self.dataset.rstrip("/")).name
+
+
+# `zk0 local` and compose give each SuperNode its own variables: ZK0_NODE_<i>_DATASET etc.
+NODE_VAR = re.compile(rf"^{ENV_PREFIX}NODE_(\d+)_([A-Z_]+)$")
+
+
+def check_env_names(names: set[str]) -> None:
+    """Reject unknown ZK0_ variables so a typo never passes silently."""
+    known = ServerSettings.env_names() | NodeSettings.env_names()
+    node_fields = {n.upper() for n in NodeSettings.model_fields}
+    unknown = []
+    for name in sorted(n for n in names if n.startswith(ENV_PREFIX)):
+        match = NODE_VAR.match(name)
+        if name in known or (match and match.group(2) in node_fields):
+            continue
+        unknown.append(name)
+    if unknown:
+        raise SettingsError(
+            f"unknown variable(s) {', '.join(unknown)}: check the spelling; "
+            f"known: {', '.join(sorted(known))} and ZK0_NODE_<i>_<FIELD>"
+        )
+
+
+def resolve_device(device: str) -> str:
+    """Turn 'auto' into cuda when a GPU is visible, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,94 @@
+"""FedProx with zk0's hooks: per-node records, update screening, evaluation cadence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedProx
+from flwr.supercore import log
+
+from .records import RunRecorder
+
+
+def _payload_bytes(arrays: ArrayRecord) -> int:
+    return sum(len(array.data) for array in arrays.values())
+
+
+def _node_info(msg: Message) -> dict:
+    node = msg.content.get("node")
+    return {"name": str(node["name"]), "dataset": str(node["dataset"])} if node else {}
+
+
+class Zk0FedProx(FedProx):
+    """FedProx that records every node's reply and drops updates that would poison the average."""
+
+    def __init__(self, recorder: RunRecorder, is_eval_round: Callable[[int], bool], **kwargs):
+        super().__init__(**kwargs)
+        self.recorder = recorder
+        self.is_eval_round = is_eval_round
+        self._shapes: dict[str, tuple] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.recorder.add_bytes(server_round, "sent", _payload_bytes(arrays) * len(messages))
+        return messages
+
+    def _screen(self, msg: Message) -> str | None:
+        """Why a training reply must not be aggregated, or None when it is sound."""
+        arrays = msg.content.get("arrays")
+        if arrays is None:
+            return "reply has no weights"
+        shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        if shapes != self._shapes:
+            return "weights have the wrong names or shapes"
+        if not all(np.isfinite(v.numpy()).all() for v in arrays.values()):
+            return "weights contain NaN or Inf"
+        return None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted, rejected = [], {}
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            if msg.has_error():
+                rejected[str(node_id)] = f"error: {msg.error.reason}"
+                continue
+            reason = self._screen(msg)
+            info = {**_node_info(msg), **dict(msg.content["metrics"])}
+            self.recorder.client(server_round, node_id, "train", info)
+            self.recorder.add_bytes(server_round, "received", _payload_bytes(msg.content["arrays"]) if "arrays" in msg.content else 0)
+            if reason:
+                log(WARNING, "Excluding node %s from aggregation: %s", node_id, reason)
+                rejected[str(node_id)] = reason
+            else:
+                accepted.append(msg)
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        self.recorder.set(
+            server_round,
+            contributors=sorted(m.metadata.src_node_id for m in accepted),
+            excluded=rejected,
+            train_aggregate=dict(metrics) if metrics else None,
+        )
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if not self.is_eval_round(server_round):
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        usable = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            metrics = dict(msg.content["metrics"])
+            self.recorder.client(server_round, msg.metadata.src_node_id, "eval", {**_node_info(msg), **metrics})
+            if metrics.get(self.weighted_by_key, 0) > 0:
+                usable.append(msg)
+        metrics = super().aggregate_evaluate(server_round, usable)
+        self.recorder.set(server_round, eval_aggregate=dict(metrics) if metrics else None)
+        return metrics

@@ -1,0 +1,99 @@
+"""Local FedProx training: LeRobot's SmolVLA presets plus the proximal term."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("zk0")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """One round of local training, placed on the experiment's global LR schedule."""
+
+    steps: int  # optimizer steps this round
+    start_step: int  # global step at which this round starts: (round - 1) * steps
+    total_steps: int  # steps of the whole experiment, so the schedule spans all rounds
+    learning_rate: float
+    proximal_mu: float
+    log_every: int = 5
+
+
+def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """(mu/2) * ||w - w_global||^2 over the trainable parameters (squared norm)."""
+    total = torch.zeros((), device=params[0].device, dtype=torch.float32)
+    for p, a in zip(params, anchors, strict=True):
+        total = total + (p.float() - a).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def build_optimizer(policy, plan: TrainPlan):
+    """SmolVLA's AdamW and cosine-with-warmup presets, fast-forwarded to `plan.start_step`."""
+    config = policy.config
+    config.optimizer_lr = plan.learning_rate
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = config.get_optimizer_preset().build(params)
+    # Built for the whole experiment, not for one round: rebuilding a warm-up+cosine schedule
+    # per round would restart warm-up and run a full cosine cycle every round.
+    scheduler = config.get_scheduler_preset().build(optimizer, num_training_steps=plan.total_steps)
+    scheduler.last_epoch = plan.start_step
+    for group, base_lr, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * fn(plan.start_step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return optimizer, scheduler
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPUs; CPU autocast is slower than fp32 for this model, so it stays off.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) -> dict[str, float]:
+    """Run `plan.steps` optimizer steps; return averaged metrics for the reply."""
+    device = next(policy.parameters()).device
+    optimizer, scheduler = build_optimizer(policy, plan)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    anchors = [p.detach().float().clone() for p in params]
+    clip = policy.config.optimizer_grad_clip_norm
+    sums = {"loss": 0.0, "policy_loss": 0.0, "proximal_loss": 0.0, "grad_norm": 0.0}
+    samples, started = 0, time.perf_counter()
+    policy.train()
+    for step in range(plan.steps):
+        batch = preprocessor(next(batches))
+        with _autocast(device):
+            policy_loss, _ = policy.forward(batch)
+        prox = proximal_term(params, anchors, plan.proximal_mu) if plan.proximal_mu > 0 else torch.zeros(())
+        loss = policy_loss.float() + prox
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()} at local step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
+        optimizer.step()
+        scheduler.step()
+        for key, value in (("loss", loss), ("policy_loss", policy_loss), ("proximal_loss", prox), ("grad_norm", grad_norm)):
+            sums[key] += float(value)
+        samples += len(batch["action"])
+        if (step + 1) % plan.log_every == 0 or step + 1 == plan.steps:
+            log.info(
+                "step %d/%d (global %d): loss %.4f policy %.4f prox %.2e lr %.2e",
+                step + 1, plan.steps, plan.start_step + step + 1,
+                float(loss), float(policy_loss), float(prox), optimizer.param_groups[0]["lr"],
+            )
+    metrics = {key: value / plan.steps for key, value in sums.items()}
+    metrics.update(
+        lr=optimizer.param_groups[0]["lr"],
+        steps=plan.steps,
+        samples=samples,
+        train_seconds=time.perf_counter() - started,
+    )
+    return metrics
