@@ -18,7 +18,9 @@ def _session(msg: Message, context: Context):
     settings = NodeSettings.from_flower_config(dict(context.node_config))
     config = msg.content["config"]
     state = msg.content["arrays"].to_torch_state_dict()
-    session = open_session(settings, str(config["base-policy"]), state, int(config["seed"]))
+    session = open_session(
+        settings, str(config["base-policy"]), state, int(config["seed"]), str(config["base-fingerprint"])
+    )
     return settings, config, session
 
 

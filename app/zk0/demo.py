@@ -1,5 +1,6 @@
 """Offline demo assets: tiny SmolVLM backbone, synthetic SO-100 datasets and a tiny base SmolVLA."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.utils.feature_utils import dataset_to_policy_features
 
-from .tiny_vlm import IMAGE_SIZE, build_tiny_vlm
+from .tiny_vlm import IMAGE_SIZE, TEXT_LAYERS, build_tiny_vlm
 
 __all__ = ["build_tiny_vlm", "make_synthetic_dataset", "build_base_policy", "write_demo"]
 
@@ -108,6 +109,8 @@ def _write_dataset(
     image_size: tuple[int, int], rng: np.random.Generator,
 ) -> LeRobotDataset:
     """Record one episode per (style, task) in plan with LeRobot's writer, then reopen it."""
+    # The AV1 encoder logs its whole configuration for every video unless told otherwise.
+    os.environ.setdefault("SVT_LOG", "1")
     ds = LeRobotDataset.create(
         repo_id, fps, _features(image_size), root=root, robot_type="so100_follower",
         use_videos=True, video_backend=VIDEO_BACKEND,
@@ -157,6 +160,7 @@ def _policy_config(vlm_dir: Path) -> SmolVLAConfig:
         # Stored as given in the saved config, so it must be absolute to resolve elsewhere.
         vlm_model_name=str(Path(vlm_dir).resolve()),
         load_vlm_weights=False,
+        num_vlm_layers=TEXT_LAYERS,
         chunk_size=CHUNK_SIZE,
         n_action_steps=CHUNK_SIZE,
         resize_imgs_with_padding=(IMAGE_SIZE, IMAGE_SIZE),

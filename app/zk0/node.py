@@ -10,7 +10,7 @@ import torch
 
 from .data import batch_stream, check_features, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes
 from .evaluate import evaluate_policy
-from .model import apply_trainable, load_policy, load_processors, trainable_state
+from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_state
 from .settings import NodeSettings, resolve_device
 from .train import TrainPlan, train_round
 
@@ -30,12 +30,23 @@ class NodeSession:
     setup_seconds: float
 
 
-def open_session(settings: NodeSettings, base_policy: str, global_state: dict, seed: int) -> NodeSession:
+class BaseMismatchError(ValueError):
+    """This node's base policy is not the one the server federates."""
+
+
+def open_session(
+    settings: NodeSettings, base_policy: str, global_state: dict, seed: int, fingerprint: str | None = None
+) -> NodeSession:
     """Load the base policy, apply the global weights and split this node's episodes."""
     started = time.perf_counter()
     base = settings.base_policy or base_policy
     device = resolve_device(settings.device)
     policy = load_policy(base, device)
+    if fingerprint and (mine := frozen_fingerprint(policy)) != fingerprint:
+        raise BaseMismatchError(
+            f"base policy {base!r} on this node has frozen-weight fingerprint {mine}, the server's is "
+            f"{fingerprint}: give every node the same base (ZK0_BASE_POLICY / node config 'base-policy')"
+        )
     meta = open_metadata(settings.dataset)
     check_features(meta, policy.config, settings.dataset)
     episodes = list(range(meta.total_episodes))

@@ -9,6 +9,7 @@ from transformers.models.smolvlm import SmolVLMImageProcessor, SmolVLMVideoProce
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
 SCALE_FACTOR = 2
+TEXT_LAYERS = 4
 # One image becomes (64/8)^2 patches, pixel-shuffled down by scale_factor^2.
 IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
 
@@ -83,7 +84,7 @@ def _tiny_config(tokenizer: PreTrainedTokenizerFast) -> SmolVLMConfig:
         "vocab_size": vocab,
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 4,
+        "num_hidden_layers": TEXT_LAYERS,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 16,

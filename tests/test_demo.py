@@ -1,0 +1,130 @@
+"""Tests for the offline demo assets: tiny backbone, synthetic datasets and base policy."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from lerobot.datasets.factory import resolve_delta_timestamps
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+from safetensors.torch import load_file
+from transformers import AutoProcessor
+
+from zk0.demo import CAMERAS, NODE_TASKS, VIDEO_BACKEND, build_base_policy, write_demo
+
+EPISODES = 8
+FRAMES = 40
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo(tmp_path_factory.mktemp("demo"), episodes=EPISODES, frames=FRAMES, seed=0)
+
+
+def open_dataset(path, **kwargs):
+    return LeRobotDataset(f"local/{path.name}", root=path, video_backend=VIDEO_BACKEND, **kwargs)
+
+
+def load_policy(path):
+    policy = SmolVLAPolicy.from_pretrained(str(path))
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(path))
+    return policy, pre, post
+
+
+def first_batch(policy, path, batch_size=8):
+    meta = open_dataset(path).meta
+    ds = open_dataset(path, delta_timestamps=resolve_delta_timestamps(policy.config, meta))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return next(iter(loader))
+
+
+def test_returns_all_paths(demo):
+    assert set(demo["datasets"]) == {"node-0", "node-1", "node-2", "node-3", "server-eval"}
+    for path in [demo["vlm"], demo["base-policy"], *demo["datasets"].values()]:
+        assert path.is_dir() and path.is_absolute()
+
+
+def test_tiny_vlm_tokenizer_has_image_tokens(demo):
+    tokenizer = AutoProcessor.from_pretrained(demo["vlm"]).tokenizer
+    ids = {tokenizer.fake_image_token_id, tokenizer.global_image_token_id, tokenizer.pad_token_id}
+    assert None not in ids and len(ids) == 3
+    assert tokenizer("pick the red cube\n")["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["node-0", "node-1", "node-2", "node-3", "server-eval"])
+def test_dataset_format(demo, name):
+    ds = open_dataset(demo["datasets"][name])
+    features = ds.meta.features
+    assert tuple(features["observation.state"]["shape"]) == (6,)
+    assert tuple(features["action"]["shape"]) == (6,)
+    assert set(ds.meta.camera_keys) == set(CAMERAS)
+    assert ds.meta.robot_type == "so100_follower"
+    assert ds.num_episodes == EPISODES and ds.num_frames == EPISODES * FRAMES
+    frame = ds[FRAMES + 3]
+    for key in CAMERAS:
+        assert frame[key].shape == (3, 64, 64)
+        assert frame[key].max() > frame[key].min()  # the scene is drawn, not blank
+
+
+def test_node_tasks_and_server_mix(demo):
+    for node, task in enumerate(NODE_TASKS):
+        assert list(open_dataset(demo["datasets"][f"node-{node}"]).meta.tasks.index) == [task]
+    assert set(open_dataset(demo["datasets"]["server-eval"]).meta.tasks.index) == set(NODE_TASKS)
+
+
+def test_state_follows_action(demo):
+    frames = open_dataset(demo["datasets"]["node-0"]).hf_dataset.with_format("numpy")[: FRAMES]
+    state, action = frames["observation.state"], frames["action"]
+    assert np.abs(state[1:] - action[:-1]).max() < 2.0
+    assert np.abs(action).max() <= 100.0
+
+
+def test_nodes_are_heterogeneous(demo):
+    means = []
+    for node in range(4):
+        frames = open_dataset(demo["datasets"][f"node-{node}"]).hf_dataset.with_format("numpy")[:]
+        means.append(frames["action"].mean(axis=0))
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert np.abs(means[i] - means[j]).max() > 5.0, (i, j)
+
+
+def test_base_policy_trains_one_step(demo):
+    policy, pre, _ = load_policy(demo["base-policy"])
+    policy.train()
+    batch = first_batch(policy, demo["datasets"]["node-1"])
+    loss, _ = policy.forward(pre(batch))
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in policy.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_base_policy_round_trip_is_deterministic(demo, tmp_path):
+    rebuilt = build_base_policy(tmp_path / "again", demo["vlm"], seed=0, stats=None)
+    original = load_file(demo["base-policy"] / "model.safetensors")
+    again = load_file(rebuilt / "model.safetensors")
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
+
+    outputs = []
+    for _ in range(2):
+        policy, pre, post = load_policy(demo["base-policy"])
+        policy.eval()
+        batch = pre(first_batch(policy, demo["datasets"]["server-eval"], batch_size=2))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs.append(post(policy.predict_action_chunk(batch)))
+    assert outputs[0].shape == (2, policy.config.chunk_size, 6)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_write_demo_overwrites(tmp_path):
+    for _ in range(2):
+        paths = write_demo(tmp_path, episodes=4, frames=12, seed=1)
+    assert open_dataset(paths["datasets"]["node-2"]).num_episodes == 4
+    assert open_dataset(paths["datasets"]["server-eval"]).num_episodes == 4
