@@ -113,14 +113,14 @@ def _write_dataset(
     os.environ.setdefault("SVT_LOG", "1")
     ds = LeRobotDataset.create(
         repo_id, fps, _features(image_size), root=root, robot_type="so100_follower",
-        use_videos=True, video_backend=VIDEO_BACKEND,
+        use_videos=True, video_backend=VIDEO_BACKEND, streaming_encoding=True,
     )
     for style, task in plan:
         for state, action, latent in _episode(style, rng, frames):
             front, wrist = _render(state, latent, image_size)
             ds.add_frame({"observation.state": state, "action": action,
                           CAMERAS[0]: front, CAMERAS[1]: wrist, "task": task})
-        ds.save_episode()
+        ds.save_episode(parallel_encoding=False)
     ds.finalize()  # without it the parquet footers are missing
     return LeRobotDataset(repo_id, root=root, video_backend=VIDEO_BACKEND)
 

@@ -42,7 +42,7 @@ def trainable_names(policy: torch.nn.Module) -> list[str]:
 def trainable_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU float32 copies of the trainable parameters."""
     return {
-        name: p.detach().to("cpu", torch.float32).contiguous()
+        name: p.detach().to("cpu", torch.float32, copy=True)
         for name, p in policy.named_parameters()
         if p.requires_grad
     }
