@@ -1,9 +1,5 @@
 """Tests for the offline demo assets: tiny backbone, synthetic datasets and base policy."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
 import pytest
 import torch
@@ -16,13 +12,13 @@ from transformers import AutoProcessor
 
 from zk0.demo import CAMERAS, NODE_TASKS, VIDEO_BACKEND, build_base_policy, write_demo
 
-EPISODES = 8
-FRAMES = 40
+EPISODES = 6  # as built by the session-wide `demo` fixture in conftest.py
+FRAMES = 30
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return write_demo(tmp_path_factory.mktemp("demo"), episodes=EPISODES, frames=FRAMES, seed=0)
+@pytest.fixture
+def assets(demo):
+    return demo
 
 
 def open_dataset(path, **kwargs):
@@ -42,22 +38,22 @@ def first_batch(policy, path, batch_size=8):
     return next(iter(loader))
 
 
-def test_returns_all_paths(demo):
-    assert set(demo["datasets"]) == {"node-0", "node-1", "node-2", "node-3", "server-eval"}
-    for path in [demo["vlm"], demo["base-policy"], *demo["datasets"].values()]:
+def test_returns_all_paths(assets):
+    assert set(assets["datasets"]) == {"node-0", "node-1", "node-2", "node-3", "server-eval"}
+    for path in [assets["vlm"], assets["base-policy"], *assets["datasets"].values()]:
         assert path.is_dir() and path.is_absolute()
 
 
-def test_tiny_vlm_tokenizer_has_image_tokens(demo):
-    tokenizer = AutoProcessor.from_pretrained(demo["vlm"]).tokenizer
+def test_tiny_vlm_tokenizer_has_image_tokens(assets):
+    tokenizer = AutoProcessor.from_pretrained(assets["vlm"]).tokenizer
     ids = {tokenizer.fake_image_token_id, tokenizer.global_image_token_id, tokenizer.pad_token_id}
     assert None not in ids and len(ids) == 3
     assert tokenizer("pick the red cube\n")["input_ids"]
 
 
 @pytest.mark.parametrize("name", ["node-0", "node-1", "node-2", "node-3", "server-eval"])
-def test_dataset_format(demo, name):
-    ds = open_dataset(demo["datasets"][name])
+def test_dataset_format(assets, name):
+    ds = open_dataset(assets["datasets"][name])
     features = ds.meta.features
     assert tuple(features["observation.state"]["shape"]) == (6,)
     assert tuple(features["action"]["shape"]) == (6,)
@@ -70,33 +66,33 @@ def test_dataset_format(demo, name):
         assert frame[key].max() > frame[key].min()  # the scene is drawn, not blank
 
 
-def test_node_tasks_and_server_mix(demo):
+def test_node_tasks_and_server_mix(assets):
     for node, task in enumerate(NODE_TASKS):
-        assert list(open_dataset(demo["datasets"][f"node-{node}"]).meta.tasks.index) == [task]
-    assert set(open_dataset(demo["datasets"]["server-eval"]).meta.tasks.index) == set(NODE_TASKS)
+        assert list(open_dataset(assets["datasets"][f"node-{node}"]).meta.tasks.index) == [task]
+    assert set(open_dataset(assets["datasets"]["server-eval"]).meta.tasks.index) == set(NODE_TASKS)
 
 
-def test_state_follows_action(demo):
-    frames = open_dataset(demo["datasets"]["node-0"]).hf_dataset.with_format("numpy")[: FRAMES]
+def test_state_follows_action(assets):
+    frames = open_dataset(assets["datasets"]["node-0"]).hf_dataset.with_format("numpy")[:FRAMES]
     state, action = frames["observation.state"], frames["action"]
     assert np.abs(state[1:] - action[:-1]).max() < 2.0
     assert np.abs(action).max() <= 100.0
 
 
-def test_nodes_are_heterogeneous(demo):
+def test_nodes_are_heterogeneous(assets):
     means = []
     for node in range(4):
-        frames = open_dataset(demo["datasets"][f"node-{node}"]).hf_dataset.with_format("numpy")[:]
+        frames = open_dataset(assets["datasets"][f"node-{node}"]).hf_dataset.with_format("numpy")[:]
         means.append(frames["action"].mean(axis=0))
     for i in range(4):
         for j in range(i + 1, 4):
             assert np.abs(means[i] - means[j]).max() > 5.0, (i, j)
 
 
-def test_base_policy_trains_one_step(demo):
-    policy, pre, _ = load_policy(demo["base-policy"])
+def test_base_policy_trains_one_step(assets):
+    policy, pre, _ = load_policy(assets["base-policy"])
     policy.train()
-    batch = first_batch(policy, demo["datasets"]["node-1"])
+    batch = first_batch(policy, assets["datasets"]["node-1"])
     loss, _ = policy.forward(pre(batch))
     assert torch.isfinite(loss)
     loss.backward()
@@ -104,18 +100,18 @@ def test_base_policy_trains_one_step(demo):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_base_policy_round_trip_is_deterministic(demo, tmp_path):
-    rebuilt = build_base_policy(tmp_path / "again", demo["vlm"], seed=0, stats=None)
-    original = load_file(demo["base-policy"] / "model.safetensors")
+def test_base_policy_round_trip_is_deterministic(assets, tmp_path):
+    rebuilt = build_base_policy(tmp_path / "again", assets["vlm"], seed=0, stats=None)
+    original = load_file(assets["base-policy"] / "model.safetensors")
     again = load_file(rebuilt / "model.safetensors")
     assert original.keys() == again.keys()
     assert all(torch.equal(original[k], again[k]) for k in original)
 
     outputs = []
     for _ in range(2):
-        policy, pre, post = load_policy(demo["base-policy"])
+        policy, pre, post = load_policy(assets["base-policy"])
         policy.eval()
-        batch = pre(first_batch(policy, demo["datasets"]["server-eval"], batch_size=2))
+        batch = pre(first_batch(policy, assets["datasets"]["server-eval"], batch_size=2))
         torch.manual_seed(0)
         with torch.no_grad():
             outputs.append(post(policy.predict_action_chunk(batch)))

@@ -36,7 +36,8 @@ def _features(image_size: tuple[int, int]) -> dict:
     """LeRobot feature spec in SO-100 follower format."""
     vec = {"dtype": "float32", "shape": (len(JOINTS),), "names": list(JOINTS)}
     cam = {"dtype": "video", "shape": (*image_size, 3), "names": ["height", "width", "channels"]}
-    return {"observation.state": dict(vec), "action": dict(vec), **{key: dict(cam) for key in CAMERAS}}
+    cams = {key: dict(cam) for key in CAMERAS}
+    return {"observation.state": dict(vec), "action": dict(vec), **cams}
 
 
 def _target(latent: np.ndarray) -> np.ndarray:
@@ -67,14 +68,17 @@ def _policy_step(style: int, s: np.ndarray, t: np.ndarray) -> np.ndarray:
         d = s[3:5] - t[3:5]
         r = max(np.linalg.norm(d), 1e-3)
         c, sn = np.cos(0.5), np.sin(0.5)
-        a[3:5] = t[3:5] + np.array([c * d[0] - sn * d[1], sn * d[0] + c * d[1]]) * (r + 0.3 * (35 - r)) / r
+        rotated = np.array([c * d[0] - sn * d[1], sn * d[0] + c * d[1]])
+        a[3:5] = t[3:5] + rotated * (r + 0.3 * (35 - r)) / r
     else:  # joint by joint: pan first, the rest only once the pan is aligned
         if abs(s[0] - t[0]) > 4:
             a[1:] = s[1:]
     return np.clip(a, -100.0, 100.0)
 
 
-def _render(state: np.ndarray, latent: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _render(
+    state: np.ndarray, latent: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Front camera: target square plus end-effector dot; wrist camera: one bar per joint."""
     h, w = size
     front = np.full((h, w, 3), 40, dtype=np.uint8)
@@ -91,7 +95,7 @@ def _render(state: np.ndarray, latent: np.ndarray, size: tuple[int, int]) -> tup
     return front, wrist
 
 
-def _episode(style: int, rng: np.random.Generator, frames: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _episode(style: int, rng: np.random.Generator, frames: int) -> list[tuple[np.ndarray, ...]]:
     """Roll out one episode: (state, action, latent) per frame with state_{t+1} ~= action_t."""
     latent = rng.uniform(-1, 1, size=3)
     target = _target(latent)
@@ -113,13 +117,15 @@ def _write_dataset(
     os.environ.setdefault("SVT_LOG", "1")
     ds = LeRobotDataset.create(
         repo_id, fps, _features(image_size), root=root, robot_type="so100_follower",
-        use_videos=True, video_backend=VIDEO_BACKEND, streaming_encoding=True,
+        use_videos=True, video_backend=VIDEO_BACKEND,
     )
     for style, task in plan:
         for state, action, latent in _episode(style, rng, frames):
             front, wrist = _render(state, latent, image_size)
             ds.add_frame({"observation.state": state, "action": action,
                           CAMERAS[0]: front, CAMERAS[1]: wrist, "task": task})
+        # A process pool per episode costs more than two 64x64 encodes, and forking a
+        # multi-threaded torch process can deadlock.
         ds.save_episode(parallel_encoding=False)
     ds.finalize()  # without it the parquet footers are missing
     return LeRobotDataset(repo_id, root=root, video_backend=VIDEO_BACKEND)
@@ -143,10 +149,10 @@ def make_synthetic_dataset(
     return _write_dataset(Path(root), repo_id, plan, frames_per_episode, fps, image_size, rng)
 
 
-def _write_server_eval(root: Path, episodes_per_style: int, frames: int, seed: int) -> LeRobotDataset:
+def _write_server_eval(root: Path, per_style: int, frames: int, seed: int) -> LeRobotDataset:
     """Held-out evaluation set mixing every node's style, from an unrelated seed."""
     rng = np.random.default_rng([seed, 10_000])
-    plan = [(style, task) for style, task in enumerate(NODE_TASKS) for _ in range(episodes_per_style)]
+    plan = [(style, task) for style, task in enumerate(NODE_TASKS) for _ in range(per_style)]
     size = (IMAGE_SIZE, IMAGE_SIZE)
     return _write_dataset(root, "zk0/demo-server-eval", plan, frames, 10, size, rng)
 
@@ -194,7 +200,7 @@ def build_base_policy(
 
 
 def write_demo(out: Path, *, episodes: int = 8, frames: int = 40, seed: int = 0) -> dict:
-    """Write the complete offline demo (backbone, node and server datasets, base policy) under out."""
+    """Write the offline demo under out: backbone, node and server datasets, base policy."""
     out = Path(out).resolve()
     for owned in ("vlm", "datasets", "base-policy"):
         shutil.rmtree(out / owned, ignore_errors=True)
@@ -210,5 +216,7 @@ def write_demo(out: Path, *, episodes: int = 8, frames: int = 40, seed: int = 0)
     _write_server_eval(server_root, max(1, episodes // 4), frames, seed)
     paths["datasets"]["server-eval"] = server_root
     pooled = aggregate_stats([ds.meta.stats for ds in node_sets])
-    paths["base-policy"] = build_base_policy(out / "base-policy", paths["vlm"], seed=seed, stats=pooled)
+    paths["base-policy"] = build_base_policy(
+        out / "base-policy", paths["vlm"], seed=seed, stats=pooled
+    )
     return paths

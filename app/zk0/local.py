@@ -197,11 +197,17 @@ def run_local(env_file: Path | None) -> int:
     env = load_env_file(env_file)
     settings = _absolute_paths(settings_from_env(ServerSettings, env))
     nodes = node_settings_from_env(env)
+    # Nodes that share this host's cores must not each start a full thread pool: oversubscribed
+    # OpenMP threads spin against each other and make training many times slower.
+    threads = max(1, (os.cpu_count() or 1) // len(nodes))
+    nodes = [n if n.torch_threads else n.model_copy(update={"torch_threads": threads}) for n in nodes]
     preflight(settings, nodes)
     workdir = settings.output_dir / "local"
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     flwr_home = workdir / "flwr-home"
-    proc_env = {**env, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    # Flower spawns flower-superexec by name: the interpreter's bin directory must be on PATH.
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc_env = {**env, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     dep = LocalDeployment(workdir, proc_env)
     write_connection(flwr_home, "local", f"127.0.0.1:{dep.port}")
     streamer = None

@@ -15,4 +15,6 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False
+    # Flower's logger has its own handler; a root handler added by a library would print twice.
+    logging.getLogger("flwr").propagate = False
     return logger

@@ -39,6 +39,8 @@ def open_session(
 ) -> NodeSession:
     """Load the base policy, apply the global weights and split this node's episodes."""
     started = time.perf_counter()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     base = settings.base_policy or base_policy
     device = resolve_device(settings.device)
     policy = load_policy(base, device)

@@ -100,6 +100,7 @@ class NodeSettings(_Zk0Settings):
     device: str = Field("auto", description="Training device: auto, cpu, cuda or cuda:N.")
     video_backend: Literal["pyav", "torchcodec"] = Field("pyav", description="Video decoder for camera streams.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; set when nodes share a host.")
     log_every: int = Field(5, ge=1, description="Log training progress every N steps.")
 
     @model_validator(mode="after")

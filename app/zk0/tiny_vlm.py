@@ -120,7 +120,9 @@ def build_tiny_vlm(out_dir: Path) -> Path:
     # No image splitting: every 64x64 frame maps to exactly IMAGE_SEQ_LEN tokens.
     size = {"longest_edge": IMAGE_SIZE}
     processor = SmolVLMProcessor(
-        image_processor=SmolVLMImageProcessor(size=size, max_image_size=size, do_image_splitting=False),
+        image_processor=SmolVLMImageProcessor(
+            size=size, max_image_size=size, do_image_splitting=False
+        ),
         tokenizer=tokenizer,
         video_processor=SmolVLMVideoProcessor(size=size, max_image_size=size),
         image_seq_len=IMAGE_SEQ_LEN,

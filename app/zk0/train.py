@@ -81,7 +81,7 @@ def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) 
         optimizer.step()
         scheduler.step()
         for key, value in (("loss", loss), ("policy_loss", policy_loss), ("proximal_loss", prox), ("grad_norm", grad_norm)):
-            sums[key] += float(value)
+            sums[key] += float(value.detach()) if torch.is_tensor(value) else float(value)
         samples += len(batch["action"])
         if (step + 1) % plan.log_every == 0 or step + 1 == plan.steps:
             log.info(

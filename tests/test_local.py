@@ -1,0 +1,115 @@
+"""`zk0 local`: a real SuperLink and four real SuperNodes on loopback, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ZK0 = [sys.executable, "-m", "zk0.cli"]
+
+
+def write_env(path: Path, demo: dict, out: Path, **extra) -> Path:
+    values = {
+        "ZK0_BASE_POLICY": demo["base-policy"],
+        "ZK0_EVAL_DATASET": demo["datasets"]["server-eval"],
+        **{f"ZK0_NODE_{i}_DATASET": demo["datasets"][f"node-{i}"] for i in range(4)},
+        "ZK0_NUM_ROUNDS": 3,
+        "ZK0_LOCAL_STEPS": 15,
+        "ZK0_BATCH_SIZE": 8,
+        "ZK0_LEARNING_RATE": 1e-3,
+        "ZK0_PROXIMAL_MU": 0.01,
+        "ZK0_MIN_NODES": 4,
+        "ZK0_EVAL_BATCHES": 3,
+        "ZK0_OUTPUT_DIR": out,
+        "ZK0_DEVICE": "cpu",
+        **extra,
+    }
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+def run_zk0(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([*ZK0, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo, tmp_path_factory):
+    """One three-round demo federation, shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("local")
+    out = tmp / "out"
+    res = run_zk0("local", "--env-file", str(write_env(tmp / "demo.env", demo, out)))
+    return res, out
+
+
+def test_run_completes(finished_run):
+    res, _ = finished_run
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "finished:completed" in res.stderr
+
+
+def test_every_round_is_recorded_once(finished_run):
+    _, out = finished_run
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    for r in range(4):
+        assert json.loads((out / f"round-{r:03d}.json").read_text()) == history[r]
+
+
+def test_every_node_contributes_every_round(finished_run):
+    _, out = finished_run
+    history = json.loads((out / "history.json").read_text())
+    for record in history[1:]:
+        assert len(record["contributors"]) == 4 and record["excluded"] == {}
+        names = sorted(c["name"] for c in record["clients"].values())
+        assert names == [f"node-{i}" for i in range(4)]
+        for client in record["clients"].values():
+            assert client["train"]["steps"] == 15 and client["train"]["num-samples"] == 120
+            assert client["eval"]["num-samples"] > 0
+        assert record["bytes"]["sent"] == record["bytes"]["received"] > 0
+
+
+def test_server_evaluation_improves(finished_run):
+    _, out = finished_run
+    history = json.loads((out / "history.json").read_text())
+    first, last = history[0]["server_eval"], history[-1]["server_eval"]
+    assert last["policy_loss"] < first["policy_loss"]
+    assert all(r["server_eval"]["num-samples"] == 24 for r in history)
+
+
+def test_checkpoint_loads_with_lerobot(finished_run):
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    _, out = finished_run
+    ckpt = out / "checkpoints" / "round-003"
+    policy = SmolVLAPolicy.from_pretrained(str(ckpt))
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(ckpt))
+    assert json.loads((ckpt / "zk0.json").read_text())["round"] == 3
+    assert pre is not None and post is not None
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-001", "round-002", "round-003"]
+
+
+def test_node_logs_show_training_progress(finished_run):
+    _, out = finished_run
+    log = (out / "local" / "logs" / "supernode-0.log").read_text()
+    assert "step 15/15" in log
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"ZK0_PROXIMAL_MU": "-1"}, "ZK0_PROXIMAL_MU"),
+        ({"ZK0_NUM_ROUNDS": "0"}, "ZK0_NUM_ROUNDS"),
+        ({"ZK0_PROXIMAL_MUU": "0.1"}, "unknown variable(s) ZK0_PROXIMAL_MUU"),
+        ({"ZK0_NODE_2_DATASET": "/nonexistent/so100"}, "/nonexistent/so100"),
+    ],
+)
+def test_bad_input_fails_before_anything_starts(demo, tmp_path, extra, needle):
+    out = tmp_path / "out"
+    res = run_zk0("local", "--env-file", str(write_env(tmp_path / "bad.env", demo, out, **extra)), timeout=120)
+    assert res.returncode == 2 and needle in res.stderr
+    assert not out.exists()
