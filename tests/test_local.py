@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ def write_env(path: Path, demo: dict, out: Path, **extra) -> Path:
         "ZK0_EVAL_BATCHES": 3,
         "ZK0_OUTPUT_DIR": out,
         "ZK0_DEVICE": "cpu",
+        "WANDB_MODE": "offline",
+        "WANDB_RUN_ID": "zk0-e2e-test",
         **extra,
     }
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
@@ -33,7 +36,9 @@ def write_env(path: Path, demo: dict, out: Path, **extra) -> Path:
 
 
 def run_zk0(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([*ZK0, *args], capture_output=True, text=True, timeout=timeout)
+    # The env-file decides WandB's mode here, so the shell's WANDB_MODE must not outrank it.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    return subprocess.run([*ZK0, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,30 @@ def test_checkpoint_loads_with_lerobot(finished_run):
     assert json.loads((ckpt / "zk0.json").read_text())["round"] == 3
     assert pre is not None and post is not None
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-001", "round-002", "round-003"]
+
+
+def test_one_offline_wandb_run_with_every_nodes_metrics(finished_run):
+    from wandb_reader import read_offline_run
+
+    _, out = finished_run
+    runs = list((out / "wandb").glob("offline-run-*/run-zk0-e2e-test.wandb"))
+    assert len(runs) == 1
+    history, exit_code = read_offline_run(runs[0])
+    assert exit_code == 0 and sorted(history) == [0, 1, 2, 3]
+    for step in range(4):
+        assert "server/policy_loss" in history[step] and "server/action_mse" in history[step]
+    for step in (1, 2, 3):
+        for node in range(4):
+            assert f"client_node-{node}/train/loss" in history[step]
+            assert f"client_node-{node}/eval/policy_loss" in history[step]
+        assert history[step]["bytes/sent"] > 0
+    assert (out / "wandb-run-id.txt").read_text().strip() == "zk0-e2e-test"
+
+
+def test_plots_exist(finished_run):
+    _, out = finished_run
+    for name in ("server_eval.png", "client_loss.png", "bytes.png"):
+        assert (out / "plots" / name).read_bytes().startswith(b"\x89PNG")
 
 
 def test_node_logs_show_training_progress(finished_run):

@@ -76,7 +76,9 @@ def frozen_fingerprint(policy: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_checkpoint(policy, preprocessor, postprocessor, out_dir: Path, info: dict) -> Path:
+def save_checkpoint(
+    policy, preprocessor, postprocessor, out_dir: Path, info: dict, extra_files: dict[str, str] | None = None
+) -> Path:
     """Write a LeRobot-format checkpoint atomically: a crash never leaves a half directory."""
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -85,6 +87,8 @@ def save_checkpoint(policy, preprocessor, postprocessor, out_dir: Path, info: di
     preprocessor.save_pretrained(staging)
     postprocessor.save_pretrained(staging)
     (staging / "zk0.json").write_text(json.dumps(info, indent=2))
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 from .data import eval_batches, open_dataset
 from .evaluate import evaluate_policy
 from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, save_checkpoint, trainable_state
+from .plots import write_plots
+from .publish import Publisher, model_card
 from .records import RunRecorder
 from .settings import ServerSettings, resolve_device
+from .tracking import Tracker
 
 log = logging.getLogger("zk0")
 
@@ -30,6 +34,8 @@ class ServerRuntime:
             ds = open_dataset(settings.eval_dataset, self.policy.config)
             self.batches = eval_batches(ds, settings.batch_size, settings.eval_batches)
         self.recorder = RunRecorder(self.out_dir)
+        self.tracker = Tracker.open(self.out_dir, settings.wandb_project, settings.model_dump(mode="json"))
+        self.publisher = Publisher(settings.hf_repo_id, os.environ.get("HF_TOKEN"), settings.hf_private)
         self.started = time.perf_counter()
 
     def initial_state(self) -> dict:
@@ -59,10 +65,20 @@ class ServerRuntime:
             metrics = evaluate_policy(self.policy, self.preprocessor, self.postprocessor, self.batches, self.settings.seed)
             metrics["eval_seconds"] = time.perf_counter() - started
             log.info("round %d server eval: loss %.4f action MSE %.4f", server_round, metrics["policy_loss"], metrics["action_mse"])
-        if self.settings.is_checkpoint_round(server_round):
-            self.checkpoint(server_round)
         self.recorder.set(server_round, server_eval=metrics, elapsed_seconds=time.perf_counter() - self.started)
+        if self.settings.is_checkpoint_round(server_round):
+            path = self.checkpoint(server_round)
+            if self.settings.is_push_round(server_round):
+                self.publisher.push(server_round, path)
+        history = self.history()
+        if metrics is not None:
+            write_plots(history, self.out_dir)
+        self.tracker.log_round(server_round, history[-1])
         return metrics
+
+    def history(self) -> list[dict]:
+        """Round records so far, oldest first."""
+        return [self.recorder.rounds[r] for r in sorted(self.recorder.rounds)]
 
     def checkpoint(self, server_round: int) -> Path:
         """Save the global model in LeRobot's format under checkpoints/round-NNN."""
@@ -70,6 +86,7 @@ class ServerRuntime:
         path = save_checkpoint(
             self.policy, self.preprocessor, self.postprocessor,
             self.out_dir / "checkpoints" / f"round-{server_round:03d}", info,
+            extra_files={"README.md": model_card(self.settings, self.history(), server_round)},
         )
         log.info("round %d checkpoint: %s", server_round, path)
         return path

@@ -37,13 +37,18 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord(metrics) if metrics else None
 
     config = ConfigRecord(runtime.train_config())
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(runtime.initial_state()),
-        num_rounds=settings.num_rounds,
-        timeout=settings.round_timeout,
-        train_config=config,
-        evaluate_config=config,
-        evaluate_fn=evaluate_fn,
-    )
+    exit_code = 1
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(runtime.initial_state()),
+            num_rounds=settings.num_rounds,
+            timeout=settings.round_timeout,
+            train_config=config,
+            evaluate_config=config,
+            evaluate_fn=evaluate_fn,
+        )
+        exit_code = 0
+    finally:
+        runtime.tracker.finish(exit_code)
     log.info("run finished: outputs in %s", runtime.out_dir)

@@ -78,10 +78,20 @@ class ServerSettings(_Zk0Settings):
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for node replies per round.")
     seed: int = Field(0, description="Seed for sampling, evaluation noise and training order.")
     device: str = Field("auto", description="Server evaluation device: auto, cpu, cuda or cuda:N.")
+    wandb_project: str = Field("zk0", min_length=1, description="WandB project of the experiment's run.")
+    hf_repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo to push checkpoints to (owner/name); needs HF_TOKEN.")
+    hf_private: bool = Field(False, description="Create the Hub repo as private.")
+    push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
 
     def is_eval_round(self, server_round: int) -> bool:
         """Round 0, every `eval_every` rounds and the last round are evaluated."""
         return server_round == 0 or server_round % self.eval_every == 0 or server_round == self.num_rounds
+
+    def is_push_round(self, server_round: int) -> bool:
+        """Checkpoint rounds that are also every `push_every` rounds, and the last round."""
+        return self.is_checkpoint_round(server_round) and (
+            server_round % self.push_every == 0 or server_round == self.num_rounds
+        )
 
     def is_checkpoint_round(self, server_round: int) -> bool:
         """Every `checkpoint_every` rounds and the last round are checkpointed."""

@@ -1,0 +1,298 @@
+"""`zk0 bench learning`: does federation help? FedProx, FedAvg, local-only and centralized on the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import DatasetError, batch_stream, eval_batches, open_dataset
+from .evaluate import evaluate_policy
+from .logs import setup_logging
+from .model import load_policy, load_processors, trainable_state
+from .node import NodeSession, open_session, train_on_node
+from .records import atomic_write_json
+from .settings import NodeSettings, ServerSettings, SettingsError, resolve_device
+from .train import TrainPlan, train_round
+
+log = logging.getLogger("zk0")
+NODES = [f"node-{i}" for i in range(4)]
+UNION, SERVER = "union-heldout", "server-eval"
+COLUMNS = [*NODES, UNION, SERVER]
+METRICS = ("policy_loss", "action_mse")
+FEDERATED = ("fedprox", "fedavg")
+DEFINITION = (
+    "Same optimizer steps per model: every trained model copy takes rounds x local_steps AdamW steps of "
+    "batch_size samples, in the federation's round structure (one warm-up+cosine LR schedule over all "
+    "rounds, optimizer state restarted each round, batch seed = seed + 1000 x round). Each federated node "
+    "does this per round before averaging; local-only is the same without averaging (mu = 0); centralized "
+    "is one model on the union of the four nodes' training episodes, so it sees a quarter of the samples "
+    "the four federated nodes see together."
+)
+
+
+def demo_assets(demo_dir: Path) -> dict:
+    """Paths of the offline demo in demo_dir, written there first when it is missing."""
+    demo_dir = Path(demo_dir).resolve()
+    datasets = {name: demo_dir / "datasets" / name for name in [*NODES, SERVER]}
+    base = demo_dir / "base-policy"
+    if (base / "config.json").is_file() and all((p / "meta" / "info.json").is_file() for p in datasets.values()):
+        return {"base-policy": base, "datasets": datasets}
+    from .demo import write_demo
+
+    log.info("no complete demo in %s: writing it", demo_dir)
+    return write_demo(demo_dir)
+
+
+def plans(s: ServerSettings, mu: float = 0.0):
+    """(round, TrainPlan, batch seed) for every round, exactly as the ClientApp builds them."""
+    total = s.num_rounds * s.local_steps
+    for r in range(1, s.num_rounds + 1):
+        plan = TrainPlan(s.local_steps, (r - 1) * s.local_steps, total, s.learning_rate, mu, log_every=s.local_steps)
+        yield r, plan, s.seed + 1000 * r
+
+
+def run_federated(arm: str, s: ServerSettings, demo: dict) -> list[dict]:
+    """One real `zk0 local` run (SuperLink, four SuperNodes, ServerApp); return its history."""
+    out = Path(s.output_dir)
+    shutil.rmtree(out, ignore_errors=True)  # stale rounds or checkpoints would pass for this run's
+    out.mkdir(parents=True)
+    values = {f"ZK0_{k.upper()}": v for k, v in s.model_dump(exclude_none=True).items()}
+    heldout = NodeSettings.model_fields["heldout_episodes"].default
+    for i, name in enumerate(NODES):
+        values[f"ZK0_NODE_{i}_DATASET"] = demo["datasets"][name]
+        values[f"ZK0_NODE_{i}_HELDOUT_EPISODES"] = heldout
+    env_file = out / "bench.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    # The shell outranks an env-file in `zk0 local`: drop ZK0_ variables so FedAvg really gets mu = 0.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    log_path = out / "zk0-local.log"
+    log.info("%s (mu=%g): zk0 local, log in %s", arm, s.proximal_mu, log_path)
+    with open(log_path, "wb") as logfile:
+        cmd = [sys.executable, "-m", "zk0.cli", "local", "--env-file", str(env_file)]
+        rc = subprocess.run(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{arm}: `zk0 local` exited with {rc}; see {log_path}")
+    return json.loads((out / "history.json").read_text())
+
+
+def node_sessions(demo: dict, s: ServerSettings, base_state: dict) -> list[NodeSession]:
+    """Each node's session with the base weights and the very split its SuperNode makes."""
+    base = str(demo["base-policy"])
+    return [open_session(NodeSettings(dataset=str(demo["datasets"][n]), name=n), base, base_state, s.seed) for n in NODES]
+
+
+def eval_sets(demo: dict, sessions: list[NodeSession], config, s: ServerSettings) -> dict[str, list[dict]]:
+    """Fixed batches of each node's held-out episodes and of the server set, built as the federation does."""
+    sets = {}
+    for name, session in zip(NODES, sessions, strict=True):
+        ds = open_dataset(str(demo["datasets"][name]), config, episodes=session.heldout_episodes)
+        sets[name] = eval_batches(ds, s.batch_size, s.eval_batches)
+    sets[SERVER] = eval_batches(open_dataset(str(demo["datasets"][SERVER]), config), s.batch_size, s.eval_batches)
+    return sets
+
+
+def evaluate_model(policy, pre, post, sets: dict, seed: int) -> dict:
+    """The server's metrics on every set, plus the sample-weighted mean over the node held-out sets."""
+    row = {name: evaluate_policy(policy, pre, post, batches, seed) for name, batches in sets.items()}
+    n = sum(row[name]["num-samples"] for name in NODES)
+    row[UNION] = {m: sum(row[k][m] * row[k]["num-samples"] for k in NODES) / n for m in METRICS}
+    row[UNION]["num-samples"] = n
+    return {col: row[col] for col in COLUMNS}
+
+
+def train_local_only(sessions: list[NodeSession], s: ServerSettings) -> list[int]:
+    """Train each node's model on its own episodes with the node's code, in place; steps per model."""
+    steps = []
+    for session in sessions:
+        done = 0
+        for _, plan, seed in plans(s):
+            done += train_on_node(session, plan, s.batch_size, seed)[1]["steps"]
+        steps.append(int(done))
+        log.info("local-only %s: %d steps", session.settings.display_name, done)
+    return steps
+
+
+def train_centralized(sessions: list[NodeSession], base: str, s: ServerSettings, device: str):
+    """One model on the union of the nodes' training episodes; (policy, pre, post, steps)."""
+    policy = load_policy(base, device)
+    pre, post = load_processors(base, device)
+    union = torch.utils.data.ConcatDataset([
+        open_dataset(x.settings.dataset, policy.config, episodes=x.train_episodes) for x in sessions
+    ])
+    done = 0
+    for _, plan, seed in plans(s):
+        done += train_round(policy, pre, batch_stream(union, s.batch_size, seed), plan)["steps"]
+    log.info("centralized: %d steps on %d frames", done, len(union))
+    return policy, pre, post, int(done)
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """Plain mean of several models' metrics on each evaluation set."""
+    return {
+        col: {**{m: sum(r[col][m] for r in rows) / len(rows) for m in METRICS}, "num-samples": rows[0][col]["num-samples"]}
+        for col in COLUMNS
+    }
+
+
+def reproduction_gap(history: list[dict], row: dict) -> float:
+    """Largest relative gap between our evaluation of the final global model and the federation's own."""
+    last = history[-1]
+    pairs = [(last["server_eval"], row[SERVER])]
+    pairs += [(c["eval"], row[c["name"]]) for c in last["clients"].values() if "eval" in c]
+    return max(abs(a[m] - b[m]) / max(abs(a[m]), 1e-12) for a, b in pairs for m in METRICS)
+
+
+def _target(name: str, metric: str, margin: float, detail: str) -> dict:
+    return {"target": name, "metric": metric, "passed": margin > 0, "margin": margin, "detail": detail}
+
+
+def targets(rows: dict, histories: dict, metric: str) -> list[dict]:
+    """The issue's targets; margin is relative and positive when the target is met."""
+    out = []
+    for arm in FEDERATED:
+        curve = [r["server_eval"][metric] for r in histories[arm] if r["server_eval"]]
+        worst = max(curve[1:])
+        detail = f"{arm}: round 0 {curve[0]:.5g}, worst later round {worst:.5g}, final {curve[-1]:.5g}"
+        out.append(_target("(a) server eval below round 0 from round 1 on", metric, (curve[0] - worst) / curve[0], detail))
+    best = min(FEDERATED, key=lambda a: rows[a][UNION][metric])
+    fed, local, central = (rows[a][UNION][metric] for a in (best, "local-mean", "centralized"))
+    out.append(_target("(b) federated beats mean local-only on union held-out", metric, (local - fed) / local,
+                       f"{best} {fed:.5g} vs local-only mean {local:.5g}"))
+    out.append(_target("(c) federated within 10% of centralized on union held-out", metric, 0.10 - (fed / central - 1),
+                       f"{best} {fed:.5g} vs centralized {central:.5g} ({100 * (fed / central - 1):+.1f}%)"))
+    return out
+
+
+def plot(curves: dict, rows: dict, path: Path) -> None:
+    """Global model's server evaluation per round against centralized and mean local-only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 4))
+    for ax, metric in zip(axes, METRICS, strict=True):
+        for arm in FEDERATED:
+            ax.plot([r["round"] for r in curves[arm]], [r[metric] for r in curves[arm]], marker="o", label=f"{arm} (global model)")
+        ax.axhline(rows["centralized"][SERVER][metric], color="k", ls="--", label="centralized (final)")
+        ax.axhline(rows["local-mean"][SERVER][metric], color="tab:red", ls=":", label="local-only mean (final)")
+        ax.set(xlabel="round", ylabel=metric, title=f"server evaluation: {metric}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(result: dict) -> str:
+    """The tables and the targets as plain text."""
+    rows, lines = result["results"], [DEFINITION, ""]
+    width = max(len(a) for a in rows) + 2
+    for metric in METRICS:
+        lines.append(f"{metric:<{width}}" + "".join(f"{c:>15}" for c in COLUMNS))
+        lines += [f"{arm:<{width}}" + "".join(f"{row[c][metric]:>15.5g}" for c in COLUMNS) for arm, row in rows.items()]
+        lines.append("")
+    lines.append("targets (verdict on policy_loss; action_mse for reference):")
+    for t in result["targets"]:
+        verdict = "PASS" if t["passed"] else "MISS"
+        lines.append(f"  {verdict} {t['target']} [{t['metric']}] margin {100 * t['margin']:+.1f}%: {t['detail']}")
+    gaps = ", ".join(f"{a} {g:.1e}" for a, g in result["reproduction_gap"].items())
+    lines.append(f"re-evaluation vs the federation's own final evals (max relative gap): {gaps}")
+    lines.append("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings_s"].items()))
+    return "\n".join(lines)
+
+
+def run_bench(s: ServerSettings, demo: dict, out: Path) -> dict:
+    """Train and evaluate every arm; the figures for the table, the JSON and the plot."""
+    timings, histories, rows, steps, started = {}, {}, {}, {}, time.perf_counter()
+    for arm, mu in zip(FEDERATED, (s.proximal_mu, 0.0), strict=True):
+        t0 = time.perf_counter()
+        histories[arm] = run_federated(arm, s.model_copy(update={"proximal_mu": mu, "output_dir": out / arm}), demo)
+        timings[arm] = time.perf_counter() - t0
+    device, base = resolve_device(s.device), str(demo["base-policy"])
+    base_policy = load_policy(base, device)
+    sessions = node_sessions(demo, s, trainable_state(base_policy))
+    sets = eval_sets(demo, sessions, base_policy.config, s)
+    for arm in FEDERATED:
+        ckpt = str(out / arm / "checkpoints" / f"round-{s.num_rounds:03d}")
+        rows[arm] = evaluate_model(load_policy(ckpt, device), *load_processors(ckpt, device), sets, s.seed)
+        steps[arm] = [int(sum(c["train"]["steps"] for r in histories[arm] for c in r["clients"].values() if c["name"] == n)) for n in NODES]
+    t0 = time.perf_counter()
+    steps["local-only"] = train_local_only(sessions, s)
+    for name, x in zip(NODES, sessions, strict=True):
+        rows[f"local-{name}"] = evaluate_model(x.policy, x.preprocessor, x.postprocessor, sets, s.seed)
+    rows["local-mean"] = mean_row([rows[f"local-{n}"] for n in NODES])
+    timings["local-only"], t0 = time.perf_counter() - t0, time.perf_counter()
+    policy, pre, post, steps["centralized"] = train_centralized(sessions, base, s, device)
+    rows["centralized"] = evaluate_model(policy, pre, post, sets, s.seed)
+    timings["centralized"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    return {
+        "definition": DEFINITION,
+        "settings": s.model_dump(mode="json", exclude={"output_dir"}),
+        "heldout_episodes": {n: x.heldout_episodes for n, x in zip(NODES, sessions, strict=True)},
+        "optimizer_steps_per_model": steps,
+        "results": rows,
+        "server_eval_history": {a: [{"round": r["round"], **r["server_eval"]} for r in h if r["server_eval"]] for a, h in histories.items()},
+        "targets": [t for m in METRICS for t in targets(rows, histories, m)],
+        "reproduction_gap": {a: reproduction_gap(histories[a], rows[a]) for a in FEDERATED},
+        "timings_s": timings,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line flags; --smoke shrinks the defaults for the test suite."""
+    p = argparse.ArgumentParser(prog="zk0 bench learning", description="Federated vs local-only vs centralized on the offline demo.")
+    p.add_argument("--rounds", type=int, help="federated rounds (default 3; smoke 2)")
+    p.add_argument("--local-steps", type=int, help="optimizer steps per round (default 20; smoke 2)")
+    p.add_argument("--batch-size", type=int, help="batch size for training and evaluation (default 8)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: the demo's 1e-3)")
+    p.add_argument("--demo-dir", type=Path, default=Path("demo-data"), help="offline demo; written when missing")
+    p.add_argument("--out", type=Path, default=Path("outputs/bench-learning"), help="runs, checkpoints and the plot")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--smoke", action="store_true", help="2 rounds of 2 steps and one evaluation batch (tests)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table and targets, write the plot and optional JSON."""
+    args = parse_args(argv)
+    setup_logging()
+    rounds = args.rounds or (2 if args.smoke else 3)
+    try:
+        demo = demo_assets(args.demo_dir)
+        s = ServerSettings.load(
+            num_rounds=rounds, local_steps=args.local_steps or (2 if args.smoke else 20),
+            batch_size=args.batch_size, learning_rate=args.learning_rate, eval_batches=1 if args.smoke else None,
+            min_nodes=len(NODES), eval_every=1, checkpoint_every=rounds,  # only the final global model is needed
+            base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]),
+        )
+        out = Path(args.out).resolve()
+        result = run_bench(s, demo, out)
+    except (SettingsError, DatasetError) as err:
+        print(f"zk0 bench learning: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a federated run failed; its log is named
+        print(f"zk0 bench learning: {err}", file=sys.stderr)
+        return 1
+    result["plot"] = str(out / "server-eval.png")
+    plot(result["server_eval_history"], result["results"], out / "server-eval.png")
+    print(report(result))
+    print(f"plot: {result['plot']}")
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""PNG plots of an experiment's history, readable without WandB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in containers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _series(history: list[dict], pick) -> tuple[list[int], list[float]]:
+    points = [(r["round"], pick(r)) for r in history]
+    points = [(x, y) for x, y in points if y is not None]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_server_eval(history: list[dict], path: Path) -> Path:
+    """Server evaluation loss and action MSE per round."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "policy_loss", "policy loss"), (axes[1], "action_mse", "action MSE (action units²)")):
+        xs, ys = _series(history, lambda r, k=key: (r.get("server_eval") or {}).get(k))
+        ax.plot(xs, ys, marker="o")
+        ax.set(title=f"server evaluation: {title}", xlabel="round")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_client_loss(history: list[dict], path: Path) -> Path:
+    """Each node's training loss per round, and its held-out loss where evaluated."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = sorted({c.get("name", k) for r in history for k, c in r.get("clients", {}).items()})
+    for name in names:
+        def pick(r, kind, n=name):
+            client = next((c for k, c in r.get("clients", {}).items() if c.get("name", k) == n), None)
+            return ((client or {}).get(kind) or {}).get("policy_loss")
+        line, = ax.plot(*_series(history, lambda r: pick(r, "train")), marker="o", label=f"{name} train")
+        ax.plot(*_series(history, lambda r: pick(r, "eval")), ls="--", color=line.get_color(), label=f"{name} held-out")
+    ax.set(title="node policy loss", xlabel="round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_bytes(history: list[dict], path: Path) -> Path:
+    """Payload bytes sent to and received from nodes per round, in MiB."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for direction in ("sent", "received"):
+        xs, ys = _series(history, lambda r, d=direction: r.get("bytes", {}).get(d))
+        ax.bar([x + (0.2 if direction == "received" else -0.2) for x in xs], [y / 2**20 for y in ys], width=0.4, label=direction)
+    ax.set(title="payload per round", xlabel="round", ylabel="MiB")
+    ax.legend()
+    return _save(fig, path)
+
+
+def write_plots(history: list[dict], out_dir: Path) -> list[Path]:
+    """All plots of the experiment, under out_dir/plots."""
+    plots = Path(out_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_server_eval(history, plots / "server_eval.png"),
+        plot_client_loss(history, plots / "client_loss.png"),
+        plot_bytes(history, plots / "bytes.png"),
+    ]

@@ -1,0 +1,116 @@
+"""Model cards for checkpoints and pushes to the Hugging Face Hub that never stop training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCardData
+
+log = logging.getLogger("zk0")
+
+
+def _is_hub_id(spec: str | None) -> bool:
+    return bool(spec) and not Path(spec).exists() and not spec.startswith(("/", ".", "~")) and spec.count("/") == 1
+
+
+def _eval_table(history: list[dict]) -> str:
+    rows = ["| round | server policy loss | server action MSE | nodes' held-out loss | contributors |", "|---|---|---|---|---|"]
+    for r in history:
+        server = r.get("server_eval") or {}
+        held = (r.get("eval_aggregate") or {}).get("policy_loss")
+        cells = [server.get("policy_loss"), server.get("action_mse"), held]
+        text = [f"{c:.4f}" if isinstance(c, float) else "–" for c in cells]
+        rows.append(f"| {r['round']} | {' | '.join(text)} | {len(r.get('contributors', [])) or '–'} |")
+    return "\n".join(rows)
+
+
+def model_card(settings, history: list[dict], server_round: int) -> str:
+    """README.md text with Hub metadata, how the model was trained and how well it does."""
+    nodes = {c.get("name", k): c.get("dataset", "?") for r in history for k, c in r.get("clients", {}).items()}
+    datasets = sorted({d for d in [*nodes.values(), settings.eval_dataset] if _is_hub_id(d)})
+    data = ModelCardData(
+        library_name="lerobot",
+        pipeline_tag="robotics",
+        license="apache-2.0",
+        tags=["lerobot", "smolvla", "robotics", "federated-learning", "flower", "fedprox", "zk0"],
+        base_model=settings.base_policy if _is_hub_id(settings.base_policy) else None,
+        datasets=datasets or None,
+    )
+    node_lines = "\n".join(f"- `{name}`: `{dataset}`" for name, dataset in sorted(nodes.items())) or "- (none recorded)"
+    return f"""---
+{data.to_yaml()}
+---
+
+# SmolVLA fine-tuned with federated learning (zk0), round {server_round}
+
+This policy was fine-tuned from `{settings.base_policy}` by {len(nodes)} robot labs that never shared
+their data: each Flower SuperNode trained on its own dataset and a server aggregated the trainable
+weights with FedProx.
+
+## Training
+
+- rounds: {server_round} of {settings.num_rounds}
+- nodes and their datasets:
+{node_lines}
+- FedProx mu: {settings.proximal_mu}
+- peak learning rate: {settings.learning_rate} (SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds)
+- local steps per round: {settings.local_steps}, batch size {settings.batch_size}
+- server evaluation dataset: `{settings.eval_dataset or 'none'}`
+
+## Evaluation
+
+Deterministic evaluation (seeded flow-matching noise). Action MSE is in the dataset's action units.
+
+{_eval_table([r for r in history if r['round'] <= server_round])}
+
+## Use
+
+```python
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+from lerobot.policies.factory import make_pre_post_processors
+
+policy = SmolVLAPolicy.from_pretrained("{settings.hf_repo_id or 'PATH_TO_THIS_FOLDER'}")
+pre, post = make_pre_post_processors(policy.config, pretrained_path="{settings.hf_repo_id or 'PATH_TO_THIS_FOLDER'}")
+```
+"""
+
+
+def push_checkpoint(ckpt_dir: Path, repo_id: str, server_round: int, *, token: str | None, private: bool = False) -> str:
+    """Create the repo if needed, upload the checkpoint to main and tag it; return the commit id."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=str(ckpt_dir), commit_message=f"zk0: global model after round {server_round}"
+    )
+    api.create_tag(repo_id, tag=f"round-{server_round:03d}", revision=commit.oid, exist_ok=True)
+    return commit.oid
+
+
+class Publisher:
+    """Pushes checkpoints when configured; a failure is logged and retried at the next push."""
+
+    def __init__(self, repo_id: str | None, token: str | None, private: bool = False):
+        self.repo_id, self.token, self.private = repo_id, token, private
+        self.pending: list[tuple[int, Path]] = []
+        if repo_id and not token:
+            log.warning("Hub: ZK0_HF_REPO_ID=%s is set but HF_TOKEN is not; pushes will likely fail", repo_id)
+
+    def push(self, server_round: int, ckpt_dir: Path) -> bool:
+        """Push this checkpoint (and any earlier one whose push failed); True when all went up."""
+        if not self.repo_id:
+            return False
+        self.pending.append((server_round, ckpt_dir))
+        while self.pending:
+            r, path = self.pending[0]
+            if not path.exists():  # superseded and removed: nothing left to push for it
+                self.pending.pop(0)
+                continue
+            try:
+                oid = push_checkpoint(path, self.repo_id, r, token=self.token, private=self.private)
+            except Exception as err:  # a push must never stop training; the checkpoint stays on disk
+                log.warning("Hub: push of round %d to %s failed (%s); will retry at the next push", r, self.repo_id, err)
+                return False
+            log.info("Hub: pushed round %d to %s (commit %s, tag round-%03d)", r, self.repo_id, oid[:8], r)
+            self.pending.pop(0)
+        return True
