@@ -12,6 +12,8 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import yaml
+
 
 class HubStandIn:
     """Records repos, committed files and tags; `fail_with` makes every call return that status."""
@@ -22,6 +24,7 @@ class HubStandIn:
         self.tags: dict[str, dict[str, str]] = {}
         self.commits: list[tuple[str, str]] = []
         self.requests: list[str] = []
+        self.card_metadata: list[dict] = []
         self.fail_with: int | None = None
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -61,6 +64,8 @@ class HubStandIn:
                 if hub.fail_with:
                     return self._send(hub.fail_with, {"error": "forbidden by the stand-in"})
                 parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["api", "validate-yaml"]:
+                    return self._validate_yaml(json.loads(body)["content"])
                 if parts[:3] == ["api", "repos", "create"]:
                     payload = json.loads(body)
                     repo = f"{payload.get('organization') or 'user'}/{payload['name']}"
@@ -80,6 +85,14 @@ class HubStandIn:
                         hub.tags.setdefault(repo, {})[tag] = parts[5]
                         return self._send(200, {})
                 return self._send(404, {"error": f"stand-in does not serve {self.path}"})
+
+            def _validate_yaml(self, content: str):
+                # Like the Hub: the card's front matter must be YAML with known metadata fields.
+                meta = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
+                if not isinstance(meta, dict) or "library_name" not in meta:
+                    return self._send(400, {"errors": [{"message": "metadata must be YAML with library_name"}]})
+                hub.card_metadata.append(meta)
+                return self._send(200, {"warnings": []})
 
             def _commit(self, repo: str, body: bytes):
                 files = hub.files.setdefault(repo, {})

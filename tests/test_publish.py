@@ -62,6 +62,7 @@ def test_failed_push_keeps_training_and_checkpoint_then_retries(hub, demo, tmp_p
     assert sorted(tags) == ["round-001", "round-002"]
     assert tags["round-002"] == hub.commits[-1][1]  # main ends at the newest round
     assert "README.md" in hub.files["lab/smolvla-fed"] and "model.safetensors" in hub.files["lab/smolvla-fed"]
+    assert hub.card_metadata[-1]["library_name"] == "lerobot" and "smolvla" in hub.card_metadata[-1]["tags"]
 
 
 def test_model_card_has_metadata_and_the_runs_numbers(demo, tmp_path):

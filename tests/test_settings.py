@@ -74,3 +74,12 @@ def test_unknown_zk0_variable_is_rejected():
         check_env_names({"ZK0_PROXIMAL_MUU"})
     with pytest.raises(SettingsError, match="ZK0_NODE_1_DATSET"):
         check_env_names({"ZK0_NODE_1_DATSET"})
+
+
+def test_pyproject_declares_every_server_setting_as_run_config():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "app" / "pyproject.toml").read_text())
+    keys = set(pyproject["tool"]["flwr"]["app"]["config"])
+    assert keys == {name.replace("_", "-") for name in ServerSettings.model_fields}

@@ -46,7 +46,8 @@ def plot_client_loss(history: list[dict], path: Path) -> Path:
         ax.plot(*_series(history, lambda r: pick(r, "eval")), ls="--", color=line.get_color(), label=f"{name} held-out")
     ax.set(title="node policy loss", xlabel="round")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if names:
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
