@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from huggingface_hub import constants
 
 from hub_standin import HubStandIn
@@ -83,3 +82,15 @@ def test_plots_are_written_after_evaluation_rounds(demo, tmp_path):
     for name in ("server_eval.png", "client_loss.png", "bytes.png"):
         data = (tmp_path / "out" / "plots" / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+def test_zk0_push_by_hand(hub, tmp_path, capsys):
+    from zk0.cli import main
+
+    ckpt = tmp_path / "round-004"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "zk0.json").write_text(json.dumps({"round": 4}))
+    assert main(["push", str(ckpt), "--repo-id", "lab/by-hand"]) == 0
+    assert "round-004" in hub.tags["lab/by-hand"] and "pushed" in capsys.readouterr().out
+    assert main(["push", str(tmp_path), "--repo-id", "lab/by-hand"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,20 @@ def _local(args: argparse.Namespace) -> int:
     return run_local(args.env_file)
 
 
+def _push(args: argparse.Namespace) -> int:
+    import os
+
+    from .publish import push_checkpoint
+
+    if not (args.checkpoint / "config.json").is_file():
+        raise SettingsError(f"{args.checkpoint} is not a checkpoint directory (no config.json)")
+    info = args.checkpoint / "zk0.json"
+    server_round = json.loads(info.read_text())["round"] if info.is_file() else 0
+    oid = push_checkpoint(args.checkpoint, args.repo_id, server_round, token=os.environ.get("HF_TOKEN"), private=args.private)
+    print(f"pushed {args.checkpoint} to {args.repo_id} (commit {oid}, tag round-{server_round:03d})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `zk0` console script."""
     parser = argparse.ArgumentParser(prog="zk0", description="Federated SmolVLA fine-tuning with Flower.")
@@ -41,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     local = sub.add_parser("local", help="run a federation of real Flower processes on this host")
     local.add_argument("--env-file", type=Path, default=None, help="experiment settings, e.g. experiments/demo.env")
     local.set_defaults(func=_local)
+    push = sub.add_parser("push", help="push a checkpoint directory to the Hugging Face Hub (uses HF_TOKEN)")
+    push.add_argument("checkpoint", type=Path, help="e.g. outputs/demo/checkpoints/round-003")
+    push.add_argument("--repo-id", required=True, help="owner/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.set_defaults(func=_push)
     args = parser.parse_args(argv)
     setup_logging()
     try:
