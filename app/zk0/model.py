@@ -93,3 +93,9 @@ def save_checkpoint(
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)
     return out_dir
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (round-NNN with its zk0.json), or None."""
+    done = [p for p in Path(root).glob("round-[0-9][0-9][0-9]") if (p / "zk0.json").is_file()]
+    return max(done, key=lambda p: p.name) if done else None

@@ -59,6 +59,14 @@ class RunRecorder:
         entry[kind] = {k: v for k, v in info.items() if k not in ("name", "dataset")}
         self.flush(server_round)
 
+    def truncate(self, last_round: int) -> None:
+        """Forget rounds after `last_round` (they did not finish) on disk and in memory."""
+        self.rounds = {r: rec for r, rec in self.rounds.items() if r <= last_round}
+        for path in self.out_dir.glob("round-[0-9][0-9][0-9].json"):
+            if int(path.stem.split("-")[1]) > last_round:
+                path.unlink()
+        atomic_write_json(self.out_dir / "history.json", [self.rounds[r] for r in sorted(self.rounds)])
+
     def flush(self, server_round: int) -> None:
         """Rewrite this round's file and the history."""
         atomic_write_json(self.out_dir / f"round-{server_round:03d}.json", self.rounds[server_round])

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from .data import eval_batches, open_dataset
 from .evaluate import evaluate_policy
-from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, save_checkpoint, trainable_state
+from .model import (
+    apply_trainable,
+    frozen_fingerprint,
+    latest_checkpoint,
+    load_policy,
+    load_processors,
+    save_checkpoint,
+    trainable_names,
+    trainable_state,
+)
 from .plots import write_plots
 from .publish import Publisher, model_card
-from .records import RunRecorder
-from .settings import ServerSettings, resolve_device
+from .records import RunRecorder, atomic_write_json
+from .settings import ServerSettings, SettingsError, resolve_device
 from .tracking import Tracker
 
 log = logging.getLogger("zk0")
+# Settings that define an experiment: a restart with the same ones resumes it.
+EXPERIMENT_FIELDS = {
+    "num_rounds", "local_steps", "batch_size", "learning_rate", "proximal_mu", "base_policy", "eval_dataset", "seed",
+}
 
 
 class ServerRuntime:
@@ -34,13 +50,38 @@ class ServerRuntime:
             ds = open_dataset(settings.eval_dataset, self.policy.config)
             self.batches = eval_batches(ds, settings.batch_size, settings.eval_batches)
         self.recorder = RunRecorder(self.out_dir)
+        self.start_round = self._resume()
         self.tracker = Tracker.open(self.out_dir, settings.wandb_project, settings.model_dump(mode="json"))
         self.publisher = Publisher(settings.hf_repo_id, os.environ.get("HF_TOKEN"), settings.hf_private)
         self.started = time.perf_counter()
 
     def initial_state(self) -> dict:
-        """The base policy's trainable weights: round 0's global model."""
+        """The global model to start from: the base policy's, or the newest checkpoint's when resuming."""
         return trainable_state(self.policy)
+
+    def _resume(self) -> int:
+        """Continue an interrupted experiment from its newest checkpoint; return that round (0 if fresh)."""
+        identity = self.settings.model_dump(mode="json", include=EXPERIMENT_FIELDS)
+        saved = self.out_dir / "experiment.json"
+        if saved.is_file() and (before := json.loads(saved.read_text())) != identity:
+            changed = sorted(k for k in identity if before.get(k) != identity[k])
+            raise SettingsError(
+                f"{self.out_dir} holds another experiment (different {', '.join(changed)}): "
+                "set ZK0_OUTPUT_DIR to a new folder, or restore the settings to resume it"
+            )
+        atomic_write_json(saved, identity)
+        ckpt = latest_checkpoint(self.out_dir / "checkpoints")
+        if ckpt is None:
+            return 0
+        server_round = json.loads((ckpt / "zk0.json").read_text())["round"]
+        weights = load_file(ckpt / "model.safetensors")
+        apply_trainable(self.policy, {name: weights[name] for name in trainable_names(self.policy)})
+        history = json.loads((self.out_dir / "history.json").read_text()) if (self.out_dir / "history.json").is_file() else []
+        # Records past the checkpoint belong to a round that did not finish: it runs again.
+        self.recorder.rounds = {r["round"]: r for r in history}
+        self.recorder.truncate(server_round)
+        log.info("resuming from %s: round %d of %d done", ckpt, server_round, self.settings.num_rounds)
+        return server_round
 
     def train_config(self) -> dict:
         """What every node needs to train one round, in Flower's kebab-case."""
@@ -58,6 +99,8 @@ class ServerRuntime:
 
     def end_round(self, server_round: int, state: dict) -> dict | None:
         """Evaluate and checkpoint the global model as the settings ask; record the round."""
+        if server_round == self.start_round and server_round > 0:
+            return (self.recorder.rounds.get(server_round) or {}).get("server_eval")  # done before the restart
         apply_trainable(self.policy, state)
         metrics = None
         if self.batches is not None and self.settings.is_eval_round(server_round):

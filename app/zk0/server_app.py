@@ -32,8 +32,10 @@ def main(grid: Grid, context: Context) -> None:
         weighted_by_key="num-samples",
     )
 
+    strategy.round_offset = runtime.start_round
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        metrics = runtime.end_round(server_round, arrays.to_torch_state_dict())
+        metrics = runtime.end_round(server_round + runtime.start_round, arrays.to_torch_state_dict())
         return MetricRecord(metrics) if metrics else None
 
     config = ConfigRecord(runtime.train_config())
@@ -42,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(runtime.initial_state()),
-            num_rounds=settings.num_rounds,
+            num_rounds=settings.num_rounds - runtime.start_round,
             timeout=settings.round_timeout,
             train_config=config,
             evaluate_config=config,

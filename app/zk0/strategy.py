@@ -31,8 +31,11 @@ class Zk0FedProx(FedProx):
         self.recorder = recorder
         self.is_eval_round = is_eval_round
         self._shapes: dict[str, tuple] = {}
+        # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
+        self.round_offset = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.add_bytes(server_round, "sent", _payload_bytes(arrays) * len(messages))
@@ -51,6 +54,7 @@ class Zk0FedProx(FedProx):
         return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         accepted, rejected = [], {}
         for msg in replies:
             node_id = msg.metadata.src_node_id
@@ -76,11 +80,13 @@ class Zk0FedProx(FedProx):
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         if not self.is_eval_round(server_round):
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         usable = []
         for msg in replies:
             if msg.has_error():

@@ -1,0 +1,100 @@
+"""The wire format of trainable weights: fp32, fp16 or bf16 (as its int16 view), and their aggregation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+FORMATS = ("fp32", "fp16", "bf16")
+# What each format travels as: Flower's ArrayRecord rejects torch.bfloat16, so bf16 goes as the
+# int16 view of its bits and is viewed back exactly.
+_TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_NUMPY = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(np.int16)}
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown wire format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def _encode_one(name: str, tensor: torch.Tensor, fmt: str) -> np.ndarray:
+    value = tensor.detach().to("cpu")
+    out = value.to(_TORCH[fmt], copy=True)  # never alias the caller's tensors
+    # A finite weight beyond the format's range would arrive as inf and then be dropped by the
+    # server as non-finite; failing here names the tensor where the problem starts.
+    if fmt != "fp32" and torch.isinf(out).any() and torch.isinf(out[torch.isfinite(value)]).any():
+        limit = torch.finfo(_TORCH[fmt]).max
+        raise ValueError(
+            f"weight {name}: max |value| {value[torch.isfinite(value)].abs().max().item():.4g} "
+            f"exceeds the {fmt} range (+-{limit:.4g}); send it as fp32 or bf16"
+        )
+    if fmt == "bf16":
+        out = out.view(torch.int16)
+    return out.contiguous().numpy()
+
+
+def encode(state: Mapping[str, torch.Tensor], fmt: str) -> dict[str, np.ndarray]:
+    """Tensors to numpy arrays in wire format `fmt`; raises ValueError on a finite value out of range."""
+    _check_format(fmt)
+    return {name: _encode_one(name, tensor, fmt) for name, tensor in state.items()}
+
+
+def _as_torch(name: str, array: np.ndarray, fmt: str) -> torch.Tensor:
+    """A zero-copy torch view of one wire array, in its wire dtype (bf16 viewed back from int16)."""
+    array = np.asarray(array)
+    if array.dtype != _NUMPY[fmt]:
+        raise ValueError(f"weight {name}: dtype {array.dtype} on the wire, format {fmt} sends {_NUMPY[fmt]}")
+    if not (array.flags.writeable and array.flags.c_contiguous):  # torch.from_numpy warns on read-only memory
+        array = array.copy(order="C")
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if fmt == "bf16" else tensor
+
+
+def decode(arrays: Mapping[str, np.ndarray], fmt: str) -> dict[str, torch.Tensor]:
+    """Wire arrays back to float32 tensors (new memory, never aliasing the arrays)."""
+    _check_format(fmt)
+    return {name: _as_torch(name, a, fmt).to(torch.float32, copy=True) for name, a in arrays.items()}
+
+
+def is_finite(array: np.ndarray, fmt: str) -> bool:
+    """Whether every value of one wire array is finite (bf16 checked on its int16 bits)."""
+    _check_format(fmt)
+    if fmt == "bf16":  # exponent bits all ones: inf or NaN
+        return not ((np.asarray(array).view(np.uint16) & 0x7F80) == 0x7F80).any()
+    return bool(np.isfinite(array).all())
+
+
+def wire_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Payload bytes of the arrays' values (no headers or names)."""
+    return sum(np.asarray(a).nbytes for a in arrays.values())
+
+
+def aggregate(updates: list[tuple[Mapping[str, np.ndarray], float]], fmt: str) -> dict[str, np.ndarray]:
+    """Weighted mean of wire-format updates, in float32, one tensor at a time.
+
+    Each update is (arrays, weight), e.g. (wire arrays, samples trained). Only one float32 result
+    per tensor is allocated: the 16-bit inputs are added into it in place, scaled by their weight,
+    so the peak is about one fp32 copy of the weights on top of the inputs. `arrays` may be any
+    mapping whose values are produced on access, so replies need not be decoded up front.
+    """
+    _check_format(fmt)
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    total = float(sum(weight for _, weight in updates))
+    if not total > 0:
+        raise ValueError(f"update weights sum to {total}; they must be positive")
+    first = updates[0][0]
+    result = {}
+    for name in first:
+        shape = np.shape(first[name])
+        out = np.zeros(shape, dtype=np.float32)
+        acc = torch.from_numpy(out)
+        for arrays, weight in updates:
+            src = _as_torch(name, arrays[name], fmt)
+            if tuple(src.shape) != shape:  # add_ would broadcast a wrong shape silently
+                raise ValueError(f"weight {name}: shape {tuple(src.shape)}, expected {shape}")
+            acc.add_(src, alpha=weight / total)
+        result[name] = out
+    return result
