@@ -43,6 +43,16 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.name == "learning":
+        from .bench_learning import main as bench_main
+
+        return bench_main(args.rest)
+    from .bench_perf import main as bench_main
+
+    return bench_main([args.name, *args.rest])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `zk0` console script."""
     parser = argparse.ArgumentParser(prog="zk0", description="Federated SmolVLA fine-tuning with Flower.")
@@ -61,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--repo-id", required=True, help="owner/name on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.set_defaults(func=_push)
+    bench = sub.add_parser("bench", help="benchmarks: learning, wire, step, overhead, aggregate, gpu (see README)")
+    bench.add_argument("name", choices=["learning", "wire", "step", "overhead", "aggregate", "gpu"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for each)")
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .logs import setup_logging
 from .node import evaluate_on_node, open_session, train_on_node
 from .settings import NodeSettings
 from .train import TrainPlan
+from .wire import decode, encode
 
 app = ClientApp()
 
@@ -17,7 +18,7 @@ def _session(msg: Message, context: Context):
     setup_logging()
     settings = NodeSettings.from_flower_config(dict(context.node_config))
     config = msg.content["config"]
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = decode({k: v.numpy() for k, v in msg.content["arrays"].items()}, str(config["wire-format"]))
     session = open_session(
         settings, str(config["base-policy"]), state, int(config["seed"]), str(config["base-fingerprint"])
     )
@@ -47,7 +48,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     seed = int(config["seed"]) + 1000 * server_round
     state, metrics = train_on_node(session, plan, int(config["batch-size"]), seed)
-    return _reply(msg, settings, metrics, ArrayRecord(state))
+    wire = encode(state, str(config["wire-format"]))
+    return _reply(msg, settings, metrics, ArrayRecord({k: Array(v) for k, v in wire.items()}))
 
 
 @app.evaluate()

@@ -95,6 +95,7 @@ class ServerRuntime:
             "learning-rate": s.learning_rate,
             "eval-batches": s.eval_batches,
             "seed": s.seed,
+            "wire-format": s.wire_format,
         }
 
     def end_round(self, server_round: int, state: dict) -> dict | None:

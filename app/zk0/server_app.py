@@ -30,6 +30,7 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=settings.min_nodes,
         min_available_nodes=settings.min_nodes,
         weighted_by_key="num-samples",
+        wire_format=settings.wire_format,
     )
 
     strategy.round_offset = runtime.start_round

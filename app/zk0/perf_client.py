@@ -1,0 +1,117 @@
+"""One ClientApp training message in a fresh process, timed phase by phase (for `zk0 bench overhead`).
+
+Run as `python -m zk0.perf_client --message FILE ...`; prints one JSON line of phase seconds. It does
+what a Flower ClientApp process does for a train message, in order: import Flower's runtime,
+inflate the message, import the app (torch, transformers, LeRobot, zk0), open the session (policy,
+fingerprint, split, weights, processors), open the dataset, train, and build and deflate the reply.
+"""
+
+import time
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+import sys  # noqa: E402
+
+
+class TimedBatches:
+    """Wraps a batch iterator and adds up the time spent waiting for batches."""
+
+    def __init__(self, batches):
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        batch = next(self.batches)
+        self.seconds += time.perf_counter() - started
+        return batch
+
+
+class Clock:
+    """Seconds per phase since the previous mark; the first phase starts at process start."""
+
+    def __init__(self):
+        self.phases, self.last = {}, T0
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name], self.last = now - self.last, now
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The ClientApp's work for one train message, timed."""
+    clock = Clock()
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401  what flwr-clientapp runs
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    clock.mark("import_flwr")
+    with open(args.message, "rb") as f:  # written by our own parent process
+        message_id, contents = pickle.load(f)
+    msg = inflate_object_from_contents(message_id, contents)
+    clock.mark("inflate_message")
+    import torch  # noqa: F401
+
+    clock.mark("import_torch")
+    import transformers  # noqa: F401
+    from lerobot.policies.smolvla import modeling_smolvla  # noqa: F401
+
+    clock.mark("import_transformers_lerobot")
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict, Message
+
+    from zk0 import client_app  # noqa: F401  the app module, with everything it imports
+    from zk0.data import batch_stream, open_dataset
+    from zk0.model import trainable_state
+    from zk0.node import open_session
+    from zk0.settings import NodeSettings
+    from zk0.train import TrainPlan, train_round
+    from zk0.wire import decode, encode
+
+    clock.mark("import_zk0_app")
+    config = msg.content["config"]
+    fmt = str(config["wire-format"])
+    state = decode({k: v.numpy() for k, v in msg.content["arrays"].items()}, fmt)
+    clock.mark("decode_weights")
+    settings = NodeSettings.from_flower_config(json.loads(args.node_config))
+    session = open_session(settings, str(config["base-policy"]), state, int(config["seed"]), str(config["base-fingerprint"]))
+    clock.mark("open_session")
+    ds = open_dataset(settings.dataset, session.policy.config, episodes=session.train_episodes, video_backend=settings.video_backend)
+    batches = TimedBatches(batch_stream(ds, int(config["batch-size"]), int(config["seed"]) + 1000, settings.num_workers))
+    clock.mark("open_dataset")
+    steps = int(config["local-steps"])
+    plan = TrainPlan(steps, 0, int(config["total-steps"]), float(config["learning-rate"]), float(config["proximal-mu"]))
+    metrics = train_round(session.policy, session.preprocessor, batches, plan)
+    clock.mark("train_round")
+    wire = encode(trainable_state(session.policy), fmt)
+    content = RecordDict({
+        "metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
+        "arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
+        "node": ConfigRecord({"name": settings.display_name, "dataset": settings.dataset}),
+    })
+    reply = Message(content=content, reply_to=msg)
+    reply_bytes = sum(len(obj.deflate()) for obj in get_all_nested_objects(reply).values())
+    clock.mark("serialize_reply")
+    phases = clock.phases
+    # train_round's own clock: the loop, split into waiting for batches and everything else.
+    phases["train_data_wait"] = batches.seconds
+    phases["train_compute"] = metrics["train_seconds"] - batches.seconds
+    phases["train_setup"] = phases["train_round"] - metrics["train_seconds"]
+    return {"phases": phases, "steps": steps, "reply_bytes": reply_bytes, "in_process_s": time.perf_counter() - T0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags, run the message, print the timings as one JSON line."""
+    p = argparse.ArgumentParser(prog="python -m zk0.perf_client")
+    p.add_argument("--message", required=True, help="pickled (message id, object contents) of a train message")
+    p.add_argument("--node-config", required=True, help="the SuperNode's node config as JSON (kebab-case keys)")
+    print(json.dumps(run(p.parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

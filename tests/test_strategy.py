@@ -1,0 +1,74 @@
+"""The strategy's aggregation: sample-weighted fp32 mean of 16-bit replies, bad updates excluded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from zk0.records import RunRecorder
+from zk0.strategy import Zk0FedProx
+from zk0.wire import encode
+
+
+@pytest.fixture(autouse=True)
+def _run_identity(monkeypatch):
+    """Messages carry the run they belong to; inside a ServerApp Flower sets it, here we do."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+
+
+def reply(node_id: int, state: dict, samples: int, fmt: str) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in encode(state, fmt).items()}),
+        "metrics": MetricRecord({"num-samples": samples, "loss": float(node_id)}),
+        "node": ConfigRecord({"name": f"node-{node_id}", "dataset": f"/data/{node_id}"}),
+    })
+    return Message(content=content, reply_to=request)
+
+
+@pytest.fixture
+def strategy(tmp_path):
+    s = Zk0FedProx(RunRecorder(tmp_path), lambda r: True, wire_format="fp16", proximal_mu=0.1, weighted_by_key="num-samples")
+    s._shapes = {"w": (2, 3), "b": (3,)}
+    return s
+
+
+def state(value: float) -> dict:
+    return {"w": torch.full((2, 3), value), "b": torch.full((3,), -value)}
+
+
+def test_updates_are_weighted_by_samples_trained(strategy):
+    replies = [reply(1, state(1.0), 10, "fp16"), reply(2, state(4.0), 30, "fp16")]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    merged = arrays.to_torch_state_dict()
+    assert merged["w"].dtype == torch.float32
+    torch.testing.assert_close(merged["w"], torch.full((2, 3), (1.0 * 10 + 4.0 * 30) / 40))
+    torch.testing.assert_close(merged["b"], torch.full((3,), -(1.0 * 10 + 4.0 * 30) / 40))
+    assert metrics["loss"] == pytest.approx((1 * 10 + 2 * 30) / 40)
+    record = strategy.recorder.rounds[1]
+    assert record["contributors"] == [1, 2] and record["excluded"] == {}
+    assert {c["name"] for c in record["clients"].values()} == {"node-1", "node-2"}
+
+
+def test_non_finite_and_misshapen_updates_are_excluded_and_named(strategy):
+    bad = state(2.0)
+    bad["w"][0, 0] = float("nan")
+    wrong = {"w": torch.zeros(3, 2), "b": torch.zeros(3)}
+    replies = [reply(1, state(1.0), 10, "fp16"), reply(2, bad, 10, "fp16"), reply(3, wrong, 10, "fp16")]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((2, 3), 1.0))
+    record = strategy.recorder.rounds[1]
+    assert record["contributors"] == [1]
+    assert "NaN" in record["excluded"]["2"] and "shapes" in record["excluded"]["3"]
+
+
+def test_global_model_travels_in_16_bits(strategy, tmp_path):
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state(0.123456).items()})
+    wire = strategy._to_wire(arrays)
+    assert all(v.numpy().dtype == np.float16 for v in wire.values())
+    assert abs(float(wire["w"].numpy()[0, 0]) - 0.123456) < 1e-4
