@@ -1,0 +1,67 @@
+"""A node refuses bad input before training: wrong base policy, unusable datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+from zk0.data import DatasetError
+from zk0.model import frozen_fingerprint, load_policy, trainable_state
+from zk0.node import BaseMismatchError, open_session
+from zk0.settings import NodeSettings
+
+
+def small_dataset(root, *, action_dim: int, with_images: bool) -> str:
+    """A one-episode LeRobot dataset with the given action size, with or without a camera."""
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (6,), "names": None},
+        "action": {"dtype": "float32", "shape": (action_dim,), "names": None},
+    }
+    if with_images:
+        features["observation.images.front"] = {"dtype": "image", "shape": (64, 64, 3), "names": ["height", "width", "channels"]}
+    ds = LeRobotDataset.create("local/bad", fps=10, features=features, root=root, use_videos=False)
+    for _ in range(3):
+        frame = {"observation.state": np.zeros(6, np.float32), "action": np.zeros(action_dim, np.float32), "task": "t"}
+        if with_images:
+            frame["observation.images.front"] = np.zeros((64, 64, 3), np.uint8)
+        ds.add_frame(frame)
+    ds.save_episode()
+    ds.finalize()
+    return str(root)
+
+
+@pytest.fixture
+def base(demo):
+    policy = load_policy(str(demo["base-policy"]), "cpu")
+    return str(demo["base-policy"]), trainable_state(policy), frozen_fingerprint(policy)
+
+
+def test_node_with_another_base_policy_refuses(demo, base):
+    path, state, _ = base
+    node = NodeSettings.load(dataset=str(demo["datasets"]["node-0"]))
+    with pytest.raises(BaseMismatchError, match="fingerprint.*same base"):
+        open_session(node, path, state, seed=0, fingerprint="0123456789abcdef")
+    session = open_session(node, path, state, seed=0, fingerprint=base[2])
+    assert session.train_episodes and not set(session.train_episodes) & set(session.heldout_episodes)
+
+
+def test_dataset_with_wrong_action_size_is_named(tmp_path, base):
+    path, state, fp = base
+    node = NodeSettings.load(dataset=small_dataset(tmp_path / "arm5", action_dim=5, with_images=True))
+    with pytest.raises(DatasetError, match=r"action shape \(5,\).*expects \(6,\)"):
+        open_session(node, path, state, seed=0, fingerprint=fp)
+
+
+def test_dataset_without_cameras_is_named(tmp_path, base):
+    path, state, fp = base
+    node = NodeSettings.load(dataset=small_dataset(tmp_path / "blind", action_dim=6, with_images=False))
+    with pytest.raises(DatasetError, match="none of the policy's cameras"):
+        open_session(node, path, state, seed=0, fingerprint=fp)
+
+
+def test_heldout_split_that_leaves_nothing_is_named(demo, base):
+    path, state, fp = base
+    node = NodeSettings.load(dataset=str(demo["datasets"]["node-1"]), heldout_episodes=99)
+    with pytest.raises(DatasetError, match="nothing to train on"):
+        open_session(node, path, state, seed=0, fingerprint=fp)
