@@ -26,3 +26,14 @@ def _no_zk0_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith("ZK0_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def finished_run(demo, tmp_path_factory):
+    """One three-round demo federation with `zk0 local`, shared by the tests that inspect it."""
+    from federation import run_zk0, write_env
+
+    tmp = tmp_path_factory.mktemp("local")
+    out = tmp / "out"
+    res = run_zk0("local", "--env-file", str(write_env(tmp / "demo.env", demo, out)))
+    return res, out

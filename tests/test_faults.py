@@ -10,7 +10,8 @@ import time
 import tomllib
 from pathlib import Path
 
-from test_local import ZK0, write_env
+import torch
+from federation import ZK0, write_env
 
 
 def wait_until(predicate, timeout: float, what: str):
@@ -67,3 +68,48 @@ def test_killed_node_is_left_out_then_rejoins(demo, tmp_path):
     for r in (2, 3):
         assert len(history[r]["contributors"]) == 4 and names[r] == [f"node-{i}" for i in range(4)]
     assert (out / "checkpoints" / "round-003" / "model.safetensors").is_file()
+
+
+def serverapp_pid(port: int) -> int | None:
+    """The pid of the ServerApp process serving this test's SuperLink."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "flwr-serverapp" in text and f"127.0.0.1:{port} " in text:
+                return int(proc.name)
+    return None
+
+
+def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    env_file = write_env(tmp_path / "resume.env", demo, out)  # the same experiment as `finished_run`
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    first = subprocess.Popen([*ZK0, "local", "--env-file", str(env_file)], env=env,
+                             stdout=open(tmp_path / "first.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: (out / "round-002.json").exists(), 600, "round 2 to start")
+        config = tomllib.loads((out / "local" / "flwr-home" / "config.toml").read_text())
+        port = int(config["superlink"]["local"]["address"].rsplit(":", 1)[1])
+        os.kill(wait_until(lambda: serverapp_pid(port), 60, "the ServerApp process"), signal.SIGKILL)
+        assert first.wait(timeout=300) != 0  # the run is reported failed, not completed
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = subprocess.run([*ZK0, "local", "--env-file", str(env_file)], env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert all(len(r["contributors"]) == 4 for r in history[1:])
+    # Same seeds, same rounds: the final model matches the uninterrupted run's.
+    _, reference_out = finished_run
+    resumed = load_file(out / "checkpoints" / "round-003" / "model.safetensors")
+    reference = load_file(reference_out / "checkpoints" / "round-003" / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-4, atol=1e-5)

@@ -72,6 +72,7 @@ def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: 
         session.settings.display_name, plan.steps, len(session.train_episodes), len(ds), session.heldout_episodes,
     )
     batches = batch_stream(ds, batch_size, seed, session.settings.num_workers)
+    torch.manual_seed(seed)  # flow-matching noise and time: a rerun of a round reproduces it
     metrics = train_round(session.policy, session.preprocessor, batches, plan)
     metrics["num-samples"] = metrics["samples"]
     metrics["setup_seconds"] = session.setup_seconds + (time.perf_counter() - started - metrics["train_seconds"])
