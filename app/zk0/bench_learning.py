@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,36 +61,50 @@ def plans(s: ServerSettings, mu: float = 0.0):
         yield r, plan, s.seed + 1000 * r
 
 
-def run_federated(arm: str, s: ServerSettings, demo: dict) -> list[dict]:
+def _wait_or_stop(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The exit code, or None after stopping a run that took longer than timeout."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGINT lets `zk0 local` stop its SuperLink and SuperNodes; a kill would orphan them.
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return None
+
+
+def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float) -> list[dict]:
     """One real `zk0 local` run (SuperLink, four SuperNodes, ServerApp); return its history."""
     out = Path(s.output_dir)
     shutil.rmtree(out, ignore_errors=True)  # stale rounds or checkpoints would pass for this run's
     out.mkdir(parents=True)
     values = {f"ZK0_{k.upper()}": v for k, v in s.model_dump(exclude_none=True).items()}
-    heldout = NodeSettings.model_fields["heldout_episodes"].default
-    for i, name in enumerate(NODES):
-        values[f"ZK0_NODE_{i}_DATASET"] = demo["datasets"][name]
-        values[f"ZK0_NODE_{i}_HELDOUT_EPISODES"] = heldout
+    values.update({f"ZK0_NODE_{i}_DATASET": demo["datasets"][name] for i, name in enumerate(NODES)})
     env_file = out / "bench.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     # The shell outranks an env-file in `zk0 local`: drop ZK0_ variables so FedAvg really gets mu = 0.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env = {"HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    env.update({k: v for k, v in os.environ.items() if not k.startswith("ZK0_")})
     log_path = out / "zk0-local.log"
     log.info("%s (mu=%g): zk0 local, log in %s", arm, s.proximal_mu, log_path)
     with open(log_path, "wb") as logfile:
         cmd = [sys.executable, "-m", "zk0.cli", "local", "--env-file", str(env_file)]
-        rc = subprocess.run(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT).returncode
+        rc = _wait_or_stop(subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT), timeout)
     if rc != 0:
-        raise RuntimeError(f"{arm}: `zk0 local` exited with {rc}; see {log_path}")
+        outcome = f"exited with {rc}" if rc is not None else f"was stopped after {timeout:.0f}s"
+        raise RuntimeError(f"{arm}: `zk0 local` {outcome}; see {log_path}")
     return json.loads((out / "history.json").read_text())
 
 
 def node_sessions(demo: dict, s: ServerSettings, base_state: dict) -> list[NodeSession]:
     """Each node's session with the base weights and the very split its SuperNode makes."""
-    base = str(demo["base-policy"])
-    return [open_session(NodeSettings(dataset=str(demo["datasets"][n]), name=n), base, base_state, s.seed) for n in NODES]
+    # The thread count `zk0 local` gives each of four nodes on this host: more threads than free
+    # cores make OpenMP spin, and a busy shared host then trains tens of times slower.
+    threads = max(1, (os.cpu_count() or 1) // len(NODES))
+    nodes = [NodeSettings(dataset=str(demo["datasets"][n]), name=n, torch_threads=threads) for n in NODES]
+    return [open_session(node, str(demo["base-policy"]), base_state, s.seed) for node in nodes]
 
 
 def eval_sets(demo: dict, sessions: list[NodeSession], config, s: ServerSettings) -> dict[str, list[dict]]:
@@ -117,6 +132,7 @@ def train_local_only(sessions: list[NodeSession], s: ServerSettings) -> list[int
     for session in sessions:
         done = 0
         for _, plan, seed in plans(s):
+            torch.manual_seed(seed)  # flow-matching noise, seeded like the batches
             done += train_on_node(session, plan, s.batch_size, seed)[1]["steps"]
         steps.append(int(done))
         log.info("local-only %s: %d steps", session.settings.display_name, done)
@@ -132,6 +148,7 @@ def train_centralized(sessions: list[NodeSession], base: str, s: ServerSettings,
     ])
     done = 0
     for _, plan, seed in plans(s):
+        torch.manual_seed(seed)
         done += train_round(policy, pre, batch_stream(union, s.batch_size, seed), plan)["steps"]
     log.info("centralized: %d steps on %d frames", done, len(union))
     return policy, pre, post, int(done)
@@ -180,14 +197,17 @@ def plot(curves: dict, rows: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 4))
     for ax, metric in zip(axes, METRICS, strict=True):
         for arm in FEDERATED:
-            ax.plot([r["round"] for r in curves[arm]], [r[metric] for r in curves[arm]], marker="o", label=f"{arm} (global model)")
+            rounds, values = [r["round"] for r in curves[arm]], [r[metric] for r in curves[arm]]
+            ax.plot(rounds, values, marker="o", label=f"{arm} (global model)")
         ax.axhline(rows["centralized"][SERVER][metric], color="k", ls="--", label="centralized (final)")
         ax.axhline(rows["local-mean"][SERVER][metric], color="tab:red", ls=":", label="local-only mean (final)")
         ax.set(xlabel="round", ylabel=metric, title=f"server evaluation: {metric}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -212,13 +232,27 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_bench(s: ServerSettings, demo: dict, out: Path) -> dict:
+def _timed(timings: dict, key: str, fn, *args):
+    """fn(*args), with its wall time recorded under key."""
+    started = time.perf_counter()
+    result = fn(*args)
+    timings[key] = time.perf_counter() - started
+    return result
+
+
+def federated_steps(history: list[dict]) -> list[int]:
+    """Optimizer steps each node took over the whole federated run."""
+    clients = [c for r in history for c in r["clients"].values() if "train" in c]
+    return [int(sum(c["train"]["steps"] for c in clients if c["name"] == n)) for n in NODES]
+
+
+def run_bench(s: ServerSettings, demo: dict, out: Path, run_timeout: float) -> dict:
     """Train and evaluate every arm; the figures for the table, the JSON and the plot."""
     timings, histories, rows, steps, started = {}, {}, {}, {}, time.perf_counter()
     for arm, mu in zip(FEDERATED, (s.proximal_mu, 0.0), strict=True):
-        t0 = time.perf_counter()
-        histories[arm] = run_federated(arm, s.model_copy(update={"proximal_mu": mu, "output_dir": out / arm}), demo)
-        timings[arm] = time.perf_counter() - t0
+        arm_settings = s.model_copy(update={"proximal_mu": mu, "output_dir": out / arm})
+        histories[arm] = _timed(timings, arm, run_federated, arm, arm_settings, demo, run_timeout)
+        steps[arm] = federated_steps(histories[arm])
     device, base = resolve_device(s.device), str(demo["base-policy"])
     base_policy = load_policy(base, device)
     sessions = node_sessions(demo, s, trainable_state(base_policy))
@@ -226,16 +260,12 @@ def run_bench(s: ServerSettings, demo: dict, out: Path) -> dict:
     for arm in FEDERATED:
         ckpt = str(out / arm / "checkpoints" / f"round-{s.num_rounds:03d}")
         rows[arm] = evaluate_model(load_policy(ckpt, device), *load_processors(ckpt, device), sets, s.seed)
-        steps[arm] = [int(sum(c["train"]["steps"] for r in histories[arm] for c in r["clients"].values() if c["name"] == n)) for n in NODES]
-    t0 = time.perf_counter()
-    steps["local-only"] = train_local_only(sessions, s)
+    steps["local-only"] = _timed(timings, "local-only", train_local_only, sessions, s)
     for name, x in zip(NODES, sessions, strict=True):
         rows[f"local-{name}"] = evaluate_model(x.policy, x.preprocessor, x.postprocessor, sets, s.seed)
     rows["local-mean"] = mean_row([rows[f"local-{n}"] for n in NODES])
-    timings["local-only"], t0 = time.perf_counter() - t0, time.perf_counter()
-    policy, pre, post, steps["centralized"] = train_centralized(sessions, base, s, device)
+    policy, pre, post, steps["centralized"] = _timed(timings, "centralized", train_centralized, sessions, base, s, device)
     rows["centralized"] = evaluate_model(policy, pre, post, sets, s.seed)
-    timings["centralized"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     return {
         "definition": DEFINITION,
@@ -243,7 +273,9 @@ def run_bench(s: ServerSettings, demo: dict, out: Path) -> dict:
         "heldout_episodes": {n: x.heldout_episodes for n, x in zip(NODES, sessions, strict=True)},
         "optimizer_steps_per_model": steps,
         "results": rows,
-        "server_eval_history": {a: [{"round": r["round"], **r["server_eval"]} for r in h if r["server_eval"]] for a, h in histories.items()},
+        "server_eval_history": {
+            arm: [{"round": r["round"], **r["server_eval"]} for r in h if r["server_eval"]] for arm, h in histories.items()
+        },
         "targets": [t for m in METRICS for t in targets(rows, histories, m)],
         "reproduction_gap": {a: reproduction_gap(histories[a], rows[a]) for a in FEDERATED},
         "timings_s": timings,
@@ -252,14 +284,15 @@ def run_bench(s: ServerSettings, demo: dict, out: Path) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags; --smoke shrinks the defaults for the test suite."""
-    p = argparse.ArgumentParser(prog="zk0 bench learning", description="Federated vs local-only vs centralized on the offline demo.")
+    p = argparse.ArgumentParser(prog="zk0 bench learning", description="Federated vs local-only vs centralized (demo).")
     p.add_argument("--rounds", type=int, help="federated rounds (default 3; smoke 2)")
-    p.add_argument("--local-steps", type=int, help="optimizer steps per round (default 20; smoke 2)")
+    p.add_argument("--local-steps", type=int, help="optimizer steps per round (default 30, the demo's; smoke 2)")
     p.add_argument("--batch-size", type=int, help="batch size for training and evaluation (default 8)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: the demo's 1e-3)")
     p.add_argument("--demo-dir", type=Path, default=Path("demo-data"), help="offline demo; written when missing")
     p.add_argument("--out", type=Path, default=Path("outputs/bench-learning"), help="runs, checkpoints and the plot")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--run-timeout", type=float, default=1800, help="seconds before a federated run is stopped")
     p.add_argument("--smoke", action="store_true", help="2 rounds of 2 steps and one evaluation batch (tests)")
     return p.parse_args(argv)
 
@@ -272,19 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo = demo_assets(args.demo_dir)
         s = ServerSettings.load(
-            num_rounds=rounds, local_steps=args.local_steps or (2 if args.smoke else 20),
+            num_rounds=rounds, local_steps=args.local_steps or (2 if args.smoke else 30),
             batch_size=args.batch_size, learning_rate=args.learning_rate, eval_batches=1 if args.smoke else None,
             min_nodes=len(NODES), eval_every=1, checkpoint_every=rounds,  # only the final global model is needed
             base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]),
         )
         out = Path(args.out).resolve()
-        result = run_bench(s, demo, out)
-    except (SettingsError, DatasetError) as err:
+        result = run_bench(s, demo, out, args.run_timeout)
+    except (SettingsError, DatasetError, RuntimeError) as err:  # RuntimeError: a federated run failed
         print(f"zk0 bench learning: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # a federated run failed; its log is named
-        print(f"zk0 bench learning: {err}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, RuntimeError) else 2
     result["plot"] = str(out / "server-eval.png")
     plot(result["server_eval_history"], result["results"], out / "server-eval.png")
     print(report(result))

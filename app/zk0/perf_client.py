@@ -8,7 +8,7 @@ fingerprint, split, weights, processors), open the dataset, train, and build and
 
 import time
 
-T0 = time.perf_counter()
+T0, T0_WALL = time.perf_counter(), time.time()  # the wall clock lets the parent split start-up from exit
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> dict:
     phases["train_data_wait"] = batches.seconds
     phases["train_compute"] = metrics["train_seconds"] - batches.seconds
     phases["train_setup"] = phases["train_round"] - metrics["train_seconds"]
-    return {"phases": phases, "steps": steps, "reply_bytes": reply_bytes, "in_process_s": time.perf_counter() - T0}
+    return {"phases": phases, "steps": steps, "reply_bytes": reply_bytes, "start_wall": T0_WALL,
+            "in_process_s": time.perf_counter() - T0, "end_wall": time.time()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,71 @@
+"""`zk0 bench wire|step|aggregate|overhead|gpu` in smoke mode: they run and write sound figures."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from zk0 import bench_perf
+
+
+def run(capsys, tmp_path, *argv) -> dict:
+    out = tmp_path / "figures.json"
+    assert bench_perf.main([*argv, "--smoke", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert "targets:" in printed and result["benchmark"] == argv[0]
+    for target in result["targets"]:
+        assert math.isfinite(target["value"]) and target["target"] in printed
+    return result
+
+
+def test_wire_counts_what_flower_serializes(capsys, tmp_path):
+    result = run(capsys, tmp_path, "wire")
+    payloads = result["payloads"]
+    assert set(payloads) == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16"}
+    assert 0 < result["params"]["trainable"] < result["params"]["total"]
+    for name, p in payloads.items():
+        for direction in ("down", "up"):
+            fleet, proto = p[direction]["fleet"], p[direction]["proto"]
+            # Both serializations carry every value once, plus a little framing and metadata.
+            assert p["values_bytes"] < fleet < 1.1 * p["values_bytes"] + 50_000, name
+            if name != "full state dict fp32":  # not built for the state dict: it copies the payload several times
+                assert p["values_bytes"] < proto < fleet, name
+    assert payloads["trainable fp16"]["values_bytes"] * 2 == payloads["trainable fp32"]["values_bytes"]
+    assert payloads["trainable fp32"]["max_abs_error"] == 0
+    assert 0 < payloads["trainable fp16"]["max_abs_error"] < payloads["trainable bf16"]["max_abs_error"] < 1e-2
+
+
+@pytest.mark.parametrize("model", ["tiny", "full"])  # full --smoke: the file-built architecture, scaled down
+def test_step_compares_three_arms(capsys, tmp_path, demo, model):
+    result = run(capsys, tmp_path, "step", "--model", model, "--demo-dir", str(demo["root"]))
+    assert set(result["steps_per_s"]) == {"plain", "zk0", "zk0_mu0"}
+    assert all(math.isfinite(v) and v > 0 for v in result["steps_per_s"].values())
+    assert result["ratio"] == pytest.approx(result["steps_per_s"]["zk0"] / result["steps_per_s"]["plain"])
+    assert all(len(s) == result["settings"]["reps"] for s in result["seconds_per_block"].values())
+
+
+def test_aggregate_holds_about_one_fp32_copy(capsys, tmp_path):
+    result = run(capsys, tmp_path, "aggregate")
+    assert result["inputs_copies"] == pytest.approx(2.0)  # four 16-bit updates
+    for r in result["runs"].values():
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0
+        # The fp32 result is one copy; streaming keeps temporaries far below another.
+        assert 1.0 <= r["tracemalloc_peak"] / result["copy_bytes"] < 2.0
+
+
+def test_overhead_phases_add_up_to_the_wall_time(capsys, tmp_path, demo):
+    result = run(capsys, tmp_path, "overhead", "--demo-dir", str(demo["root"]))
+    phases = result["phases_s"]
+    assert all(math.isfinite(v) and v >= 0 for v in phases.values())
+    assert phases["train_compute"] > 0 and phases["import_torch"] > 0
+    assert sum(phases.values()) == pytest.approx(result["wall_s"], rel=0.01)
+    assert 0 < result["outside_optimizer_share"] < 1
+    assert result["runs"][0]["reply_bytes"] > 0 and result["dominant_phase"] in phases
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_fails_clearly_without_cuda(capsys):
+    assert bench_perf.main(["gpu", "--smoke"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
