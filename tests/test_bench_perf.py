@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,10 +29,12 @@ def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     for name, p in payloads.items():
         for direction in ("down", "up"):
             fleet, proto = p[direction]["fleet"], p[direction]["proto"]
-            # Both serializations carry every value once, plus a little framing and metadata.
-            assert p["values_bytes"] < fleet < 1.1 * p["values_bytes"] + 50_000, name
+            # Every value travels once, plus a little framing and metadata; Flower sends identical
+            # arrays only once, which a state dict with repeated tensors may benefit from.
+            assert 0.9 * p["values_bytes"] < fleet < 1.1 * p["values_bytes"] + 50_000, name
             if name != "full state dict fp32":  # not built for the state dict: it copies the payload several times
                 assert p["values_bytes"] < proto < fleet, name
+                assert p["values_bytes"] < fleet, name
     assert payloads["trainable fp16"]["values_bytes"] * 2 == payloads["trainable fp32"]["values_bytes"]
     assert payloads["trainable fp32"]["max_abs_error"] == 0
     assert 0 < payloads["trainable fp16"]["max_abs_error"] < payloads["trainable bf16"]["max_abs_error"] < 1e-2
@@ -69,3 +72,15 @@ def test_overhead_phases_add_up_to_the_wall_time(capsys, tmp_path, demo):
 def test_gpu_fails_clearly_without_cuda(capsys):
     assert bench_perf.main(["gpu", "--smoke"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_npy_view_reads_what_array_numpy_reads():
+    from flwr.app import Array
+
+    from zk0.bench_wire import npy_view
+
+    for value in (np.arange(12, dtype=np.int16).reshape(3, 4), np.array(2.5, dtype=np.float16), np.asfortranarray(np.eye(3, 5))):
+        array = Array(value)
+        view = npy_view(array)
+        assert view.dtype == value.dtype and view.shape == value.shape and not view.flags.writeable
+        np.testing.assert_array_equal(view, array.numpy())

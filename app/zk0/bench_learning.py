@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -132,7 +133,6 @@ def train_local_only(sessions: list[NodeSession], s: ServerSettings) -> list[int
     for session in sessions:
         done = 0
         for _, plan, seed in plans(s):
-            torch.manual_seed(seed)  # flow-matching noise, seeded like the batches
             done += train_on_node(session, plan, s.batch_size, seed)[1]["steps"]
         steps.append(int(done))
         log.info("local-only %s: %d steps", session.settings.display_name, done)
@@ -148,7 +148,7 @@ def train_centralized(sessions: list[NodeSession], base: str, s: ServerSettings,
     ])
     done = 0
     for _, plan, seed in plans(s):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # flow-matching noise seeded like the batches, as train_on_node does
         done += train_round(policy, pre, batch_stream(union, s.batch_size, seed), plan)["steps"]
     log.info("centralized: %d steps on %d frames", done, len(union))
     return policy, pre, post, int(done)
@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]),
         )
         out = Path(args.out).resolve()
-        result = run_bench(s, demo, out, args.run_timeout)
+        with contextlib.redirect_stdout(sys.stderr):  # LeRobot prints while loading; stdout is for the table
+            result = run_bench(s, demo, out, args.run_timeout)
     except (SettingsError, DatasetError, RuntimeError) as err:  # RuntimeError: a federated run failed
         print(f"zk0 bench learning: {err}", file=sys.stderr)
         return 1 if isinstance(err, RuntimeError) else 2

@@ -42,4 +42,4 @@ def as_record(arrays: Mapping[str, np.ndarray]):
     """Numpy arrays as a Flower ArrayRecord, exactly as zk0 packs weights into messages."""
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import math
 import os
 import statistics
@@ -115,11 +116,12 @@ def bench_wire(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         policy = build_policy(Path(tmp), full=not args.smoke)
     total, trainable = sum(p.numel() for p in policy.parameters()), trainable_state(policy)
-    full_record = as_record({k: v.detach().cpu().numpy() for k, v in policy.state_dict().items()})
-    del policy
+    state = policy.state_dict()
+    values = {"full state dict fp32": sum(v.numel() * v.element_size() for v in state.values())}
+    full_record = as_record({k: v.detach().cpu().numpy() for k, v in state.items()})
+    del policy, state
     gc.collect()
     sizes = {"full state dict fp32": exchange_bytes(full_record, "fp32", with_proto=False)}
-    values = {"full state dict fp32": sum(len(a.data) for a in full_record.values())}
     errors = {"full state dict fp32": (0.0, 0.0)}
     del full_record
     for fmt in wire.FORMATS:
@@ -164,7 +166,9 @@ def bench_wire(args: argparse.Namespace) -> dict:
         }],
         "update_error": [{"fmt": f, "update_rms": sc, **e} for (f, sc), e in updates.items()],
         "targets": targets,
-        "notes": ["rounds with node evaluation send the weights down once more, in the evaluate message (same size as 'down')",
+        "notes": ["Flower sends identical arrays once (content-addressed), so a state dict with repeated tensors "
+                  "(e.g. norm weights still at 1) can serialize to slightly less than its values",
+                  "rounds with node evaluation send the weights down once more, in the evaluate message (same size as 'down')",
                   "errors are over the random initial weights (kaiming-uniform, scale ~0.03)"],
     }
 
@@ -174,14 +178,24 @@ def _random_update(shapes: dict[str, tuple], fmt: str, seed: int) -> dict[str, n
     return {k: wire.encode({k: 0.02 * torch.randn(s, generator=g)}, fmt)[k] for k, s in shapes.items()}
 
 
-class _ArrayView(Mapping):
-    """An ArrayRecord seen as numpy arrays, deserialized on access (as the strategy reads replies)."""
+def npy_view(array) -> np.ndarray:
+    """A read-only view of a Flower Array's .npy bytes; Array.numpy() copies them through np.load."""
+    head = io.BytesIO(memoryview(array.data)[: 2**16 + 10])  # the longest version 1.0 header
+    version = np.lib.format.read_magic(head)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(head)
+    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=head.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
-    def __init__(self, record):
-        self.record = record
+
+class _ArrayView(Mapping):
+    """An ArrayRecord seen as numpy arrays, one at a time on access (as the strategy reads replies)."""
+
+    def __init__(self, record, zero_copy: bool):
+        self.record, self.zero_copy = record, zero_copy
 
     def __getitem__(self, key):
-        return self.record[key].numpy()
+        return npy_view(self.record[key]) if self.zero_copy else self.record[key].numpy()
 
     def __iter__(self):
         return iter(self.record)
@@ -250,8 +264,9 @@ def bench_aggregate(args: argparse.Namespace) -> dict:
     records = [(as_record(u), w) for u, w in updates]
     del updates
     gc.collect()
-    views = [(_ArrayView(r), w) for r, w in records]
-    runs["ArrayRecord replies (lazy .numpy())"] = measure(lambda: wire.aggregate(views, args.fmt), repeats)
+    for zero_copy, how in ((False, "Array.numpy()"), (True, "zero-copy npy_view")):
+        views = [(_ArrayView(r, zero_copy), w) for r, w in records]
+        runs[f"ArrayRecord replies, {how}"] = measure(lambda: wire.aggregate(views, args.fmt), repeats)
     rows = [[name, r["median_s"], r["min_s"], r["tracemalloc_peak"] / copy, r["rss_peak"] / copy] for name, r in runs.items()]
     main = runs["numpy arrays"]
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -46,9 +47,12 @@ def _as_torch(name: str, array: np.ndarray, fmt: str) -> torch.Tensor:
     array = np.asarray(array)
     if array.dtype != _NUMPY[fmt]:
         raise ValueError(f"weight {name}: dtype {array.dtype} on the wire, format {fmt} sends {_NUMPY[fmt]}")
-    if not (array.flags.writeable and array.flags.c_contiguous):  # torch.from_numpy warns on read-only memory
-        array = array.copy(order="C")
-    tensor = torch.from_numpy(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # not np.ascontiguousarray: it turns 0-d arrays into 1-d
+    with warnings.catch_warnings():
+        # Read-only memory (e.g. a view of a received message) is fine: callers only read the view.
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if fmt == "bf16" else tensor
 
 
