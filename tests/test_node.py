@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from zk0.data import DatasetError
 from zk0.model import frozen_fingerprint, load_policy, trainable_state
-from zk0.node import BaseMismatchError, open_session
+from zk0.node import BaseMismatchError, open_session, train_on_node
 from zk0.settings import NodeSettings
+from zk0.train import TrainPlan
 
 
 def small_dataset(root, *, action_dim: int, with_images: bool) -> str:
@@ -65,3 +68,28 @@ def test_heldout_split_that_leaves_nothing_is_named(demo, base):
     node = NodeSettings.load(dataset=str(demo["datasets"]["node-1"]), heldout_episodes=99)
     with pytest.raises(DatasetError, match="nothing to train on"):
         open_session(node, path, state, seed=0, fingerprint=fp)
+
+
+def corrupt_copy(dataset: str, target) -> str:
+    """A copy of a demo dataset whose front-camera video has garbage written into its middle."""
+    root = shutil.copytree(dataset, target)
+    video = root / "videos" / "observation.images.front" / "chunk-000" / "file-000.mp4"
+    data = bytearray(video.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    video.write_bytes(bytes(data))
+    return str(root)
+
+
+def test_corrupt_video_frames_are_skipped_and_counted_up_to_a_bound(demo, base, tmp_path):
+    path, state, fp = base
+    dataset = corrupt_copy(demo["datasets"]["node-0"], tmp_path / "corrupt")
+    plan = TrainPlan(steps=12, start_step=0, total_steps=12, learning_rate=1e-4, proximal_mu=0.0)
+    # 12 steps of 16 cover all 180 frames once: every unreadable one is met.
+    node = NodeSettings.load(dataset=dataset, heldout_episodes=0, max_bad_samples=60)
+    _, metrics = train_on_node(open_session(node, path, state, seed=0, fingerprint=fp), plan, 16, seed=0)
+    assert 0 < metrics["skipped_samples"] <= 60 and metrics["steps"] == 12
+    assert metrics["samples"] == 12 * 16 - metrics["skipped_samples"]
+    strict = NodeSettings.load(dataset=dataset, heldout_episodes=0, max_bad_samples=3)
+    with pytest.raises(DatasetError, match=r"4 samples could not be read, more than ZK0_MAX_BAD_SAMPLES=3"):
+        train_on_node(open_session(strict, path, state, seed=0, fingerprint=fp), plan, 16, seed=0)

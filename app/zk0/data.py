@@ -91,27 +91,90 @@ def open_dataset(
     )
 
 
-def batch_stream(dataset, batch_size: int, seed: int, num_workers: int = 0) -> Iterator[dict]:
-    """Endless shuffled batches; each pass over the data reshuffles with a derived seed."""
-    epoch = 0
+class BadSamples:
+    """Samples that could not be read (e.g. corrupt video frames): skipped and counted, up to `limit`."""
+
+    def __init__(self, limit: int = 0, spec: str = ""):
+        self.limit, self.spec = limit, spec
+        self.indices: set[int] = set()
+
+    @property
+    def count(self) -> int:
+        return len(self.indices)
+
+    def add(self, index: int, error: str) -> None:
+        """Remember a bad sample; past the limit the dataset is unusable."""
+        if index in self.indices:
+            return
+        self.indices.add(index)
+        log.warning("dataset %r: skipping sample %d (%d skipped so far): %s", self.spec, index, self.count, error)
+        if self.count > self.limit:
+            raise DatasetError(
+                f"dataset {self.spec!r}: {self.count} samples could not be read, more than ZK0_MAX_BAD_SAMPLES="
+                f"{self.limit} (node config 'max-bad-samples'); last error: {error}. Re-download or re-encode "
+                "the dataset's videos, or raise the limit"
+            )
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """Yields (index, sample, None), or (index, None, error) for a sample that cannot be read."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.dataset[index], None
+        except Exception as err:  # noqa: BLE001 - a corrupt video raises whatever its decoder raises
+            return index, None, f"{type(err).__name__}: {err}"
+
+
+def _collate_readable(items: list) -> tuple[dict | None, list[tuple[int, str]]]:
+    # Runs in DataLoader workers too: the failures travel back with the batch, not through state.
+    good = [sample for _, sample, _ in items if sample is not None]
+    failed = [(index, error) for index, sample, error in items if sample is None]
+    return (torch.utils.data.default_collate(good) if good else None), failed
+
+
+def batch_stream(dataset, batch_size: int, seed: int, num_workers: int = 0, bad: BadSamples | None = None) -> Iterator[dict]:
+    """Endless shuffled batches; each pass reshuffles with a derived seed and leaves out samples known bad."""
+    bad = bad if bad is not None else BadSamples(0, getattr(dataset, "repo_id", ""))
+    guarded, epoch = _Guarded(dataset), 0
     while True:
-        generator = torch.Generator().manual_seed(seed + epoch)
+        keep = [i for i in range(len(dataset)) if i not in bad.indices]
+        if not keep:
+            raise DatasetError(f"dataset {bad.spec!r}: no sample can be read")
         loader = torch.utils.data.DataLoader(
-            dataset,
+            torch.utils.data.Subset(guarded, keep),
             batch_size=batch_size,
             shuffle=True,
-            drop_last=len(dataset) >= batch_size,
-            generator=generator,
+            drop_last=len(keep) >= batch_size,
+            generator=torch.Generator().manual_seed(seed + epoch),
             num_workers=num_workers,
+            collate_fn=_collate_readable,
         )
-        yield from loader
+        for batch, failed in loader:
+            for index, error in failed:
+                bad.add(index, error)
+            if batch is not None:
+                yield batch
         epoch += 1
 
 
-def eval_batches(dataset, batch_size: int, max_batches: int) -> list[dict]:
-    """A fixed, ordered set of batches so every evaluation sees the same frames."""
+def eval_batches(dataset, batch_size: int, max_batches: int, bad: BadSamples | None = None) -> list[dict]:
+    """A fixed, ordered set of batches so every evaluation sees the same frames (unreadable ones left out)."""
+    bad = bad if bad is not None else BadSamples(0, getattr(dataset, "repo_id", ""))
     # Evenly spaced frames cover every episode instead of only the first one.
     count = min(len(dataset), batch_size * max_batches)
     indices = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
-    subset = torch.utils.data.Subset(dataset, indices)
-    return list(torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False))
+    subset = torch.utils.data.Subset(_Guarded(dataset), indices)
+    batches = []
+    for batch, failed in torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=_collate_readable):
+        for index, error in failed:
+            bad.add(index, error)
+        if batch is not None:
+            batches.append(batch)
+    return batches

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import batch_stream, check_features, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes
+from .data import BadSamples, batch_stream, check_features, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes
 from .evaluate import evaluate_policy
 from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_state
 from .settings import NodeSettings, resolve_device
@@ -71,9 +71,11 @@ def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: 
         "%s: training %d steps on %d episodes (%d frames), held out %s",
         session.settings.display_name, plan.steps, len(session.train_episodes), len(ds), session.heldout_episodes,
     )
-    batches = batch_stream(ds, batch_size, seed, session.settings.num_workers)
+    bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
+    batches = batch_stream(ds, batch_size, seed, session.settings.num_workers, bad)
     torch.manual_seed(seed)  # flow-matching noise and time: a rerun of a round reproduces it
     metrics = train_round(session.policy, session.preprocessor, batches, plan)
+    metrics["skipped_samples"] = bad.count
     metrics["num-samples"] = metrics["samples"]
     metrics["setup_seconds"] = session.setup_seconds + (time.perf_counter() - started - metrics["train_seconds"])
     return trainable_state(session.policy), metrics
@@ -87,5 +89,7 @@ def evaluate_on_node(session: NodeSession, batch_size: int, max_batches: int, se
         session.settings.dataset, session.policy.config,
         episodes=session.heldout_episodes, video_backend=session.settings.video_backend,
     )
-    batches = eval_batches(ds, batch_size, max_batches)
-    return evaluate_policy(session.policy, session.preprocessor, session.postprocessor, batches, seed)
+    bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
+    batches = eval_batches(ds, batch_size, max_batches, bad)
+    metrics = evaluate_policy(session.policy, session.preprocessor, session.postprocessor, batches, seed)
+    return {**metrics, "skipped_samples": bad.count}
