@@ -10,11 +10,11 @@ from pathlib import Path
 ZK0 = [sys.executable, "-m", "zk0.cli"]
 
 
-def write_env(path: Path, demo: dict, out: Path, **extra) -> Path:
+def write_env(path: Path, demo: dict, out: Path, nodes: int = 4, **extra) -> Path:
     values = {
         "ZK0_BASE_POLICY": demo["base-policy"],
         "ZK0_EVAL_DATASET": demo["datasets"]["server-eval"],
-        **{f"ZK0_NODE_{i}_DATASET": demo["datasets"][f"node-{i}"] for i in range(4)},
+        **{f"ZK0_NODE_{i}_DATASET": demo["datasets"][f"node-{i}"] for i in range(nodes)},
         "ZK0_NUM_ROUNDS": 3,
         "ZK0_LOCAL_STEPS": 15,
         "ZK0_BATCH_SIZE": 8,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -113,3 +114,46 @@ def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp
     assert resumed.keys() == reference.keys()
     for name in resumed:
         torch.testing.assert_close(resumed[name], reference[name], rtol=1e-4, atol=1e-5)
+
+
+def superlink_pid(port: int) -> int | None:
+    """The pid of this test's SuperLink."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "flower-superlink" in text and f"--port {port} " in text:
+                return int(proc.name)
+    return None
+
+
+def test_restarted_superlink_keeps_the_experiment_going(demo, tmp_path):
+    out = tmp_path / "out"
+    env_file = write_env(tmp_path / "superlink.env", demo, out, nodes=2, ZK0_NUM_ROUNDS=2, ZK0_LOCAL_STEPS=8,
+                         ZK0_MIN_NODES=2, ZK0_EVAL_BATCHES=1, WANDB_MODE="disabled")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    run = subprocess.Popen([*ZK0, "local", "--env-file", str(env_file)], env=env,
+                           stdout=open(tmp_path / "zk0.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        # Round 1 is checkpointed and round 2 under way when the SuperLink's host goes down.
+        wait_until(lambda: (out / "checkpoints" / "round-001" / "model.safetensors").is_file(), 600, "round 1 checkpoint")
+        config = tomllib.loads((out / "local" / "flwr-home" / "config.toml").read_text())
+        port = int(config["superlink"]["local"]["address"].rsplit(":", 1)[1])
+        os.kill(superlink_pid(port), signal.SIGKILL)
+        assert run.wait(timeout=900) == 0, (tmp_path / "zk0.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    log = (tmp_path / "zk0.log").read_text()
+    assert "SuperLink exited with code -9; starting it again" in log and "resuming from" in log
+    first, second = re.findall(r"run (\d+) submitted", log)
+    # zk0 local never restarts SuperNodes: the same processes retried, reconnected and took the new run.
+    for i in range(2):
+        node_log = (out / "local" / "logs" / f"supernode-{i}.log").read_text()
+        assert "Connection attempt failed" in node_log and f"[RUN {second}]" in node_log
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1, 2]
+    assert all(len(r["contributors"]) == 2 for r in history[1:])
+    assert (out / "checkpoints" / "round-002" / "model.safetensors").is_file()

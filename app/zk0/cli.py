@@ -10,6 +10,7 @@ from pathlib import Path
 from .logs import setup_logging
 from .data import DatasetError
 from .settings import SettingsError
+from .supernode import UnreachableError
 
 DEFAULT_DEMO_DIR = Path("demo-data")
 
@@ -26,7 +27,16 @@ def _demo(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace) -> int:
     from .local import run_local
 
-    return run_local(args.env_file)
+    return run_local(args.env_file, args.tls)
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    from .local import load_env_file, settings_from_env
+    from .settings import NodeSettings
+    from .supernode import run_supernode
+
+    node = settings_from_env(NodeSettings, load_env_file(args.env_file))
+    return run_supernode(args, node)
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -53,6 +63,36 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main([args.name, *args.rest])
 
 
+def _add_supernode_parser(sub) -> None:
+    node = sub.add_parser(
+        "supernode",
+        help="join a federation from this host (robot host, SuperNode container)",
+        description="Check this node's settings (ZK0_DATASET, ZK0_HELDOUT_EPISODES, ... from the environment or "
+        "--env-file) and its dataset, check that the SuperLink answers (a bounded retry), then run "
+        "flower-supernode with these settings as --node-config. Once joined, the node "
+        "reconnects by itself whenever the SuperLink restarts. Exit codes: 2 bad settings or dataset, "
+        "3 SuperLink unreachable; otherwise flower-supernode's.",
+        epilog="example: ZK0_DATASET=lerobot/svla_so100_pickplace zk0 supernode --superlink superlink.example.org:8000 "
+        "--root-certificates ca.crt --auth-key node-0",
+    )
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API address")
+    node.add_argument("--env-file", type=Path, default=None, help="node settings (ZK0_DATASET, ...); the shell outranks it")
+    node.add_argument(
+        "--root-certificates", type=Path, default=None, metavar="CA_CRT",
+        help="the federation's CA certificate (ca.crt from superlink/make-certs.sh): connect with TLS. "
+        "Without it the node connects insecurely, with a warning",
+    )
+    node.add_argument(
+        "--auth-key", type=Path, default=None, metavar="KEY",
+        help="this node's private key (supernodes/node-<i> from make-certs.sh), whose .pub the SuperLink has registered",
+    )
+    node.add_argument("--connect-tries", type=int, default=10, help="attempts to reach the SuperLink before giving up (default 10)")
+    node.add_argument("--connect-wait", type=float, default=3.0, help="seconds between attempts (default 3)")
+    node.add_argument("--host", default="127.0.0.1", help="host of this node's runtime API for its ClientApps (default 127.0.0.1)")
+    node.add_argument("--port", type=int, default=9094, help="port of this node's runtime API (default 9094)")
+    node.set_defaults(func=_supernode)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `zk0` console script."""
     parser = argparse.ArgumentParser(prog="zk0", description="Federated SmolVLA fine-tuning with Flower.")
@@ -65,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     local = sub.add_parser("local", help="run a federation of real Flower processes on this host")
     local.add_argument("--env-file", type=Path, default=None, help="experiment settings, e.g. experiments/demo.env")
+    local.add_argument(
+        "--tls", type=Path, default=None, metavar="DIR",
+        help="TLS and SuperNode authentication with the files superlink/make-certs.sh wrote to DIR "
+        "(default: insecure, for one workstation only)",
+    )
     local.set_defaults(func=_local)
+    _add_supernode_parser(sub)
     push = sub.add_parser("push", help="push a checkpoint directory to the Hugging Face Hub (uses HF_TOKEN)")
     push.add_argument("checkpoint", type=Path, help="e.g. outputs/demo/checkpoints/round-003")
     push.add_argument("--repo-id", required=True, help="owner/name on the Hub")
@@ -82,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, DatasetError) as err:
         print(f"zk0: {err}", file=sys.stderr)
         return 2
+    except UnreachableError as err:
+        print(f"zk0: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

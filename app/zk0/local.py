@@ -18,9 +18,13 @@ from dotenv import dotenv_values
 
 from .data import open_metadata
 from .settings import NODE_VAR, NodeSettings, ServerSettings, SettingsError, check_env_names
+from .supernode import bin_path as _bin
+from .supernode import supernode_command
 
 log = logging.getLogger("zk0")
 APP_DIR = Path(__file__).resolve().parents[1]
+# A SuperLink that keeps dying is not a blip to ride out: give up after this many restarts.
+MAX_SUPERLINK_RESTARTS = 3
 
 
 def free_port() -> int:
@@ -59,14 +63,45 @@ def node_settings_from_env(env: dict[str, str]) -> list[NodeSettings]:
     return nodes
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """What superlink/make-certs.sh writes: a CA, the SuperLink's certificate, a key pair per node."""
+
+    dir: Path
+
+    @classmethod
+    def check(cls, directory: Path, nodes: int) -> TlsFiles:
+        """The files for `nodes` SuperNodes, or a message saying how to make them."""
+        tls = cls(directory.resolve())
+        wanted = [tls.ca, tls.cert, tls.key] + [p for i in range(nodes) for p in (tls.node_key(i), tls.node_pub(i))]
+        if missing := [str(p) for p in wanted if not p.is_file()]:
+            raise SettingsError(
+                f"--tls {directory}: missing {', '.join(missing)}; make them with "
+                f"`superlink/make-certs.sh -n {nodes} {directory}`"
+            )
+        return tls
+
+    ca = property(lambda self: self.dir / "ca.crt")
+    cert = property(lambda self: self.dir / "superlink.crt")
+    key = property(lambda self: self.dir / "superlink.key")
+
+    def node_key(self, index: int) -> Path:
+        return self.dir / "supernodes" / f"node-{index}"
+
+    def node_pub(self, index: int) -> Path:
+        return self.dir / "supernodes" / f"node-{index}.pub"
+
+
 @dataclass
 class LocalDeployment:
     """Processes started for one local run; `stop()` ends every one of them."""
 
     workdir: Path
     env: dict[str, str]
+    tls: TlsFiles | None = None
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    superlink_starts: int = 0
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         """Start a process with its output in logs/<name>.log."""
@@ -76,20 +111,36 @@ class LocalDeployment:
         return proc
 
     def start_superlink(self) -> None:
-        """SuperLink on loopback; the app's dependencies are already installed here."""
+        """SuperLink on loopback with its state in a database, so a restart keeps runs and node ids."""
+        if self.tls is None:
+            security = ["--insecure"]
+        else:
+            security = [
+                "--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth",
+            ]
         self.start("superlink", [
-            _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation",
+            _bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port),
+            # The app's dependencies are already installed here.
+            "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db"),
         ])
+        self.superlink_starts += 1
         _wait_for_port(self.port, self.procs["superlink"], timeout=60)
+
+    def register_nodes(self, count: int, connection: str) -> None:
+        """Register each node's public key with a SuperLink that authenticates SuperNodes."""
+        for index in range(count):
+            res = self.flwr("supernode", "register", str(self.tls.node_pub(index)), connection)
+            # The database remembers keys from an earlier start: those are fine as they are.
+            if res.returncode != 0 and "already" not in (res.stdout + res.stderr).lower():
+                raise RuntimeError(f"flwr supernode register node-{index} failed: {res.stdout}{res.stderr}")
 
     def start_supernode(self, index: int, node: NodeSettings) -> None:
         """One SuperNode, its dataset and name passed through --node-config."""
-        node_config = " ".join(f"{k}={_toml_value(v)}" for k, v in node.to_flower_config().items())
-        self.start(f"supernode-{index}", [
-            _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
-        ])
+        self.start(f"supernode-{index}", supernode_command(
+            f"127.0.0.1:{self.port}", node, port=free_port(),
+            root_certificates=self.tls and self.tls.ca, auth_key=self.tls and self.tls.node_key(index),
+        ))
 
     def flwr(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         """Run a `flwr` CLI command against this deployment."""
@@ -106,16 +157,6 @@ class LocalDeployment:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _bin(name: str) -> str:
-    # The console scripts live next to this interpreter, whatever PATH says.
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def _toml_value(value) -> str:
-    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -159,18 +200,61 @@ def preflight(settings: ServerSettings, nodes: list[NodeSettings]) -> None:
         )
 
 
-def wait_for_run(dep: LocalDeployment, run_id: str, connection: str, poll: float = 2.0) -> str:
-    """Poll `flwr ls` until the run reaches a finished:* status; return it."""
+def run_status(dep: LocalDeployment, run_id: str, connection: str) -> str:
+    """The run's status from `flwr ls` ('' while the SuperLink does not answer)."""
+    res = dep.flwr("ls", connection, "--run-id", run_id, "--format", "json")
+    if res.returncode != 0:
+        return ""
+    runs = json.loads(res.stdout).get("runs", [])
+    return runs[0].get("status", "") if runs else ""
+
+
+class LogStream:
+    """`flwr log --stream` of the current run, restarted when the run or the SuperLink changes."""
+
+    def __init__(self, dep: LocalDeployment, connection: str):
+        self.dep, self.connection, self.proc = dep, connection, None
+
+    def follow(self, run_id: str) -> None:
+        self.close(grace=0)
+        self.proc = subprocess.Popen([_bin("flwr"), "log", run_id, self.connection, "--stream"], env=self.dep.env)
+
+    def close(self, grace: float = 1.0) -> None:
+        if self.proc is not None:
+            time.sleep(grace)  # let the last lines of the stream arrive
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def run_to_end(dep: LocalDeployment, settings: ServerSettings, connection: str, stream: LogStream, poll: float = 2.0):
+    """Submit the run and see it to a final status through SuperLink restarts; return (run id, status).
+
+    Flower 1.42 fails the running run when its SuperLink dies (the ServerApp dies with it); the
+    SuperNodes reconnect by themselves. So a dead SuperLink is started again on the same port and
+    database, and a run that failed across that restart is submitted again: its ServerApp resumes
+    from the newest checkpoint.
+    """
+    run_id = submit(dep, settings, connection)
+    log.info("run %s submitted", run_id)
+    stream.follow(run_id)
+    restarted = False
     while True:
-        res = dep.flwr("ls", connection, "--run-id", run_id, "--format", "json")
-        if res.returncode == 0:
-            runs = json.loads(res.stdout).get("runs", [])
-            status = runs[0].get("status", "") if runs else ""
-            if status.startswith("finished"):
-                return status
-        for name, proc in dep.procs.items():
-            if name == "superlink" and proc.poll() is not None:
-                return f"finished:superlink-exited-{proc.returncode}"
+        superlink = dep.procs["superlink"]
+        if superlink.poll() is not None:
+            if dep.superlink_starts > MAX_SUPERLINK_RESTARTS:
+                return run_id, f"finished:superlink-exited-{superlink.returncode}"
+            log.warning("SuperLink exited with code %s; starting it again on port %d with its database", superlink.returncode, dep.port)
+            dep.start_superlink()
+            restarted = True
+            continue
+        status = run_status(dep, run_id, connection)
+        if status == "finished:failed" and restarted:
+            log.warning("run %s failed with the SuperLink restart; submitting it again to resume from the newest checkpoint", run_id)
+            run_id, restarted = submit(dep, settings, connection), False
+            log.info("run %s submitted", run_id)
+            stream.follow(run_id)
+        elif status.startswith("finished"):
+            return run_id, status
         time.sleep(poll)
 
 
@@ -185,14 +269,15 @@ def submit(dep: LocalDeployment, settings: ServerSettings, connection: str) -> s
         raise RuntimeError(f"flwr run failed (exit {res.returncode}): {res.stdout}\n{res.stderr}") from None
 
 
-def write_connection(flwr_home: Path, name: str, address: str) -> None:
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
     """Flower 1.42 keeps SuperLink connections in $FLWR_HOME/config.toml."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    config = {"superlink": {"default": name, name: {"address": address, "insecure": True}}}
+    security = {"insecure": True} if root_certificates is None else {"root-certificates": str(root_certificates)}
+    config = {"superlink": {"default": name, name: {"address": address, **security}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
 
-def run_local(env_file: Path | None) -> int:
+def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
     """Run one experiment on loopback; 0 only when the run completed."""
     env = load_env_file(env_file)
     settings = _absolute_paths(settings_from_env(ServerSettings, env))
@@ -202,30 +287,30 @@ def run_local(env_file: Path | None) -> int:
     threads = max(1, (os.cpu_count() or 1) // len(nodes))
     nodes = [n if n.torch_threads else n.model_copy(update={"torch_threads": threads}) for n in nodes]
     preflight(settings, nodes)
+    tls = TlsFiles.check(tls_dir, len(nodes)) if tls_dir is not None else None
+    if tls is None:
+        log.warning("no --tls: SuperLink and SuperNodes talk without TLS or node authentication; "
+                    "fine on one workstation, use --tls DIR (superlink/make-certs.sh) for anything else")
     workdir = settings.output_dir / "local"
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     flwr_home = workdir / "flwr-home"
     # Flower spawns flower-superexec by name: the interpreter's bin directory must be on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     proc_env = {**env, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    dep = LocalDeployment(workdir, proc_env)
-    write_connection(flwr_home, "local", f"127.0.0.1:{dep.port}")
-    streamer = None
+    dep = LocalDeployment(workdir, proc_env, tls)
+    write_connection(flwr_home, "local", f"127.0.0.1:{dep.port}", tls and tls.ca)
+    stream = LogStream(dep, "local")
     started = time.monotonic()
     try:
         dep.start_superlink()
+        if tls is not None:
+            dep.register_nodes(len(nodes), "local")
         for index, node in enumerate(nodes):
             dep.start_supernode(index, node)
         log.info("SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s", dep.port, len(nodes), workdir / "logs")
-        run_id = submit(dep, settings, "local")
-        log.info("run %s submitted", run_id)
-        streamer = subprocess.Popen([_bin("flwr"), "log", run_id, "local", "--stream"], env=proc_env)
-        status = wait_for_run(dep, run_id, "local")
+        run_id, status = run_to_end(dep, settings, "local", stream)
     finally:
-        if streamer is not None:
-            time.sleep(1)  # let the last lines of the stream arrive
-            streamer.terminate()
-            streamer.wait(timeout=10)
+        stream.close()
         dep.stop()
     log.info("run %s: %s after %.1fs; outputs in %s", run_id, status, time.monotonic() - started, settings.output_dir)
     return 0 if status == "finished:completed" else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,6 +36,35 @@ EXPERIMENT_FIELDS = {
 }
 
 
+_LOCKS: dict[Path, object] = {}
+
+
+def lock_output(out_dir: Path, timeout: float = 300.0):
+    """Hold OUTPUT_DIR/.lock while this process lives, so two ServerApps never write one experiment.
+
+    After a SuperLink restart the previous ServerApp may still be finishing a checkpoint: the
+    resubmitted one waits for it to exit (the kernel drops the lock with the process).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = (out_dir / ".lock").resolve()
+    if path in _LOCKS:
+        return _LOCKS[path]
+    handle = open(path, "w")  # noqa: SIM115 - held for the process's lifetime
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _LOCKS[path] = handle
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise SettingsError(
+                    f"{out_dir} is in use by another ServerApp for more than {timeout:.0f}s: stop it, "
+                    "or set ZK0_OUTPUT_DIR to another folder"
+                ) from None
+            time.sleep(1)
+
+
 class ServerRuntime:
     """Holds the base policy, the evaluation batches and the run's records."""
 
@@ -49,6 +79,7 @@ class ServerRuntime:
         if settings.eval_dataset:
             ds = open_dataset(settings.eval_dataset, self.policy.config)
             self.batches = eval_batches(ds, settings.batch_size, settings.eval_batches)
+        self.lock = lock_output(self.out_dir)
         self.recorder = RunRecorder(self.out_dir)
         self.start_round = self._resume()
         self.tracker = Tracker.open(self.out_dir, settings.wandb_project, settings.model_dump(mode="json"))

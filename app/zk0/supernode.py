@@ -1,0 +1,114 @@
+"""`zk0 supernode`: join a remote federation from a robot host, after checking what can be checked."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+from .data import open_metadata
+from .settings import NodeSettings, SettingsError
+
+log = logging.getLogger("zk0")
+
+
+class UnreachableError(RuntimeError):
+    """The SuperLink address does not answer; the message names it and what to do."""
+
+
+def bin_path(name: str) -> str:
+    """A console script next to this interpreter, whatever PATH says."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (or [IPv6]:PORT) as Flower's --superlink takes it."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SettingsError(f"--superlink {address!r}: expected HOST:PORT, e.g. superlink.example.org:8000")
+    return host.strip("[]"), int(port)
+
+
+def wait_reachable(address: str, tries: int, wait: float) -> None:
+    """Open a TCP connection to the SuperLink, `tries` times `wait` seconds apart at most."""
+    host, port = split_address(address)
+    error: OSError | None = None
+    for attempt in range(1, tries + 1):
+        try:
+            with socket.create_connection((host, port), timeout=max(wait, 1.0)):
+                return
+        except OSError as err:
+            error = err
+            log.warning("SuperLink %s not reachable (try %d of %d): %s", address, attempt, tries, err)
+        if attempt < tries:
+            time.sleep(wait)
+    raise UnreachableError(
+        f"SuperLink {address} is not reachable after {tries} tries {wait:g}s apart ({error}): check that it runs, "
+        "that the host name resolves from here and that the port is open in firewalls; then start this SuperNode "
+        "again (--connect-tries / --connect-wait allow more time)"
+    )
+
+
+def check_node(node: NodeSettings) -> None:
+    """Open a local dataset's metadata and check a local base policy before any process starts."""
+    if node.dataset.startswith(("/", ".", "~")) or Path(node.dataset).exists():
+        open_metadata(node.dataset)
+    base = node.base_policy
+    if base and base.startswith(("/", ".", "~")) and not (Path(base).expanduser() / "config.json").is_file():
+        raise SettingsError(f"ZK0_BASE_POLICY={base}: no saved policy there (missing config.json)")
+
+
+def node_config(node: NodeSettings) -> str:
+    """The node's settings as Flower's --node-config (TOML values, space separated)."""
+    return " ".join(f"{key}={tomli_w.dumps({'v': value}).split('=', 1)[1].strip()}" for key, value in node.to_flower_config().items())
+
+
+def supernode_command(
+    superlink: str,
+    node: NodeSettings,
+    *,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 9094,
+) -> list[str]:
+    """The flower-supernode command line for one node: TLS when a CA is given, else --insecure."""
+    cmd = [bin_path("flower-supernode"), "--superlink", superlink, "--node-config", node_config(node)]
+    if root_certificates is not None:
+        cmd += ["--root-certificates", str(root_certificates)]
+    else:
+        cmd += ["--insecure"]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    # Connection retries stay unlimited (Flower's default): a node outlives a SuperLink restart.
+    return [*cmd, "--host", host, "--port", str(port)]
+
+
+def run_supernode(args, node: NodeSettings) -> int:
+    """Validate, check the address, then become flower-supernode (never returns on success)."""
+    for path in (args.root_certificates, args.auth_key):
+        if path is not None and not path.is_file():
+            raise SettingsError(f"{path} does not exist; make it with superlink/make-certs.sh on the SuperLink's host")
+    if args.auth_key is not None and args.root_certificates is None:
+        raise SettingsError("--auth-key needs --root-certificates: SuperNode authentication only works over TLS")
+    check_node(node)
+    if args.root_certificates is None:
+        log.warning("no --root-certificates: connecting without TLS; use this only inside one trusted machine or network")
+    wait_reachable(args.superlink, args.connect_tries, args.connect_wait)
+    cmd = supernode_command(
+        args.superlink, node, root_certificates=args.root_certificates, auth_key=args.auth_key,
+        host=args.host, port=args.port,
+    )
+    log.info("SuperLink %s reachable; starting %s", args.superlink, " ".join(cmd[:3]))
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)
+    return 1  # not reached

@@ -1,0 +1,122 @@
+"""`zk0 supernode` and `zk0 local --tls`: checks before joining, TLS, SuperNode authentication."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from federation import ZK0, write_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def supernode(*args: str, timeout: float = 120, **env: str) -> tuple[int, str]:
+    """Run `zk0 supernode`; (exit code, output)."""
+    # Output goes to a file, not a pipe: flower-supernode's SuperExec child outlives it briefly and
+    # would hold a pipe open while its parent, unreaped until the pipe closes, still looks alive.
+    with tempfile.TemporaryFile() as output:
+        code = subprocess.run([*ZK0, "supernode", *args], env={**os.environ, **{k: str(v) for k, v in env.items()}},
+                              stdout=output, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        output.seek(0)
+        return code, output.read().decode(errors="replace")
+
+
+def test_unreachable_superlink_is_named_within_bounded_time(demo):
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    code, output = supernode("--superlink", address, "--connect-tries", "3", "--connect-wait", "0.5",
+                             ZK0_DATASET=demo["datasets"]["node-0"])
+    assert code == 3
+    assert f"SuperLink {address} is not reachable after 3 tries" in output and "firewalls" in output
+    assert time.monotonic() - started < 60
+
+
+def test_bad_node_settings_fail_before_any_connection(demo):
+    code, output = supernode("--superlink", f"127.0.0.1:{free_port()}", ZK0_DATASET="/nonexistent/so100")
+    assert code == 2 and "/nonexistent/so100" in output and "not reachable" not in output
+    code, output = supernode("--superlink", "127.0.0.1:1", ZK0_DATASET=demo["datasets"]["node-0"], ZK0_HELDOUT_EPISODES="-1")
+    assert code == 2 and "ZK0_HELDOUT_EPISODES" in output
+
+
+def make_certs(directory: Path, nodes: int) -> Path:
+    subprocess.run([str(ROOT / "superlink" / "make-certs.sh"), "-n", str(nodes), str(directory)], check=True, timeout=120)
+    return directory
+
+
+def test_make_certs_names_the_superlink_and_makes_node_keys(tmp_path):
+    certs = make_certs(tmp_path / "certs", 1)
+    subprocess.run([str(ROOT / "superlink" / "make-certs.sh"), str(certs), "superlink.lab.example", "10.0.0.7"], check=True)
+    text = subprocess.run(["openssl", "x509", "-in", str(certs / "superlink.crt"), "-noout", "-ext", "subjectAltName"],
+                          capture_output=True, text=True, check=True).stdout
+    for san in ("DNS:localhost", "IP Address:127.0.0.1", "DNS:superlink.lab.example", "IP Address:10.0.0.7"):
+        assert san in text
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "superlink.crt")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0
+    assert (certs / "supernodes" / "node-0.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert "OPENSSH PRIVATE KEY" in (certs / "supernodes" / "node-0").read_text()
+
+
+def test_tls_federation_admits_registered_nodes_only(demo, tmp_path):
+    certs = make_certs(tmp_path / "certs", 4)  # node-0, node-1 for zk0 local, node-2 joins, node-3 never registered
+    out = tmp_path / "out"
+    env_file = write_env(tmp_path / "tls.env", demo, out, nodes=2, ZK0_NUM_ROUNDS=1, ZK0_LOCAL_STEPS=4,
+                         ZK0_MIN_NODES=3, ZK0_EVAL_BATCHES=1, WANDB_MODE="disabled")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    run = subprocess.Popen([*ZK0, "local", "--env-file", str(env_file), "--tls", str(certs)], env=env,
+                           stdout=open(tmp_path / "zk0.log", "wb"), stderr=subprocess.STDOUT)
+    joined = None
+    try:
+        config_file = out / "local" / "flwr-home" / "config.toml"
+        node_log = out / "local" / "logs" / "supernode-1.log"
+        deadline = time.monotonic() + 300
+        while not node_log.exists() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.5)
+        connection = tomllib.loads(config_file.read_text())["superlink"]["local"]
+        address = connection["address"]
+        assert connection["root-certificates"] == str(certs / "ca.crt")
+        node = {"ZK0_DATASET": demo["datasets"]["node-2"], "ZK0_NAME": "robot-2", "ZK0_HELDOUT_EPISODES": "2"}
+        tls = ["--superlink", address, "--root-certificates", str(certs / "ca.crt")]
+        # A key the SuperLink does not know is refused (Flower's exit code 305).
+        code, output = supernode(*tls, "--auth-key", str(certs / "supernodes" / "node-3"), "--port", str(free_port()), **node)
+        assert code != 0 and "Exit Code: 305" in output and "Failed to activate SuperNode" in output
+        # A plaintext client is refused by the TLS SuperLink.
+        plain = tmp_path / "plain.log"
+        code = subprocess.run(
+            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure", "--superlink", address,
+             "--max-retries", "2", "--port", str(free_port())],
+            stdout=open(plain, "wb"), stderr=subprocess.STDOUT, timeout=120,
+            env={**env, "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+        ).returncode
+        assert code != 0 and "Exit Code: 305" in plain.read_text()
+        # A registered key joins through `zk0 supernode`, and the round waits for it (min 3 nodes).
+        flwr_env = {**env, "FLWR_HOME": str(config_file.parent), "FLWR_TELEMETRY_ENABLED": "0"}
+        subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register",
+                        str(certs / "supernodes" / "node-2.pub"), "local"], env=flwr_env, check=True, timeout=120)
+        joined = subprocess.Popen(
+            [*ZK0, "supernode", *tls, "--auth-key", str(certs / "supernodes" / "node-2"), "--port", str(free_port())],
+            env={**env, **node}, stdout=open(tmp_path / "joined.log", "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        assert run.wait(timeout=900) == 0, (tmp_path / "zk0.log").read_text()[-3000:]
+    finally:
+        for proc in (run, joined):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, 9) if proc is joined else proc.kill()
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1]
+    names = sorted(c["name"] for c in history[1]["clients"].values() if "train" in c)
+    assert names == ["node-0", "node-1", "robot-2"] and len(history[1]["contributors"]) == 3
