@@ -1,0 +1,283 @@
+"""The Docker Compose deployment, driven through a real Docker engine.
+
+Needs a Docker engine and Compose v2 (`scripts/docker-setup.sh` installs and starts them as root).
+Without them these tests are skipped with the reason; with ZK0_REQUIRE_DOCKER=1 (as in `.ci/run`)
+they fail instead, so CI can never pass them silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from zk0.local import free_port
+from zk0.settings import ServerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = os.environ.get("ZK0_IMAGE", "zk0:latest")
+CPU = ["-f", "compose.yaml", "-f", "compose.cpu.yaml"]
+DEMO_ENV = ["--env-file", "experiments/demo.env"]
+
+
+def _unavailable(reason: str):
+    if os.environ.get("ZK0_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"ZK0_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(reason)
+
+
+def compose(*args: str, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(["docker", "compose", *args], cwd=ROOT, env=env or _clean_env(), capture_output=True,
+                         text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"docker compose {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    # The developer's own ZK0_ / compose variables must not leak into what the test checks.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZK0_", "COMPOSE_", "WANDB_", "SUPERLINK_"))}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def compose_cli():
+    if shutil.which("docker") is None:
+        _unavailable("no docker CLI on PATH (run scripts/docker-setup.sh as root)")
+    res = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if res.returncode != 0:
+        _unavailable(f"no Docker Compose v2 plugin: {res.stderr.strip()}")
+
+
+def config(*args: str, env: dict | None = None) -> dict:
+    return json.loads(compose(*args, "config", "--format", "json", env=env).stdout)
+
+
+def test_gpu_variant_pins_four_distinct_gpus(compose_cli):
+    cfg = config(*DEMO_ENV)
+    ids = []
+    for i in range(4):
+        devices = cfg["services"][f"supernode-{i}"]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1 and devices[0]["capabilities"] == ["gpu"]
+        ids += devices[0]["device_ids"]
+    assert ids == ["0", "1", "2", "3"]
+    # Each node's GPU comes from its own variable.
+    cfg = config(*DEMO_ENV, env=_clean_env(ZK0_NODE_2_GPU="7"))
+    assert cfg["services"]["supernode-2"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["7"]
+
+
+def test_cpu_variant_reserves_no_gpu(compose_cli):
+    cfg = config(*DEMO_ENV, *CPU)
+    for i in range(4):
+        node = cfg["services"][f"supernode-{i}"]
+        assert not node.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        assert node["environment"]["ZK0_DEVICE"] == "cpu"
+        assert node["environment"]["ZK0_DATASET"] == f"demo-data/datasets/node-{i}"
+
+
+def test_every_variable_has_a_default_or_a_message():
+    for name in ("compose.yaml", "compose.cpu.yaml"):
+        text = (ROOT / name).read_text()
+        refs = re.findall(r"\$\{([^}]*)\}", text)
+        assert refs, name
+        bare = [r for r in refs if not re.match(r"^\w+(:-|:\?).+|^\w+:-$", r)]
+        assert not bare, f"{name}: ${{VAR}} without a default or a :? message: {bare}"
+        for ref in refs:
+            if ":?" in ref:
+                assert len(ref.split(":?", 1)[1]) > 20, f"{name}: terse :? message in {ref}"
+
+
+def test_missing_dataset_variable_is_named(compose_cli):
+    res = compose("--env-file", "/dev/null", "config", env=_clean_env(), check=False)  # nothing set
+    assert res.returncode != 0
+    assert re.search(r"ZK0_NODE_\d_DATASET", res.stderr) and "LeRobot dataset" in res.stderr, res.stderr
+
+
+def test_submit_service_carries_every_server_setting(compose_cli):
+    env = config(*DEMO_ENV, *CPU)["services"]["submit"]["environment"]
+    assert ServerSettings.env_names() <= set(env)
+    assert env["ZK0_PROXIMAL_MU"] == "0.01" and env["ZK0_OUTPUT_DIR"] == "outputs/demo"
+    serverapp = config(*DEMO_ENV, *CPU, env=_clean_env(WANDB_RUN_ID="abc123", HF_TOKEN="hf_x"))["services"]["serverapp"]
+    assert serverapp["environment"]["WANDB_RUN_ID"] == "abc123" and serverapp["environment"]["HF_TOKEN"] == "hf_x"
+
+
+def test_env_example_documents_every_variable():
+    example = (ROOT / ".env.example").read_text()
+    used = set()
+    for name in ("compose.yaml", "compose.cpu.yaml"):
+        used |= set(re.findall(r"\$\{(\w+)", (ROOT / name).read_text()))
+    documented = set(re.findall(r"^#?\s*(\w+)=", example, re.M))
+    missing = {v for v in used if not re.sub(r"_\d+_", "_0_", v) in documented}
+    assert not missing, f".env.example does not list {sorted(missing)}"
+    for name in ("ZK0_PROXIMAL_MU", "WANDB_RUN_ID", "WANDB_MODE", "WANDB_API_KEY", "ZK0_HF_REPO_ID", "HF_TOKEN"):
+        assert name in documented
+
+
+# --- a real Docker engine from here on -------------------------------------------------------------
+
+
+class Stack:
+    """One Compose project of the CPU variant with the demo env-file; torn down with its volumes."""
+
+    def __init__(self, project: str):
+        self.project = project
+        self.port = free_port()
+        self.base = ["-p", project, *DEMO_ENV, *CPU]
+
+    def env(self, **settings: str) -> dict[str, str]:
+        return _clean_env(SUPERLINK_PORT=str(self.port), ZK0_IMAGE=IMAGE, **settings)
+
+    def __call__(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+        return compose(*self.base, *args, env=env or self.env(), **kw)
+
+    def run(self, env: dict, timeout: float = 1500) -> tuple[int, float]:
+        """`up -d`, then wait for the submit service; its exit code and the wall time from `up`."""
+        started = time.monotonic()
+        self("up", "-d", env=env, timeout=900)
+        res = self("wait", "submit", env=env, timeout=timeout, check=False)
+        code = int(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else -1
+        return code, time.monotonic() - started
+
+    def logs(self, service: str) -> str:
+        return self("logs", "--no-log-prefix", "--no-color", service, check=False).stdout
+
+    def read_outputs(self, script: str) -> dict:
+        """Run a Python script in the image with the outputs volume mounted; its stdout as JSON."""
+        res = subprocess.run(
+            ["docker", "run", "--rm", "-v", f"{self.project}_outputs:/work/outputs:ro",
+             "-v", f"{self.project}_demo-data:/work/demo-data:ro", "-e", "HF_HUB_OFFLINE=1", IMAGE, "python", "-c", script],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def stack(compose_cli):
+    docker = pytest.importorskip("docker")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as err:  # no daemon socket, permission denied, ...
+        _unavailable(f"no Docker engine reachable: {err}")
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        _unavailable(f"image {IMAGE} is not built: run scripts/docker-setup.sh (or `docker compose build`)")
+    s = Stack(f"zk0test{os.getpid()}")
+    s.client = client
+    yield s
+    for c in client.containers.list(all=True, filters={"label": f"zk0test={s.project}"}):
+        c.remove(force=True)
+    s("down", "-v", "--remove-orphans", "--timeout", "5", check=False, timeout=300)
+
+
+def dump_logs(stack: Stack) -> str:
+    return "\n".join(f"--- {s} ---\n{stack.logs(s)[-2500:]}" for s in ("submit", "serverapp", "supernode-0", "superlink"))
+
+
+OUTPUTS_SCRIPT = """
+import json, pathlib
+out = pathlib.Path("/work/outputs/{name}")
+history = json.loads((out / "history.json").read_text())
+ckpt = out / "checkpoints" / "round-{last:03d}"
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+from lerobot.policies.factory import make_pre_post_processors
+policy = SmolVLAPolicy.from_pretrained(str(ckpt))
+pre, post = make_pre_post_processors(policy.config, pretrained_path=str(ckpt))
+print(json.dumps({{
+    "rounds": [r["round"] for r in history],
+    "contributors": {{r["round"]: sorted(c["name"] for c in r["clients"].values() if "train" in c) for r in history}},
+    "server_loss": {{r["round"]: r["server"]["policy_loss"] for r in history if r.get("server")}},
+    "files": sorted(str(p.relative_to(out)) for p in out.glob("*.json")),
+    "checkpoints": sorted(p.name for p in (out / "checkpoints").iterdir()),
+    "parameters": sum(p.numel() for p in policy.parameters()),
+}}))
+"""
+
+
+def outputs(stack: Stack, name: str, last: int) -> dict:
+    return stack.read_outputs(OUTPUTS_SCRIPT.format(name=name, last=last))
+
+
+def test_compose_demo_runs_two_rounds_on_cpu(stack):
+    env = stack.env(ZK0_NUM_ROUNDS="2", ZK0_LOCAL_STEPS="5", ZK0_OUTPUT_DIR="outputs/two-rounds")
+    code, wall = stack.run(env)
+    print(f"docker compose up -> two-round demo finished: {wall:.0f}s")
+    assert code == 0, dump_logs(stack)
+    assert "finished:completed" in stack.logs("submit")
+    got = outputs(stack, "two-rounds", 2)
+    assert got["rounds"] == [0, 1, 2]
+    assert {"history.json", "round-000.json", "round-001.json", "round-002.json"} <= set(got["files"])
+    assert got["checkpoints"] == ["round-001", "round-002"]
+    assert got["parameters"] > 0
+    for r in (1, 2):
+        assert got["contributors"][str(r)] == [f"node-{i}" for i in range(4)]
+    assert set(got["server_loss"]) == {"0", "1", "2"}
+
+
+def _robot_dataset(stack: Stack) -> Path:
+    """A SO-100 dataset on this host's disk, as a robot host has one: node-1's, copied out of the volume."""
+    host_dir = Path(tempfile.mkdtemp(prefix="zk0-robot-"))
+    stack.client.containers.run(
+        IMAGE, ["sh", "-c", "cp -r /work/demo-data/datasets/node-1/. /robot/"], remove=True, user="0",
+        volumes={f"{stack.project}_demo-data": {"bind": "/work/demo-data", "mode": "ro"}, str(host_dir): {"bind": "/robot", "mode": "rw"}},
+    )
+    subprocess.run(["chmod", "-R", "a+rX", str(host_dir)], check=True)
+    return host_dir
+
+
+def test_a_remote_host_joins_with_docker_run(stack):
+    """A fifth SuperNode started with plain `docker run` of the same image, as on a robot's host."""
+    env = stack.env(ZK0_NUM_ROUNDS="1", ZK0_LOCAL_STEPS="3", ZK0_MIN_NODES="5", ZK0_OUTPUT_DIR="outputs/remote-host")
+    stack("up", "-d", "superlink", "demo", env=env, timeout=900)
+    stack("wait", "demo", env=env, timeout=900)
+    data = _robot_dataset(stack)
+    try:
+        # Host networking and the SuperLink's published port: the robot host reaches it by address.
+        robot = stack.client.containers.run(
+            IMAGE,
+            ["zk0", "supernode", "--superlink", f"127.0.0.1:{stack.port}", "--port", str(free_port())],
+            detach=True, network_mode="host", labels={"zk0test": stack.project}, name=f"{stack.project}-robot",
+            environment={"ZK0_DATASET": "/data/so100", "ZK0_NAME": "robot-host", "ZK0_DEVICE": "cpu",
+                         "ZK0_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+            volumes={str(data): {"bind": "/data/so100", "mode": "ro"},
+                     # the base policy, as a robot host has it (from the Hub in real life)
+                     f"{stack.project}_demo-data": {"bind": "/work/demo-data", "mode": "ro"}},
+        )
+        code, _ = stack.run(env)
+        assert code == 0, dump_logs(stack) + "\n--- robot ---\n" + robot.logs().decode()[-3000:]
+        got = outputs(stack, "remote-host", 1)
+        assert got["contributors"]["1"] == sorted(["robot-host"] + [f"node-{i}" for i in range(4)])
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_killed_supernode_container_rejoins(stack):
+    """`docker kill` one SuperNode mid-round, `docker compose up -d` it again: nothing is lost."""
+    env = stack.env(ZK0_NUM_ROUNDS="3", ZK0_LOCAL_STEPS="20", ZK0_MIN_NODES="3", ZK0_OUTPUT_DIR="outputs/kill-node")
+    for c in stack.client.containers.list(all=True, filters={"label": f"zk0test={stack.project}"}):
+        c.remove(force=True)  # only the four compose nodes in this scenario
+    stack("up", "-d", env=env, timeout=900)
+    node = stack.client.containers.get(stack("ps", "-q", "supernode-2", env=env).stdout.strip())
+    deadline = time.monotonic() + 900
+    while "Receiving: train message" not in node.logs().decode(errors="replace"):
+        assert time.monotonic() < deadline, dump_logs(stack)
+        time.sleep(2)
+    node.kill()  # the robot host loses power while training round 1
+    stack("up", "-d", "supernode-2", env=env, timeout=300)
+    code, _ = stack.run(env)  # `up -d` again is a no-op for running services; then wait for the end
+    assert code == 0, dump_logs(stack)
+    got = outputs(stack, "kill-node", 3)
+    assert got["rounds"] == [0, 1, 2, 3]
+    assert got["contributors"]["1"] == ["node-0", "node-1", "node-3"]
+    for r in ("2", "3"):
+        assert got["contributors"][r] == [f"node-{i}" for i in range(4)]
+    assert got["checkpoints"] == ["round-001", "round-002", "round-003"]
