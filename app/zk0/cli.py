@@ -39,6 +39,14 @@ def _supernode(args: argparse.Namespace) -> int:
     return run_supernode(args, node)
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from .submit import submit_and_wait
+
+    return submit_and_wait(
+        args.superlink, args.env_file, args.app, args.root_certificates, args.connect_tries, args.connect_wait
+    )
+
+
 def _push(args: argparse.Namespace) -> int:
     import os
 
@@ -112,13 +120,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     local.set_defaults(func=_local)
     _add_supernode_parser(sub)
+    submit = sub.add_parser(
+        "submit",
+        help="submit the experiment to a running SuperLink, stream its log, wait for the end",
+        description="Read the experiment's ZK0_ settings (environment, then --env-file), check them, wait for the "
+        "SuperLink (a bounded retry), `flwr run` the app with them as run config, stream the run's log and exit "
+        "0 only when the run completed (1 failed or stopped, 2 bad settings, 3 SuperLink unreachable).",
+    )
+    submit.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address, e.g. superlink:8000")
+    submit.add_argument("--env-file", type=Path, default=None, help="experiment settings; the environment outranks it")
+    submit.add_argument("--app", type=Path, default=None, help="the Flower App folder (default: this checkout's app/ or the image's)")
+    submit.add_argument("--root-certificates", type=Path, default=None, metavar="CA_CRT", help="CA certificate for a TLS SuperLink")
+    submit.add_argument("--connect-tries", type=int, default=30, help="attempts to reach the SuperLink (default 30)")
+    submit.add_argument("--connect-wait", type=float, default=2.0, help="seconds between attempts (default 2)")
+    submit.set_defaults(func=_submit)
     push = sub.add_parser("push", help="push a checkpoint directory to the Hugging Face Hub (uses HF_TOKEN)")
     push.add_argument("checkpoint", type=Path, help="e.g. outputs/demo/checkpoints/round-003")
     push.add_argument("--repo-id", required=True, help="owner/name on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.set_defaults(func=_push)
-    bench = sub.add_parser("bench", help="benchmarks: learning, wire, step, overhead, aggregate, gpu (see README)")
-    bench.add_argument("name", choices=["learning", "wire", "step", "overhead", "aggregate", "gpu"])
+    bench = sub.add_parser("bench", help="benchmarks: learning, wire, step, overhead, aggregate, demo, gpu (see README)")
+    bench.add_argument("name", choices=["learning", "wire", "step", "overhead", "aggregate", "demo", "gpu"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for each)")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)

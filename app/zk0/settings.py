@@ -19,7 +19,8 @@ class SettingsError(ValueError):
 class _Zk0Settings(BaseSettings):
     """Shared behaviour: ZK0_ prefix, kebab-case at the Flower boundary, clear errors."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+    # An empty variable means unset: Compose passes `ZK0_X: ${ZK0_X:-}` for every setting.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, env_ignore_empty=True)
 
     @classmethod
     def load(cls, **overrides: Any) -> Self:
@@ -135,12 +136,14 @@ class NodeSettings(_Zk0Settings):
 
 # `zk0 local` and compose give each SuperNode its own variables: ZK0_NODE_<i>_DATASET etc.
 NODE_VAR = re.compile(rf"^{ENV_PREFIX}NODE_(\d+)_([A-Z_]+)$")
+# Per-node variables that only the deployment reads (compose.yaml pins node i to GPU ZK0_NODE_<i>_GPU).
+DEPLOYMENT_NODE_FIELDS = {"GPU"}
 
 
 def check_env_names(names: set[str]) -> None:
     """Reject unknown ZK0_ variables so a typo never passes silently."""
     known = ServerSettings.env_names() | NodeSettings.env_names()
-    node_fields = {n.upper() for n in NodeSettings.model_fields}
+    node_fields = {n.upper() for n in NodeSettings.model_fields} | DEPLOYMENT_NODE_FIELDS
     unknown = []
     for name in sorted(n for n in names if n.startswith(ENV_PREFIX)):
         match = NODE_VAR.match(name)
