@@ -87,7 +87,7 @@ def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) 
             log.info(
                 "step %d/%d (global %d): loss %.4f policy %.4f prox %.2e lr %.2e",
                 step + 1, plan.steps, plan.start_step + step + 1,
-                float(loss), float(policy_loss), float(prox), optimizer.param_groups[0]["lr"],
+                float(loss.detach()), float(policy_loss), float(prox), optimizer.param_groups[0]["lr"],
             )
     metrics = {key: value / plan.steps for key, value in sums.items()}
     metrics.update(
