@@ -76,6 +76,24 @@ def test_unknown_zk0_variable_is_rejected():
         check_env_names({"ZK0_NODE_1_DATSET"})
 
 
+def test_env_example_is_a_valid_env_file_for_zk0_local():
+    """.env.example holds Compose-only variables too (ZK0_IMAGE, ZK0_NODE_<i>_GPU, ...): all accepted."""
+    from pathlib import Path
+
+    from dotenv import dotenv_values
+
+    names = set(dotenv_values(Path(__file__).parents[1] / ".env.example"))
+    assert {"ZK0_IMAGE", "ZK0_NODE_0_GPU", "ZK0_DATASETS_DIR", "ZK0_TLS_DIR", "ZK0_PROXIMAL_MU"} <= names
+    check_env_names(names)
+    with pytest.raises(SettingsError, match="ZK0_NODE_0_GPUS"):
+        check_env_names({"ZK0_NODE_0_GPUS"})
+
+
+def test_empty_variable_means_unset(monkeypatch):
+    monkeypatch.setenv("ZK0_NUM_ROUNDS", "")  # what Compose passes for `ZK0_NUM_ROUNDS: ${ZK0_NUM_ROUNDS:-}`
+    assert ServerSettings.load().num_rounds == ServerSettings.model_fields["num_rounds"].default
+
+
 def test_pyproject_declares_every_server_setting_as_run_config():
     import tomllib
     from pathlib import Path

@@ -136,13 +136,15 @@ class NodeSettings(_Zk0Settings):
 
 # `zk0 local` and compose give each SuperNode its own variables: ZK0_NODE_<i>_DATASET etc.
 NODE_VAR = re.compile(rf"^{ENV_PREFIX}NODE_(\d+)_([A-Z_]+)$")
-# Per-node variables that only the deployment reads (compose.yaml pins node i to GPU ZK0_NODE_<i>_GPU).
+# Variables that only the deployment reads (compose.yaml and .env.example): an env-file shared by
+# `zk0 local` and Compose may hold them. Node i is pinned to GPU ZK0_NODE_<i>_GPU.
 DEPLOYMENT_NODE_FIELDS = {"GPU"}
+DEPLOYMENT_VARS = {f"{ENV_PREFIX}{name}" for name in ("IMAGE", "DATASETS_DIR", "TLS_DIR")}
 
 
 def check_env_names(names: set[str]) -> None:
     """Reject unknown ZK0_ variables so a typo never passes silently."""
-    known = ServerSettings.env_names() | NodeSettings.env_names()
+    known = ServerSettings.env_names() | NodeSettings.env_names() | DEPLOYMENT_VARS
     node_fields = {n.upper() for n in NodeSettings.model_fields} | DEPLOYMENT_NODE_FIELDS
     unknown = []
     for name in sorted(n for n in names if n.startswith(ENV_PREFIX)):
