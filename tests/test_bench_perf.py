@@ -1,4 +1,4 @@
-"""`zk0 bench wire|step|aggregate|overhead|gpu` in smoke mode: they run and write sound figures."""
+"""`zk0 bench wire|step|aggregate|overhead|demo|gpu` in smoke mode: they run and write sound figures."""
 
 import json
 import math
@@ -10,9 +10,9 @@ import torch
 from zk0 import bench_perf
 
 
-def run(capsys, tmp_path, *argv) -> dict:
+def run(capsys, tmp_path, *argv, smoke: bool = True) -> dict:
     out = tmp_path / "figures.json"
-    assert bench_perf.main([*argv, "--smoke", "--json", str(out)]) == 0
+    assert bench_perf.main([*argv, *(["--smoke"] if smoke else []), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert "targets:" in printed and result["benchmark"] == argv[0]
@@ -58,14 +58,36 @@ def test_aggregate_holds_about_one_fp32_copy(capsys, tmp_path):
         assert 1.0 <= r["tracemalloc_peak"] / result["copy_bytes"] < 2.0
 
 
-def test_overhead_phases_add_up_to_the_wall_time(capsys, tmp_path, demo):
-    result = run(capsys, tmp_path, "overhead", "--demo-dir", str(demo["root"]))
+@pytest.mark.parametrize("model", ["tiny", "full"])  # full --smoke: a saved file-built base policy, scaled down
+def test_overhead_phases_add_up_to_the_wall_time(capsys, tmp_path, demo, model):
+    result = run(capsys, tmp_path, "overhead", "--model", model, "--demo-dir", str(demo["root"]))
     phases = result["phases_s"]
     assert all(math.isfinite(v) and v >= 0 for v in phases.values())
     assert phases["train_compute"] > 0 and phases["import_torch"] > 0
     assert sum(phases.values()) == pytest.approx(result["wall_s"], rel=0.01)
     assert 0 < result["outside_optimizer_share"] < 1
     assert result["runs"][0]["reply_bytes"] > 0 and result["dominant_phase"] in phases
+
+
+def test_demo_splits_every_round_of_a_finished_run(capsys, tmp_path, finished_run):
+    # The shared three-round federation stands in for the demo: launching it again would add minutes.
+    _, out = finished_run
+    result = run(capsys, tmp_path, "demo", "--from-dir", str(out), smoke=False)
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
+    for r, rec in zip(result["rounds"], history[1:]):
+        assert r["wall"] == pytest.approx(rec["elapsed_seconds"] - history[rec["round"] - 1]["elapsed_seconds"])
+        assert 0 < r["training"] < r["wall"] and 0 < r["evaluation"] < r["wall"]
+        # Node evaluation is timed on the node, so it counts as evaluation rather than overhead.
+        assert r["evaluation"] > rec["server_eval"]["eval_seconds"]
+        assert r["training"] + r["evaluation"] + r["overhead"] == pytest.approx(r["wall"])
+    assert result["totals_s"]["wall"] == pytest.approx(sum(r["wall"] for r in result["rounds"]))
+    assert result["wall_s"] is None  # nothing was launched, so the command's wall time is unknown
+
+
+def test_demo_refuses_a_folder_without_a_run(capsys, tmp_path):
+    assert bench_perf.main(["demo", "--from-dir", str(tmp_path)]) == 2
+    assert "history.json is missing" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -77,7 +99,7 @@ def test_gpu_fails_clearly_without_cuda(capsys):
 def test_npy_view_reads_what_array_numpy_reads():
     from flwr.app import Array
 
-    from zk0.bench_wire import npy_view
+    from zk0.wire import npy_view
 
     for value in (np.arange(12, dtype=np.int16).reshape(3, 4), np.array(2.5, dtype=np.float16), np.asfortranarray(np.eye(3, 5))):
         array = Array(value)

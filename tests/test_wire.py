@@ -117,3 +117,19 @@ def test_aggregate_reads_read_only_arrays_without_changing_them(state):
     merged = wire.aggregate([(arrays, 1.0), (arrays, 3.0)], "bf16")
     assert all(np.array_equal(arrays[k], before[k]) for k in arrays)
     np.testing.assert_array_equal(merged["scale"], np.float32(1.5))
+
+
+@pytest.mark.parametrize("fmt", wire.FORMATS)
+def test_received_views_load_into_a_model_as_decode_does(state, fmt):
+    # The node copies the message's bytes straight into its parameters, skipping np.load and fp32 copies.
+    from flwr.app import Array
+
+    arrays = wire.encode(state, fmt)
+    received = {k: wire.npy_view(Array(a)) for k, a in arrays.items()}
+    views = wire.views(received, fmt)
+    decoded = wire.decode(arrays, fmt)
+    for name, value in state.items():
+        target = torch.empty_like(value)
+        target.copy_(views[name])
+        assert torch.equal(target, decoded[name]) and target.shape == value.shape, name
+        assert not received[name].flags.writeable  # a view of the message, not a copy

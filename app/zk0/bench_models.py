@@ -84,15 +84,27 @@ def build_policy(workdir: Path, full: bool, device: str = "cpu", meta: bool = Fa
     return policy if meta else policy.to(device)
 
 
-def preprocessor_for(config: SmolVLAConfig, device: str = "cpu"):
-    """LeRobot's SmolVLA preprocessor with unit statistics (the data is synthetic)."""
+def processors_for(config: SmolVLAConfig, device: str = "cpu"):
+    """LeRobot's SmolVLA pre- and postprocessor with unit statistics (the data is synthetic)."""
     dim = len(JOINTS)
     unit = {"mean": np.zeros(dim), "std": np.ones(dim), "min": -np.ones(dim), "max": np.ones(dim)}
     stats = {"observation.state": unit, "action": unit}
-    pre, _ = make_pre_post_processors(
-        config, dataset_stats=stats, preprocessor_overrides={"device_processor": {"device": device}}
-    )
-    return pre
+    return make_pre_post_processors(config, dataset_stats=stats, preprocessor_overrides={"device_processor": {"device": device}})
+
+
+def preprocessor_for(config: SmolVLAConfig, device: str = "cpu"):
+    """LeRobot's SmolVLA preprocessor with unit statistics."""
+    return processors_for(config, device)[0]
+
+
+def save_base_policy(workdir: Path, full: bool) -> Path:
+    """A base policy directory as a node loads it (random weights, unit-statistics processors)."""
+    policy = build_policy(workdir, full)  # its config points at the VLM files written under workdir
+    out = Path(workdir) / "base-policy"
+    policy.save_pretrained(out)
+    for processor in processors_for(policy.config):
+        processor.save_pretrained(out)
+    return out
 
 
 def synthetic_batch(config: SmolVLAConfig, batch_size: int, seed: int = 0) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import math
 import os
 import statistics
@@ -20,6 +19,7 @@ import torch
 
 from . import wire
 from .bench_report import MIB, as_record, target
+from .wire import npy_view
 
 NODE_WEIGHTS = [160.0, 240.0, 200.0, 80.0]  # samples trained by four nodes: unequal on purpose
 # What the server's train message carries besides the weights (ServerRuntime.train_config + Flower's keys).
@@ -176,16 +176,6 @@ def bench_wire(args: argparse.Namespace) -> dict:
 def _random_update(shapes: dict[str, tuple], fmt: str, seed: int) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
     return {k: wire.encode({k: 0.02 * torch.randn(s, generator=g)}, fmt)[k] for k, s in shapes.items()}
-
-
-def npy_view(array) -> np.ndarray:
-    """A read-only view of a Flower Array's .npy bytes; Array.numpy() copies them through np.load."""
-    head = io.BytesIO(memoryview(array.data)[: 2**16 + 10])  # the longest version 1.0 header
-    version = np.lib.format.read_magic(head)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(head)
-    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=head.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 class _ArrayView(Mapping):

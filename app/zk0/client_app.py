@@ -9,16 +9,26 @@ from .logs import setup_logging
 from .node import evaluate_on_node, open_session, train_on_node
 from .settings import NodeSettings
 from .train import TrainPlan
-from .wire import decode, encode
+from .wire import encode, npy_view, views
 
 app = ClientApp()
+
+
+def received_weights(msg: Message) -> dict:
+    """The message's weights as read-only views of its bytes: open_session copies them into the policy once."""
+    return views({k: npy_view(v) for k, v in msg.content["arrays"].items()}, str(msg.content["config"]["wire-format"]))
+
+
+def reply_weights(state: dict, fmt: str) -> ArrayRecord:
+    """Trained weights in the wire format, packed as the reply's ArrayRecord."""
+    return ArrayRecord({k: Array(v) for k, v in encode(state, fmt).items()})
 
 
 def _session(msg: Message, context: Context):
     setup_logging()
     settings = NodeSettings.from_flower_config(dict(context.node_config))
     config = msg.content["config"]
-    state = decode({k: v.numpy() for k, v in msg.content["arrays"].items()}, str(config["wire-format"]))
+    state = received_weights(msg)
     session = open_session(
         settings, str(config["base-policy"]), state, int(config["seed"]), str(config["base-fingerprint"])
     )
@@ -48,8 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     seed = int(config["seed"]) + 1000 * server_round
     state, metrics = train_on_node(session, plan, int(config["batch-size"]), seed)
-    wire = encode(state, str(config["wire-format"]))
-    return _reply(msg, settings, metrics, ArrayRecord({k: Array(v) for k, v in wire.items()}))
+    return _reply(msg, settings, metrics, reply_weights(state, str(config["wire-format"])))
 
 
 @app.evaluate()

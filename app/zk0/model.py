@@ -24,6 +24,17 @@ def load_policy(path: str, device: str) -> SmolVLAPolicy:
     torch.set_flush_denormal(True)
     config = PreTrainedConfig.from_pretrained(path)
     config.device = device
+    # Every weight is about to be read from the file, so the random initialisation LeRobot's
+    # from_pretrained runs first is wasted (seconds for the full-size model, on every message).
+    # Skipping it is only safe when the file holds every weight: strict loading checks that, and a
+    # checkpoint that lacks some is loaded the ordinary way.
+    from transformers.initialization import no_init_weights
+
+    try:
+        with no_init_weights():
+            return SmolVLAPolicy.from_pretrained(path, config=config, strict=True)
+    except RuntimeError as err:
+        log.info("%s does not hold every weight (%s); loading it with LeRobot's initialisation", path, str(err)[:200])
     return SmolVLAPolicy.from_pretrained(path, config=config)
 
 
@@ -40,6 +51,11 @@ def load_processors(path: str, device: str):
 def trainable_names(policy: torch.nn.Module) -> list[str]:
     """Names of the parameters that train: only these travel between server and nodes."""
     return [name for name, p in policy.named_parameters() if p.requires_grad]
+
+
+def trainable_params(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters themselves, detached (no copy): read them before training goes on."""
+    return {name: p.detach() for name, p in policy.named_parameters() if p.requires_grad}
 
 
 def trainable_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +79,7 @@ def apply_trainable(policy: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
             target = params[name]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"weight {name}: shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-            target.copy_(value.to(target.device, target.dtype))
+            target.copy_(value)  # converts dtype and device on the way, with no temporary copy
 
 
 def frozen_fingerprint(policy: torch.nn.Module) -> str:
@@ -72,7 +88,7 @@ def frozen_fingerprint(policy: torch.nn.Module) -> str:
     for name, p in policy.named_parameters():
         if not p.requires_grad:
             digest.update(name.encode())
-            digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # hashed in place, not copied
     return digest.hexdigest()[:16]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .data import BadSamples, batch_stream, check_features, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes
 from .evaluate import evaluate_policy
-from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_state
+from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params
 from .settings import NodeSettings, resolve_device
 from .train import TrainPlan, train_round
 
@@ -61,7 +61,7 @@ def open_session(
 
 
 def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: int) -> tuple[dict, dict]:
-    """Train locally on the node's training episodes; return (weights, metrics)."""
+    """Train locally on the node's training episodes; return (the trained parameters, uncopied; metrics)."""
     started = time.perf_counter()
     ds = open_dataset(
         session.settings.dataset, session.policy.config,
@@ -78,13 +78,14 @@ def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: 
     metrics["skipped_samples"] = bad.count
     metrics["num-samples"] = metrics["samples"]
     metrics["setup_seconds"] = session.setup_seconds + (time.perf_counter() - started - metrics["train_seconds"])
-    return trainable_state(session.policy), metrics
+    return trainable_params(session.policy), metrics
 
 
 def evaluate_on_node(session: NodeSession, batch_size: int, max_batches: int, seed: int) -> dict:
     """Evaluate the received global weights on the node's held-out episodes."""
     if not session.heldout_episodes:
         return {"policy_loss": float("nan"), "action_mse": float("nan"), "num-samples": 0}
+    started = time.perf_counter()
     ds = open_dataset(
         session.settings.dataset, session.policy.config,
         episodes=session.heldout_episodes, video_backend=session.settings.video_backend,
@@ -92,4 +93,4 @@ def evaluate_on_node(session: NodeSession, batch_size: int, max_batches: int, se
     bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
     batches = eval_batches(ds, batch_size, max_batches, bad)
     metrics = evaluate_policy(session.policy, session.preprocessor, session.postprocessor, batches, seed)
-    return {**metrics, "skipped_samples": bad.count}
+    return {**metrics, "skipped_samples": bad.count, "eval_seconds": time.perf_counter() - started}

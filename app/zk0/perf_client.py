@@ -8,7 +8,7 @@ fingerprint, split, weights, processors), open the dataset, train, and build and
 
 import time
 
-T0, T0_WALL = time.perf_counter(), time.time()  # the wall clock lets the parent split start-up from exit
+T0, T0_WALL, T0_CPU = time.perf_counter(), time.time(), time.process_time()  # the wall clock lets the parent split start-up from exit
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -33,14 +33,14 @@ class TimedBatches:
 
 
 class Clock:
-    """Seconds per phase since the previous mark; the first phase starts at process start."""
+    """Wall and CPU seconds per phase since the previous mark; the first phase starts at process start."""
 
     def __init__(self):
-        self.phases, self.last = {}, T0
+        self.phases, self.cpu, self.last, self.last_cpu = {}, {}, T0, T0_CPU
 
     def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name], self.last = now - self.last, now
+        now, cpu = time.perf_counter(), time.process_time()
+        self.phases[name], self.cpu[name], self.last, self.last_cpu = now - self.last, cpu - self.last_cpu, now, cpu
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -62,20 +62,19 @@ def run(args: argparse.Namespace) -> dict:
     from lerobot.policies.smolvla import modeling_smolvla  # noqa: F401
 
     clock.mark("import_transformers_lerobot")
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict, Message
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from zk0 import client_app  # noqa: F401  the app module, with everything it imports
+    from zk0 import client_app  # the app module, with everything it imports
     from zk0.data import batch_stream, open_dataset
-    from zk0.model import trainable_state
+    from zk0.model import trainable_params
     from zk0.node import open_session
     from zk0.settings import NodeSettings
     from zk0.train import TrainPlan, train_round
-    from zk0.wire import decode, encode
 
     clock.mark("import_zk0_app")
     config = msg.content["config"]
     fmt = str(config["wire-format"])
-    state = decode({k: v.numpy() for k, v in msg.content["arrays"].items()}, fmt)
+    state = client_app.received_weights(msg)
     clock.mark("decode_weights")
     settings = NodeSettings.from_flower_config(json.loads(args.node_config))
     session = open_session(settings, str(config["base-policy"]), state, int(config["seed"]), str(config["base-fingerprint"]))
@@ -87,10 +86,9 @@ def run(args: argparse.Namespace) -> dict:
     plan = TrainPlan(steps, 0, int(config["total-steps"]), float(config["learning-rate"]), float(config["proximal-mu"]))
     metrics = train_round(session.policy, session.preprocessor, batches, plan)
     clock.mark("train_round")
-    wire = encode(trainable_state(session.policy), fmt)
     content = RecordDict({
         "metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
-        "arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
+        "arrays": client_app.reply_weights(trainable_params(session.policy), fmt),
         "node": ConfigRecord({"name": settings.display_name, "dataset": settings.dataset}),
     })
     reply = Message(content=content, reply_to=msg)
@@ -101,8 +99,11 @@ def run(args: argparse.Namespace) -> dict:
     phases["train_data_wait"] = batches.seconds
     phases["train_compute"] = metrics["train_seconds"] - batches.seconds
     phases["train_setup"] = phases["train_round"] - metrics["train_seconds"]
-    return {"phases": phases, "steps": steps, "reply_bytes": reply_bytes, "start_wall": T0_WALL,
-            "in_process_s": time.perf_counter() - T0, "end_wall": time.time()}
+    # CPU seconds stand for the wall time an idle host would take where a phase runs on one thread;
+    # on a shared host they are the steadier figure.
+    cpu = {"process_start": T0_CPU, **clock.cpu}
+    return {"phases": phases, "cpu": cpu, "steps": steps, "reply_bytes": reply_bytes, "start_wall": T0_WALL,
+            "in_process_s": time.perf_counter() - T0, "in_process_cpu_s": time.process_time(), "end_wall": time.time()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -54,6 +56,24 @@ def _as_torch(name: str, array: np.ndarray, fmt: str) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if fmt == "bf16" else tensor
+
+
+def npy_view(array) -> np.ndarray:
+    """A read-only view of a Flower Array's .npy bytes; Array.numpy() copies them through np.load."""
+    if array.stype != "numpy.ndarray":
+        raise TypeError(f"array of serialization type {array.stype!r}, expected 'numpy.ndarray'")
+    head = io.BytesIO(memoryview(array.data)[: 2**16 + 10])  # the longest version 1.0 header
+    version = np.lib.format.read_magic(head)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(head)  # refuses object dtypes, as np.load without pickles does
+    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=head.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def views(arrays: Mapping[str, np.ndarray], fmt: str) -> dict[str, torch.Tensor]:
+    """Wire arrays as read-only torch tensors in their wire dtype, without copying: for copying into a model."""
+    _check_format(fmt)
+    return {name: _as_torch(name, a, fmt) for name, a in arrays.items()}
 
 
 def decode(arrays: Mapping[str, np.ndarray], fmt: str) -> dict[str, torch.Tensor]:
