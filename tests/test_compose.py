@@ -82,8 +82,25 @@ def test_cpu_variant_reserves_no_gpu(compose_cli):
         assert node["environment"]["ZK0_DATASET"] == f"demo-data/datasets/node-{i}"
 
 
+def test_tls_overlay_secures_every_connection(compose_cli):
+    cfg = config(*DEMO_ENV, *CPU, "-f", "compose.tls.yaml")["services"]
+    link = cfg["superlink"]["command"]
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    assert {"--ssl-ca-certfile=/tls/ca.crt", "--ssl-certfile=/tls/superlink.crt", "--ssl-keyfile=/tls/superlink.key"} <= set(link)
+    keys = set()
+    for i in range(4):
+        cmd = cfg[f"supernode-{i}"]["command"]
+        assert "--insecure" not in cmd and cmd[cmd.index("--root-certificates") + 1] == "/tls/ca.crt"
+        keys.add(cmd[cmd.index("--auth-key") + 1])
+        assert cfg[f"supernode-{i}"]["depends_on"]["register"]["condition"] == "service_completed_successfully"
+    assert len(keys) == 4  # one key pair per node
+    assert "--insecure" not in cfg["serverapp"]["command"] and "--root-certificates=/tls/ca.crt" in cfg["serverapp"]["command"]
+    assert "--root-certificates" in cfg["submit"]["command"]
+    assert "register-keys.sh" in " ".join(cfg["register"]["entrypoint"])
+
+
 def test_every_variable_has_a_default_or_a_message():
-    for name in ("compose.yaml", "compose.cpu.yaml"):
+    for name in ("compose.yaml", "compose.cpu.yaml", "compose.tls.yaml"):
         text = (ROOT / name).read_text()
         refs = re.findall(r"\$\{([^}]*)\}", text)
         assert refs, name
@@ -111,7 +128,7 @@ def test_submit_service_carries_every_server_setting(compose_cli):
 def test_env_example_documents_every_variable():
     example = (ROOT / ".env.example").read_text()
     used = set()
-    for name in ("compose.yaml", "compose.cpu.yaml"):
+    for name in ("compose.yaml", "compose.cpu.yaml", "compose.tls.yaml"):
         used |= set(re.findall(r"\$\{(\w+)", (ROOT / name).read_text()))
     documented = set(re.findall(r"^#?\s*(\w+)=", example, re.M))
     missing = {v for v in used if not re.sub(r"_\d+_", "_0_", v) in documented}
@@ -208,7 +225,7 @@ def outputs(stack: Stack, name: str, last: int) -> dict:
 
 
 def test_compose_demo_runs_two_rounds_on_cpu(stack):
-    env = stack.env(ZK0_NUM_ROUNDS="2", ZK0_LOCAL_STEPS="5", ZK0_OUTPUT_DIR="outputs/two-rounds")
+    env = stack.env(ZK0_NUM_ROUNDS="2", ZK0_LOCAL_STEPS="5", ZK0_OUTPUT_DIR="outputs/two-rounds", ZK0_ROUND_TIMEOUT="900")
     code, wall = stack.run(env)
     print(f"docker compose up -> two-round demo finished: {wall:.0f}s")
     assert code == 0, dump_logs(stack)
@@ -236,39 +253,43 @@ def _robot_dataset(stack: Stack) -> Path:
 
 def test_a_remote_host_joins_with_docker_run(stack):
     """A fifth SuperNode started with plain `docker run` of the same image, as on a robot's host."""
-    env = stack.env(ZK0_NUM_ROUNDS="1", ZK0_LOCAL_STEPS="3", ZK0_MIN_NODES="5", ZK0_OUTPUT_DIR="outputs/remote-host")
+    env = stack.env(ZK0_NUM_ROUNDS="1", ZK0_LOCAL_STEPS="3", ZK0_MIN_NODES="5", ZK0_OUTPUT_DIR="outputs/remote-host", ZK0_ROUND_TIMEOUT="900")
     stack("up", "-d", "superlink", "demo", env=env, timeout=900)
     stack("wait", "demo", env=env, timeout=900)
     data = _robot_dataset(stack)
     try:
-        # Host networking and the SuperLink's published port: the robot host reaches it by address.
-        robot = stack.client.containers.run(
-            IMAGE,
-            ["zk0", "supernode", "--superlink", f"127.0.0.1:{stack.port}", "--port", str(free_port())],
-            detach=True, network_mode="host", labels={"zk0test": stack.project}, name=f"{stack.project}-robot",
-            environment={"ZK0_DATASET": "/data/so100", "ZK0_NAME": "robot-host", "ZK0_DEVICE": "cpu",
-                         "ZK0_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-            volumes={str(data): {"bind": "/data/so100", "mode": "ro"},
-                     # the base policy, as a robot host has it (from the Hub in real life)
-                     f"{stack.project}_demo-data": {"bind": "/work/demo-data", "mode": "ro"}},
+        # supernodes/join.sh: one plain `docker run` of the image. Host networking and the SuperLink's
+        # published port: the robot host reaches the workstation by address.
+        join = subprocess.run(
+            [str(ROOT / "supernodes" / "join.sh"), "--superlink", f"127.0.0.1:{stack.port}", "--dataset", str(data),
+             "--name", "robot-host", "--image", IMAGE, "--container", f"{stack.project}-robot", "--",
+             "--network", "host", "--label", f"zk0test={stack.project}", "-e", "ZK0_TORCH_THREADS=1",
+             # the base policy, as a robot host has it (from the Hub in real life)
+             "-v", f"{stack.project}_demo-data:/work/demo-data:ro"],
+            env=_clean_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120,
         )
+        assert join.returncode == 0, join.stderr
+        robot = stack.client.containers.get(f"{stack.project}-robot")
         code, _ = stack.run(env)
         assert code == 0, dump_logs(stack) + "\n--- robot ---\n" + robot.logs().decode()[-3000:]
         got = outputs(stack, "remote-host", 1)
         assert got["contributors"]["1"] == sorted(["robot-host"] + [f"node-{i}" for i in range(4)])
+        robot.stop(timeout=30)  # SIGTERM: the node deregisters at once and is not sampled again
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
 
 def test_killed_supernode_container_rejoins(stack):
     """`docker kill` one SuperNode mid-round, `docker compose up -d` it again: nothing is lost."""
-    env = stack.env(ZK0_NUM_ROUNDS="3", ZK0_LOCAL_STEPS="20", ZK0_MIN_NODES="3", ZK0_OUTPUT_DIR="outputs/kill-node")
+    env = stack.env(ZK0_NUM_ROUNDS="3", ZK0_LOCAL_STEPS="20", ZK0_MIN_NODES="3", ZK0_OUTPUT_DIR="outputs/kill-node", ZK0_ROUND_TIMEOUT="900")
     for c in stack.client.containers.list(all=True, filters={"label": f"zk0test={stack.project}"}):
-        c.remove(force=True)  # only the four compose nodes in this scenario
+        c.stop(timeout=30)  # only the four compose nodes in this scenario
+        c.remove(force=True)
+    since = int(time.time())
     stack("up", "-d", env=env, timeout=900)
     node = stack.client.containers.get(stack("ps", "-q", "supernode-2", env=env).stdout.strip())
     deadline = time.monotonic() + 900
-    while "Receiving: train message" not in node.logs().decode(errors="replace"):
+    while "Receiving: train message" not in node.logs(since=since).decode(errors="replace"):
         assert time.monotonic() < deadline, dump_logs(stack)
         time.sleep(2)
     node.kill()  # the robot host loses power while training round 1

@@ -22,6 +22,8 @@ from .settings import ServerSettings, SettingsError
 from .supernode import wait_reachable
 
 log = logging.getLogger("zk0")
+# A SuperLink that keeps failing runs is not a blip to ride out.
+MAX_RESUBMITS = 3
 # The Flower App that `flwr run` packages: the source checkout next to this package, or the copy
 # the Docker image keeps (an installed package has no pyproject.toml beside it).
 APP_DIRS = (Path(__file__).resolve().parents[1], Path("/opt/zk0-src/app"))
@@ -104,23 +106,43 @@ def submit_and_wait(
         conn = write_connection(flwr_home, address, root_certificates)
         run_config = Path(tmp) / "run-config.toml"
         run_config.write_text(tomli_w.dumps(settings.to_flower_config()))
-        res = flwr("run", str(app), conn, "--run-config", str(run_config), "--format", "json", timeout=600)
-        try:
-            run_id = str(json.loads(res.stdout)["run-id"])
-        except (ValueError, KeyError):
-            raise RuntimeError(f"flwr run failed (exit {res.returncode}): {res.stdout}\n{res.stderr}") from None
-        log.info("run %s submitted to %s; outputs in %s (on the ServerApp's host)", run_id, address, settings.output_dir)
         started = time.monotonic()
-        streamer = flwr.stream("log", run_id, conn, "--stream")
-        try:
-            while not (status := run_status(flwr, run_id, conn)).startswith("finished"):
-                if streamer.poll() is not None:  # the stream ends when the SuperLink goes away; reattach
-                    time.sleep(poll)
-                    streamer = flwr.stream("log", run_id, conn, "--stream")
-                time.sleep(poll)
-        finally:
-            time.sleep(1)  # let the last lines arrive
-            streamer.terminate()
-            streamer.wait(timeout=10)
+        run_id = submit_run(flwr, app, conn, run_config)
+        log.info("run %s submitted to %s; outputs in %s (on the ServerApp's host)", run_id, address, settings.output_dir)
+        for resubmits in range(MAX_RESUBMITS + 1):
+            status, lost = follow(flwr, run_id, conn, poll)
+            # A SuperLink restart fails the running run (Flower 1.42); its database keeps the nodes,
+            # and a new run's ServerApp resumes from the newest checkpoint: submit again.
+            if not (status == "finished:failed" and lost) or resubmits == MAX_RESUBMITS:
+                break
+            log.warning("run %s failed while the SuperLink was away; submitting again to resume from the newest checkpoint", run_id)
+            wait_reachable(address, tries, wait)
+            run_id = submit_run(flwr, app, conn, run_config)
     log.info("run %s: %s after %.0fs", run_id, status, time.monotonic() - started)
     return 0 if status == "finished:completed" else 1
+
+
+def submit_run(flwr: Flwr, app: Path, conn: str, run_config: Path) -> str:
+    """`flwr run` the app with the run config; the new run's id."""
+    res = flwr("run", str(app), conn, "--run-config", str(run_config), "--format", "json", timeout=600)
+    try:
+        return str(json.loads(res.stdout)["run-id"])
+    except (ValueError, KeyError):
+        raise RuntimeError(f"flwr run failed (exit {res.returncode}): {res.stdout}\n{res.stderr}") from None
+
+
+def follow(flwr: Flwr, run_id: str, conn: str, poll: float) -> tuple[str, bool]:
+    """Stream the run's log until it finishes; (final status, whether the SuperLink was ever unreachable)."""
+    lost = False
+    streamer = flwr.stream("log", run_id, conn, "--stream")
+    try:
+        while not (status := run_status(flwr, run_id, conn)).startswith("finished"):
+            lost |= status == ""
+            if streamer.poll() is not None:  # the stream ends when the SuperLink goes away; reattach
+                streamer = flwr.stream("log", run_id, conn, "--stream")
+            time.sleep(poll)
+    finally:
+        time.sleep(1)  # let the last lines arrive
+        streamer.terminate()
+        streamer.wait(timeout=10)
+    return status, lost
