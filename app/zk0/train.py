@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("zk0")
 
@@ -28,9 +29,11 @@ class TrainPlan:
 
 def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
     """(mu/2) * ||w - w_global||^2 over the trainable parameters (squared norm)."""
+    # mse_loss(sum) is one fused kernel each way: about half the time of (p - a).pow(2).sum(),
+    # which materialises the difference and its square for autograd (identical gradients).
     total = torch.zeros((), device=params[0].device, dtype=torch.float32)
     for p, a in zip(params, anchors, strict=True):
-        total = total + (p.float() - a).pow(2).sum()
+        total = total + F.mse_loss(p.float(), a, reduction="sum")
     return 0.5 * mu * total
 
 
