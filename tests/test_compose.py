@@ -159,7 +159,9 @@ class Stack:
         started = time.monotonic()
         self("up", "-d", env=env, timeout=900)
         res = self("wait", "submit", env=env, timeout=timeout, check=False)
-        code = int(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else -1
+        # Compose prints the exit code alone, or 'container "ID" exited with status code N' (2.26).
+        found = re.search(r"(\d+)\s*$", res.stdout.strip())
+        code = int(found.group(1)) if found else -1
         return code, time.monotonic() - started
 
     def logs(self, service: str) -> str:
@@ -212,7 +214,7 @@ pre, post = make_pre_post_processors(policy.config, pretrained_path=str(ckpt))
 print(json.dumps({{
     "rounds": [r["round"] for r in history],
     "contributors": {{r["round"]: sorted(c["name"] for c in r["clients"].values() if "train" in c) for r in history}},
-    "server_loss": {{r["round"]: r["server"]["policy_loss"] for r in history if r.get("server")}},
+    "server_loss": {{r["round"]: r["server_eval"]["policy_loss"] for r in history if r.get("server_eval")}},
     "files": sorted(str(p.relative_to(out)) for p in out.glob("*.json")),
     "checkpoints": sorted(p.name for p in (out / "checkpoints").iterdir()),
     "parameters": sum(p.numel() for p in policy.parameters()),
@@ -254,8 +256,8 @@ def _robot_dataset(stack: Stack) -> Path:
 def test_a_remote_host_joins_with_docker_run(stack):
     """A fifth SuperNode started with plain `docker run` of the same image, as on a robot's host."""
     env = stack.env(ZK0_NUM_ROUNDS="1", ZK0_LOCAL_STEPS="3", ZK0_MIN_NODES="5", ZK0_OUTPUT_DIR="outputs/remote-host", ZK0_ROUND_TIMEOUT="900")
-    stack("up", "-d", "superlink", "demo", env=env, timeout=900)
-    stack("wait", "demo", env=env, timeout=900)
+    stack("up", "-d", "superlink", env=env, timeout=900)
+    stack("up", "demo", env=env, timeout=900)  # attached: returns once the one-shot demo service exited
     data = _robot_dataset(stack)
     try:
         # supernodes/join.sh: one plain `docker run` of the image. Host networking and the SuperLink's
