@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 # Docker engine, Compose v2 and the zk0 image for tests/test_compose.py. Where Docker cannot be made
-# ready, those tests report themselves skipped, unless ZK0_REQUIRE_DOCKER=1 (CI) makes them fail.
+# ready, those tests report themselves skipped, unless REQUIRE_DOCKER=1 (CI) makes them fail.
 if ! ./scripts/docker-setup.sh; then
-    [[ "${ZK0_REQUIRE_DOCKER:-0}" == 1 ]] && { echo "test.sh: Docker is required (ZK0_REQUIRE_DOCKER=1) but could not be set up" >&2; exit 1; }
+    [[ "${REQUIRE_DOCKER:-0}" == 1 ]] && { echo "test.sh: Docker is required (REQUIRE_DOCKER=1) but could not be set up" >&2; exit 1; }
     echo "test.sh: Docker not available; the Compose tests will be skipped" >&2
 fi
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled FLWR_TELEMETRY_ENABLED=0

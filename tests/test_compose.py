@@ -1,7 +1,7 @@
 """The Docker Compose deployment, driven through a real Docker engine.
 
 Needs a Docker engine and Compose v2 (`scripts/docker-setup.sh` installs and starts them as root).
-Without them these tests are skipped with the reason; with ZK0_REQUIRE_DOCKER=1 (as in `.ci/run`)
+Without them these tests are skipped with the reason; with REQUIRE_DOCKER=1 (as in `.ci/run`)
 they fail instead, so CI can never pass them silently.
 """
 
@@ -28,8 +28,8 @@ DEMO_ENV = ["--env-file", "experiments/demo.env"]
 
 
 def _unavailable(reason: str):
-    if os.environ.get("ZK0_REQUIRE_DOCKER") == "1":
-        pytest.fail(f"ZK0_REQUIRE_DOCKER=1 but {reason}")
+    if os.environ.get("REQUIRE_DOCKER") == "1":
+        pytest.fail(f"REQUIRE_DOCKER=1 but {reason}")
     pytest.skip(reason)
 
 
