@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+# Tests run at normal priority: a realtime policy (seen here: SCHED_FIFO 99 on the suite's process)
+# is inherited by every child, and Go children (docker, docker-compose) livelock under it.
+if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):

@@ -33,9 +33,17 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
+def normal_priority() -> None:
+    """Run a child at normal priority. Under a realtime policy (seen here: the suite's process at
+    SCHED_FIFO 99) the Go programs docker and docker-compose livelock on two cores, spinning forever
+    and starving the test process whose timeout would stop them."""
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def compose(*args: str, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     res = subprocess.run(["docker", "compose", *args], cwd=ROOT, env=env or _clean_env(), capture_output=True,
-                         text=True, timeout=timeout)
+                         text=True, timeout=timeout, preexec_fn=normal_priority)
     if check and res.returncode != 0:
         raise AssertionError(f"docker compose {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
@@ -51,7 +59,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def compose_cli():
     if shutil.which("docker") is None:
         _unavailable("no docker CLI on PATH (run scripts/docker-setup.sh as root)")
-    res = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    res = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, preexec_fn=normal_priority)
     if res.returncode != 0:
         _unavailable(f"no Docker Compose v2 plugin: {res.stderr.strip()}")
 
@@ -172,7 +180,7 @@ class Stack:
         res = subprocess.run(
             ["docker", "run", "--rm", "-v", f"{self.project}_outputs:/work/outputs:ro",
              "-v", f"{self.project}_demo-data:/work/demo-data:ro", "-e", "HF_HUB_OFFLINE=1", IMAGE, "python", "-c", script],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=600, preexec_fn=normal_priority,
         )
         assert res.returncode == 0, res.stderr[-3000:]
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -268,7 +276,7 @@ def test_a_remote_host_joins_with_docker_run(stack):
              "--network", "host", "--label", f"zk0test={stack.project}", "-e", "ZK0_TORCH_THREADS=1",
              # the base policy, as a robot host has it (from the Hub in real life)
              "-v", f"{stack.project}_demo-data:/work/demo-data:ro"],
-            env=_clean_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120,
+            env=_clean_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120, preexec_fn=normal_priority,
         )
         assert join.returncode == 0, join.stderr
         robot = stack.client.containers.get(f"{stack.project}-robot")
