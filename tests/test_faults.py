@@ -71,17 +71,22 @@ def test_killed_node_is_left_out_then_rejoins(demo, tmp_path):
     assert (out / "checkpoints" / "round-003" / "model.safetensors").is_file()
 
 
-def serverapp_pid(port: int) -> int | None:
-    """The pid of the ServerApp process serving this test's SuperLink."""
+def find_pid(*needles: str) -> int | None:
+    """The pid of the process whose command line holds every needle (this test's own processes)."""
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "flwr-serverapp" in text and f"127.0.0.1:{port} " in text:
+            if all(n in text for n in needles):
                 return int(proc.name)
     return None
+
+
+def serverapp_pid(port: int) -> int | None:
+    """The pid of the ServerApp process serving this test's SuperLink."""
+    return find_pid("flwr-serverapp", f"127.0.0.1:{port} ")
 
 
 def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp_path):
@@ -118,15 +123,7 @@ def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp
 
 def superlink_pid(port: int) -> int | None:
     """The pid of this test's SuperLink."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "flower-superlink" in text and f"--port {port} " in text:
-                return int(proc.name)
-    return None
+    return find_pid("flower-superlink", f"--port {port} ")
 
 
 def test_restarted_superlink_keeps_the_experiment_going(demo, tmp_path):
