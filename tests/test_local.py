@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +36,31 @@ def test_every_node_contributes_every_round(finished_run):
             assert client["train"]["steps"] == 15 and client["train"]["num-samples"] == 120
             assert client["eval"]["num-samples"] > 0
         assert record["bytes"]["sent"] == record["bytes"]["received"] > 0
+
+
+def test_nodes_stay_warm_and_their_workers_end_with_the_run(finished_run):
+    _, out = finished_run
+    history = json.loads((out / "history.json").read_text())
+    # Round 1's train message starts each node's worker; every later message finds the policy loaded.
+    for record in history[1:]:
+        for client in record["clients"].values():
+            assert client["train"]["warm"] == (0.0 if record["round"] == 1 else 1.0)
+            assert client["eval"]["warm"] == 1.0
+    # Each worker runs the run's own copy of the app; none outlives `zk0 local`.
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid, env in _warm_workers() if str(out) in env]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"warm workers {left} outlived the run"
+
+
+def _warm_workers():
+    """(pid, environment) of every running `python -m zk0.warm` of this user."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if b"zk0.warm" in (entry / "cmdline").read_bytes().split(b"\0"):
+                yield int(entry.name), (entry / "environ").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
 
 
 def test_server_evaluation_improves(finished_run):

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .data import BadSamples, batch_stream, check_features, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes
+from .data import (
+    BadSamples, batch_stream, check_features, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes,
+)
 from .evaluate import evaluate_policy
 from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params
 from .settings import NodeSettings, resolve_device
 from .train import TrainPlan, train_round
+from .wire import encode, npy_bytes_view, views
 
 log = logging.getLogger("zk0")
 
@@ -27,7 +31,18 @@ class NodeSession:
     postprocessor: object
     train_episodes: list[int]
     heldout_episodes: list[int]
-    setup_seconds: float
+    setup_seconds: float  # this message's seconds before training: loading, or only applying weights when reused
+    fingerprint: str | None = None  # of the frozen weights, when the server sent one to check
+    datasets: dict = field(default_factory=dict)  # opened datasets by episode list, reused while the session lives
+
+    def dataset(self, episodes: list[int]):
+        """This node's dataset restricted to `episodes`, opened once per session."""
+        key = tuple(episodes)
+        if key not in self.datasets:
+            self.datasets[key] = open_dataset(
+                self.settings.dataset, self.policy.config, episodes=episodes, video_backend=self.settings.video_backend
+            )
+        return self.datasets[key]
 
 
 class BaseMismatchError(ValueError):
@@ -44,7 +59,8 @@ def open_session(
     base = settings.base_policy or base_policy
     device = resolve_device(settings.device)
     policy = load_policy(base, device)
-    if fingerprint and (mine := frozen_fingerprint(policy)) != fingerprint:
+    mine = frozen_fingerprint(policy) if fingerprint else None
+    if fingerprint and mine != fingerprint:
         raise BaseMismatchError(
             f"base policy {base!r} on this node has frozen-weight fingerprint {mine}, the server's is "
             f"{fingerprint}: give every node the same base (ZK0_BASE_POLICY / node config 'base-policy')"
@@ -57,16 +73,13 @@ def open_session(
     train_eps, heldout_eps = split_episodes(episodes, settings.heldout_episodes, seed, settings.dataset)
     apply_trainable(policy, global_state)
     pre, post = load_processors(base, device)
-    return NodeSession(settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started)
+    return NodeSession(settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started, mine)
 
 
 def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: int) -> tuple[dict, dict]:
     """Train locally on the node's training episodes; return (the trained parameters, uncopied; metrics)."""
     started = time.perf_counter()
-    ds = open_dataset(
-        session.settings.dataset, session.policy.config,
-        episodes=session.train_episodes, video_backend=session.settings.video_backend,
-    )
+    ds = session.dataset(session.train_episodes)
     log.info(
         "%s: training %d steps on %d episodes (%d frames), held out %s",
         session.settings.display_name, plan.steps, len(session.train_episodes), len(ds), session.heldout_episodes,
@@ -86,11 +99,73 @@ def evaluate_on_node(session: NodeSession, batch_size: int, max_batches: int, se
     if not session.heldout_episodes:
         return {"policy_loss": float("nan"), "action_mse": float("nan"), "num-samples": 0}
     started = time.perf_counter()
-    ds = open_dataset(
-        session.settings.dataset, session.policy.config,
-        episodes=session.heldout_episodes, video_backend=session.settings.video_backend,
-    )
+    ds = session.dataset(session.heldout_episodes)
     bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
     batches = eval_batches(ds, batch_size, max_batches, bad)
     metrics = evaluate_policy(session.policy, session.preprocessor, session.postprocessor, batches, seed)
-    return {**metrics, "skipped_samples": bad.count, "eval_seconds": time.perf_counter() - started}
+    return {
+        **metrics, "skipped_samples": bad.count, "eval_seconds": time.perf_counter() - started,
+        "setup_seconds": session.setup_seconds,
+    }
+
+
+def _stamp(spec: str | None) -> tuple:
+    """What changes when a local policy or dataset is rewritten in place (size and time of its files)."""
+    root = Path(spec or "")
+    files = [*root.glob("*.json"), *root.glob("*.safetensors"), root / "meta" / "info.json"] if spec and root.is_dir() else []
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files) if f.is_file())
+
+
+class NodeWorker:
+    """Runs train and evaluate requests; keeps the session (policy, processors, datasets) between them.
+
+    A request is a plain dict: op ("train" or "evaluate"), node_config and config (the SuperNode's and
+    the message's Flower configs) and arrays (the received weights as .npy bytes). The session is
+    reused while the node's settings, base policy, split seed and the files on disk are unchanged, so a
+    long-lived worker only applies the new global weights per message.
+    """
+
+    def __init__(self):
+        self.session: NodeSession | None = None
+        self.key: tuple | None = None
+
+    def open(self, settings: NodeSettings, config: dict, state: dict) -> NodeSession:
+        """The session for this request, with the received weights applied: reused or opened."""
+        started = time.perf_counter()
+        base, seed, fingerprint = settings.base_policy or str(config["base-policy"]), int(config["seed"]), str(config["base-fingerprint"])
+        key = (settings.model_dump_json(), base, seed, _stamp(base), _stamp(settings.dataset))
+        session = self.session
+        if session is not None and key == self.key and session.fingerprint == (fingerprint or None):
+            apply_trainable(session.policy, state)
+            session.setup_seconds = time.perf_counter() - started
+            return session
+        self.session = self.key = None  # a failed open leaves nothing half-reused
+        session = open_session(settings, base, state, seed, fingerprint)
+        self.session, self.key = session, key
+        return session
+
+    def handle(self, request: dict) -> dict:
+        """Train or evaluate on this node; returns {"metrics": ..., "arrays": wire arrays or None}."""
+        settings = NodeSettings.from_flower_config(request["node_config"])
+        config, op = request["config"], request["op"]
+        fmt = str(config["wire-format"])
+        if op not in ("train", "evaluate"):
+            raise ValueError(f"unknown request {op!r}: expected 'train' or 'evaluate'")
+        before = self.session
+        session = self.open(settings, config, views({k: npy_bytes_view(v) for k, v in request["arrays"].items()}, fmt))
+        warm = {"warm": float(session is before)}  # 1: this message found the policy loaded
+        if op == "evaluate":
+            metrics = evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]), int(config["seed"]))
+            return {"metrics": {**metrics, **warm}, "arrays": None}
+        server_round, steps = int(config["server-round"]), int(config["local-steps"])
+        plan = TrainPlan(
+            steps=steps,
+            start_step=(server_round - 1) * steps,
+            total_steps=int(config["total-steps"]),
+            learning_rate=float(config["learning-rate"]),
+            proximal_mu=float(config["proximal-mu"]),
+            log_every=settings.log_every,
+        )
+        seed = int(config["seed"]) + 1000 * server_round
+        state, metrics = train_on_node(session, plan, int(config["batch-size"]), seed)
+        return {"metrics": {**metrics, **warm}, "arrays": encode(state, fmt)}

@@ -43,8 +43,43 @@ class Clock:
         self.phases[name], self.cpu[name], self.last, self.last_cpu = now - self.last, cpu - self.last_cpu, now, cpu
 
 
+def run_warm(args: argparse.Namespace) -> dict:
+    """A train message as the ClientApp runs it with a warm worker: this process only forwards it."""
+    clock = Clock()
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401  what flwr-clientapp runs
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    clock.mark("import_flwr")
+    with open(args.message, "rb") as f:
+        message_id, contents = pickle.load(f)
+    msg = inflate_object_from_contents(message_id, contents)
+    clock.mark("inflate_message")
+    from zk0 import client_app
+
+    clock.mark("import_zk0_app")
+    context = Context(run_id=1, node_id=1, node_config=json.loads(args.node_config), state=RecordDict(), run_config={})
+    reply = client_app.train(msg, context)
+    clock.mark("worker_call")
+    reply_bytes = sum(len(obj.deflate()) for obj in get_all_nested_objects(reply).values())
+    clock.mark("serialize_reply")
+    metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+    phases, call = clock.phases, clock.phases.pop("worker_call")
+    clock.cpu.pop("worker_call")
+    # The worker's own clocks split the call: applying weights, waiting for batches, the optimizer steps.
+    phases["apply_weights"] = metrics["setup_seconds"]
+    phases["train_data_wait"] = metrics["data_seconds"]
+    phases["train_compute"] = metrics["train_seconds"] - metrics["data_seconds"]
+    phases["worker_transfer"] = call - metrics["setup_seconds"] - metrics["train_seconds"]
+    cpu = {"process_start": T0_CPU, **clock.cpu}
+    return {"phases": phases, "cpu": cpu, "steps": int(metrics["steps"]), "reply_bytes": reply_bytes, "warm": metrics["warm"],
+            "start_wall": T0_WALL, "in_process_s": time.perf_counter() - T0, "in_process_cpu_s": time.process_time(),
+            "end_wall": time.time()}
+
+
 def run(args: argparse.Namespace) -> dict:
-    """The ClientApp's work for one train message, timed."""
+    """The ClientApp's work for one train message in this process (no warm worker), timed."""
     clock = Clock()
     import flwr.supernode.runtime.run_clientapp  # noqa: F401  what flwr-clientapp runs
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -62,19 +97,20 @@ def run(args: argparse.Namespace) -> dict:
     from lerobot.policies.smolvla import modeling_smolvla  # noqa: F401
 
     clock.mark("import_transformers_lerobot")
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-    from zk0 import client_app  # the app module, with everything it imports
+    from zk0 import client_app  # noqa: F401  the app module, with everything it imports
     from zk0.data import batch_stream, open_dataset
     from zk0.model import trainable_params
     from zk0.node import open_session
     from zk0.settings import NodeSettings
     from zk0.train import TrainPlan, train_round
+    from zk0.wire import encode, npy_view, views
 
     clock.mark("import_zk0_app")
     config = msg.content["config"]
     fmt = str(config["wire-format"])
-    state = client_app.received_weights(msg)
+    state = views({k: npy_view(v) for k, v in msg.content["arrays"].items()}, fmt)
     clock.mark("decode_weights")
     settings = NodeSettings.from_flower_config(json.loads(args.node_config))
     session = open_session(settings, str(config["base-policy"]), state, int(config["seed"]), str(config["base-fingerprint"]))
@@ -88,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     clock.mark("train_round")
     content = RecordDict({
         "metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
-        "arrays": client_app.reply_weights(trainable_params(session.policy), fmt),
+        "arrays": ArrayRecord({k: Array(v) for k, v in encode(trainable_params(session.policy), fmt).items()}),
         "node": ConfigRecord({"name": settings.display_name, "dataset": settings.dataset}),
     })
     reply = Message(content=content, reply_to=msg)
@@ -111,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zk0.perf_client")
     p.add_argument("--message", required=True, help="pickled (message id, object contents) of a train message")
     p.add_argument("--node-config", required=True, help="the SuperNode's node config as JSON (kebab-case keys)")
-    print(json.dumps(run(p.parse_args(argv))))
+    p.add_argument("--warm", action="store_true", help="hand the message to the warm worker of this process's parent")
+    args = p.parse_args(argv)
+    print(json.dumps(run_warm(args) if args.warm else run(args)))
     return 0
 
 

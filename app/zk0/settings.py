@@ -116,6 +116,9 @@ class NodeSettings(_Zk0Settings):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; set when nodes share a host.")
     log_every: int = Field(5, ge=1, description="Log training progress every N steps.")
+    warm: bool = Field(
+        True, description="Keep the policy and datasets loaded between messages in a worker process; false loads them per message."
+    )
     max_bad_samples: int = Field(
         10, ge=0, description="Unreadable samples (e.g. corrupt video frames) a node skips per round before it fails."
     )

@@ -68,10 +68,13 @@ def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) 
     anchors = [p.detach().float().clone() for p in params]
     clip = policy.config.optimizer_grad_clip_norm
     sums = {"loss": 0.0, "policy_loss": 0.0, "proximal_loss": 0.0, "grad_norm": 0.0}
-    samples, started = 0, time.perf_counter()
+    samples, started, waited = 0, time.perf_counter(), 0.0
     policy.train()
     for step in range(plan.steps):
-        batch = preprocessor(next(batches))
+        fetched = time.perf_counter()
+        raw = next(batches)
+        waited += time.perf_counter() - fetched
+        batch = preprocessor(raw)
         with _autocast(device):
             policy_loss, _ = policy.forward(batch)
         prox = proximal_term(params, anchors, plan.proximal_mu) if plan.proximal_mu > 0 else torch.zeros(())
@@ -90,7 +93,7 @@ def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) 
             log.info(
                 "step %d/%d (global %d): loss %.4f policy %.4f prox %.2e lr %.2e",
                 step + 1, plan.steps, plan.start_step + step + 1,
-                float(loss.detach()), float(policy_loss), float(prox), optimizer.param_groups[0]["lr"],
+                float(loss.detach()), float(policy_loss.detach()), float(prox.detach()), optimizer.param_groups[0]["lr"],
             )
     metrics = {key: value / plan.steps for key, value in sums.items()}
     metrics.update(
@@ -98,5 +101,6 @@ def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) 
         steps=plan.steps,
         samples=samples,
         train_seconds=time.perf_counter() - started,
+        data_seconds=waited,  # of train_seconds, waiting for batches (reading and decoding)
     )
     return metrics

@@ -62,11 +62,16 @@ def npy_view(array) -> np.ndarray:
     """A read-only view of a Flower Array's .npy bytes; Array.numpy() copies them through np.load."""
     if array.stype != "numpy.ndarray":
         raise TypeError(f"array of serialization type {array.stype!r}, expected 'numpy.ndarray'")
-    head = io.BytesIO(memoryview(array.data)[: 2**16 + 10])  # the longest version 1.0 header
+    return npy_bytes_view(array.data)
+
+
+def npy_bytes_view(data: bytes) -> np.ndarray:
+    """A read-only view of the array that .npy bytes hold (no pickles, no copy)."""
+    head = io.BytesIO(memoryview(data)[: 2**16 + 10])  # the longest version 1.0 header
     version = np.lib.format.read_magic(head)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = read_header(head)  # refuses object dtypes, as np.load without pickles does
-    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=head.tell())
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=head.tell())
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
