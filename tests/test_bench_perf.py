@@ -24,7 +24,10 @@ def run(capsys, tmp_path, *argv, smoke: bool = True) -> dict:
 def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     result = run(capsys, tmp_path, "wire")
     payloads = result["payloads"]
-    assert set(payloads) == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16"}
+    per_tensor = "trainable fp16, one array per tensor (before packing)"
+    assert set(payloads) == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16", per_tensor}
+    # Packed, a message is a handful of objects (one Fleet call each); per tensor it was dozens.
+    assert payloads["trainable fp16"]["down"]["objects"] <= 8 < 40 < payloads[per_tensor]["down"]["objects"]
     assert 0 < result["params"]["trainable"] < result["params"]["total"]
     for name, p in payloads.items():
         for direction in ("down", "up"):

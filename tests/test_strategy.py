@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from zk0.records import RunRecorder
 from zk0.strategy import Zk0FedProx
-from zk0.wire import encode
+from zk0.wire import PACKED, layout_fingerprint, pack, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +23,11 @@ def _run_identity(monkeypatch):
 
 def reply(node_id: int, state: dict, samples: int, fmt: str) -> Message:
     request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
+    layout = layout_fingerprint({k: tuple(v.shape) for k, v in state.items()})
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in encode(state, fmt).items()}),
+        "arrays": ArrayRecord({PACKED: Array(pack(state, fmt))}),
         "metrics": MetricRecord({"num-samples": samples, "loss": float(node_id)}),
-        "node": ConfigRecord({"name": f"node-{node_id}", "dataset": f"/data/{node_id}"}),
+        "node": ConfigRecord({"name": f"node-{node_id}", "dataset": f"/data/{node_id}", "layout": layout}),
     })
     return Message(content=content, reply_to=request)
 
@@ -35,6 +36,7 @@ def reply(node_id: int, state: dict, samples: int, fmt: str) -> Message:
 def strategy(tmp_path):
     s = Zk0FedProx(RunRecorder(tmp_path), lambda r: True, wire_format="fp16", proximal_mu=0.1, weighted_by_key="num-samples")
     s._shapes = {"w": (2, 3), "b": (3,)}
+    s._layout = layout_fingerprint(s._shapes)
     return s
 
 
@@ -58,17 +60,22 @@ def test_updates_are_weighted_by_samples_trained(strategy):
 def test_non_finite_and_misshapen_updates_are_excluded_and_named(strategy):
     bad = state(2.0)
     bad["w"][0, 0] = float("nan")
-    wrong = {"w": torch.zeros(3, 2), "b": torch.zeros(3)}
-    replies = [reply(1, state(1.0), 10, "fp16"), reply(2, bad, 10, "fp16"), reply(3, wrong, 10, "fp16")]
+    wrong = {"w": torch.zeros(3, 2), "b": torch.zeros(3)}  # as many values, another layout
+    short = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}
+    replies = [reply(i + 1, s, 10, "fp16") for i, s in enumerate([state(1.0), bad, wrong, short])]
     arrays, _ = strategy.aggregate_train(1, replies)
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((2, 3), 1.0))
     record = strategy.recorder.rounds[1]
     assert record["contributors"] == [1]
-    assert "NaN" in record["excluded"]["2"] and "shapes" in record["excluded"]["3"]
+    assert "NaN" in record["excluded"]["2"] and "shapes" in record["excluded"]["3"] and "shapes" in record["excluded"]["4"]
 
 
 def test_global_model_travels_in_16_bits(strategy, tmp_path):
     arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state(0.123456).items()})
-    wire = strategy._to_wire(arrays)
-    assert all(v.numpy().dtype == np.float16 for v in wire.values())
-    assert abs(float(wire["w"].numpy()[0, 0]) - 0.123456) < 1e-4
+    config = ConfigRecord({})
+    wire = strategy._to_wire(arrays, config)
+    # One packed array per message, whatever the number of tensors; its layout travels in the config.
+    assert list(wire) == [PACKED] and wire[PACKED].numpy().dtype == np.float16
+    assert config["weights-layout"] == layout_fingerprint(strategy._shapes)
+    unpacked = unpack(wire[PACKED].numpy(), strategy._shapes)
+    assert abs(float(unpacked["w"][0, 0]) - 0.123456) < 1e-4 and float(unpacked["b"][0]) == pytest.approx(-0.123456, abs=1e-4)

@@ -15,9 +15,9 @@ import pytest
 from flwr.app import Array
 
 from zk0 import warm
-from zk0.model import frozen_fingerprint, load_policy, trainable_state
+from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
 from zk0.node import NodeWorker
-from zk0.wire import encode
+from zk0.wire import PACKED, layout_fingerprint, pack
 
 
 @pytest.fixture
@@ -25,8 +25,9 @@ def request_for(demo):
     """Build a request as the ClientApp sends it: node config, message config, weights as .npy bytes."""
     base = str(demo["base-policy"])
     policy = load_policy(base, "cpu")
-    arrays = {k: Array(v).data for k, v in encode(trainable_state(policy), "fp16").items()}
+    arrays = {PACKED: Array(pack(trainable_state(policy), "fp16")).data}
     config = {"wire-format": "fp16", "base-policy": base, "seed": 0, "base-fingerprint": frozen_fingerprint(policy),
+              "weights-layout": layout_fingerprint(trainable_shapes(policy)),
               "server-round": 1, "local-steps": 3, "total-steps": 9, "learning-rate": 1e-3, "proximal-mu": 0.01,
               "batch-size": 4, "eval-batches": 1}
 
@@ -127,3 +128,11 @@ def test_client_app_module_does_not_import_torch():
     code = "import sys, zk0.client_app; sys.exit(1 if 'torch' in sys.modules else 0)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, "importing the ClientApp pulled in torch: the warm path would pay for it per message"
+
+
+def test_weights_in_another_layout_or_unknown_requests_are_refused_by_name(request_for):
+    worker = NodeWorker()
+    with pytest.raises(ValueError, match="layout 0123456789abcdef.*do not match this node's trainable layout"):
+        worker.handle(request_for(**{"weights-layout": "0123456789abcdef"}))
+    with pytest.raises(ValueError, match="unknown request 'predict'"):
+        worker.handle(request_for("predict"))

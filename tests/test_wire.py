@@ -133,3 +133,25 @@ def test_received_views_load_into_a_model_as_decode_does(state, fmt):
         target.copy_(views[name])
         assert torch.equal(target, decoded[name]) and target.shape == value.shape, name
         assert not received[name].flags.writeable  # a view of the message, not a copy
+
+
+@pytest.mark.parametrize("fmt", wire.FORMATS)
+def test_packed_weights_unpack_to_what_per_tensor_encoding_gives(fmt):
+    g = torch.Generator().manual_seed(0)
+    state = {"z.weight": torch.randn(4, 3, generator=g), "a.bias": torch.randn(5, generator=g), "m.scale": torch.tensor(0.5)}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    flat = wire.pack(state, fmt)
+    assert flat.ndim == 1 and flat.size == 18 and flat.dtype == wire.encode(state, fmt)["a.bias"].dtype
+    unpacked = wire.decode(wire.unpack(flat, shapes), fmt)
+    for name, expected in wire.decode(wire.encode(state, fmt), fmt).items():
+        assert torch.equal(unpacked[name], expected), name
+    # The layout is the names and shapes, whatever order a mapping lists them in.
+    assert wire.layout_fingerprint(shapes) == wire.layout_fingerprint(dict(reversed(shapes.items())))
+    assert wire.layout_fingerprint(shapes) != wire.layout_fingerprint({**shapes, "z.weight": (3, 4)})
+
+
+def test_packed_weights_of_the_wrong_size_are_refused():
+    with pytest.raises(ValueError, match="packed weights hold 5 values.*needs 6"):
+        wire.unpack(np.zeros(5, np.float16), {"w": (2, 3)})
+    with pytest.raises(ValueError, match="weight w: max .*exceeds the fp16 range"):
+        wire.pack({"w": torch.tensor([7e4])}, "fp16")

@@ -30,12 +30,14 @@ def _write_message(path: Path, base: str, fmt: str, steps: int, batch_size: int)
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     from .bench_models import message
-    from .model import frozen_fingerprint, load_policy, trainable_state
+    from .model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
 
     policy = load_policy(base, "cpu")
     config = {**TRAIN_CONFIG, "base-policy": base, "base-fingerprint": frozen_fingerprint(policy), "local-steps": steps,
-              "total-steps": 3 * steps, "batch-size": batch_size, "learning-rate": 1e-3, "wire-format": fmt}
-    msg = message(RecordDict({"arrays": as_record(wire.encode(trainable_state(policy), fmt)), "config": ConfigRecord(config)}))
+              "total-steps": 3 * steps, "batch-size": batch_size, "learning-rate": 1e-3, "wire-format": fmt,
+              "weights-layout": wire.layout_fingerprint(trainable_shapes(policy))}
+    packed = {wire.PACKED: wire.pack(trainable_state(policy), fmt)}
+    msg = message(RecordDict({"arrays": as_record(packed), "config": ConfigRecord(config)}))
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
     path.write_bytes(pickle.dumps((msg.object_id, contents)))
 
@@ -63,7 +65,7 @@ def _run_client(message_path: Path, node_config: dict, warm: bool = False) -> di
 
 
 COLD = ["process_start", "import_flwr", "inflate_message", "import_torch", "import_transformers_lerobot",
-        "import_zk0_app", "decode_weights", "open_session", "open_dataset", "train_setup", "train_data_wait",
+        "import_zk0_app", "open_session", "decode_weights", "open_dataset", "train_setup", "train_data_wait",
         "train_compute", "serialize_reply", "process_exit"]
 WARM = ["process_start", "import_flwr", "inflate_message", "import_zk0_app", "apply_weights", "train_data_wait",
         "train_compute", "worker_transfer", "serialize_reply", "process_exit"]

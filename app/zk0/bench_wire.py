@@ -65,8 +65,11 @@ def message_bytes(msg, direction: str, with_proto: bool) -> dict:
     """Serialized bytes of a message: Flower 1.42's transport, and message_to_proto's single protobuf."""
     from flwr.common.serde import message_to_proto
 
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
     # message_to_proto copies the payload several times over; skipped for the 1.7 GB state dict.
-    return {"fleet": fleet_bytes(msg, direction), "proto": message_to_proto(msg).ByteSize() if with_proto else None}
+    return {"fleet": fleet_bytes(msg, direction), "proto": message_to_proto(msg).ByteSize() if with_proto else None,
+            "objects": len(get_all_nested_objects(msg))}  # one Fleet API call (and SuperLink store write) each
 
 
 def exchange_bytes(record, fmt: str, with_proto: bool = True) -> dict:
@@ -126,18 +129,21 @@ def bench_wire(args: argparse.Namespace) -> dict:
     del full_record
     for fmt in wire.FORMATS:
         name = f"trainable {fmt}"
-        encoded = wire.encode(trainable, fmt)
+        encoded = {wire.PACKED: wire.pack(trainable, fmt)}  # as zk0 sends it: one packed array
         values[name] = wire.wire_bytes(encoded)
         sizes[name] = exchange_bytes(as_record(encoded), fmt)
         errors[name] = format_error(trainable, fmt)
         del encoded
         gc.collect()
-    big = lambda s: max(v for d in ("down", "up") for v in s[d].values() if v is not None)
+    per_tensor = "trainable fp16, one array per tensor (before packing)"
+    values[per_tensor] = values["trainable fp16"]
+    sizes[per_tensor], errors[per_tensor] = exchange_bytes(as_record(wire.encode(trainable, "fp16")), "fp16"), errors["trainable fp16"]
+    big = lambda s: max(v for d in ("down", "up") for k, v in s[d].items() if v is not None and k != "objects")
     ref = big(sizes["full state dict fp32"])
     mib = lambda v: "n/a" if v is None else v / MIB
     rows = [
         [name, values[name] / MIB, mib(s["down"]["fleet"]), mib(s["down"]["proto"]), mib(s["up"]["fleet"]),
-         mib(s["up"]["proto"]), ref / big(s), *errors[name]]
+         mib(s["up"]["proto"]), s["down"]["objects"], ref / big(s), *errors[name]]
         for name, s in sizes.items()
     ]
     n_trainable = sum(v.numel() for v in trainable.values())
@@ -157,7 +163,8 @@ def bench_wire(args: argparse.Namespace) -> dict:
         "tables": [{
             "title": f"per node, per direction, per round ({total / 1e6:.2f}M params, {n_trainable / 1e6:.2f}M trainable; MiB; "
                      "fleet = protobuf bytes of Flower 1.42's Fleet API calls for the message, proto = message_to_proto(msg).ByteSize())",
-            "headers": ["payload", "values", "down fleet", "down proto", "up fleet", "up proto", "x smaller", "max abs err", "mean abs err"],
+            "headers": ["payload", "values", "down fleet", "down proto", "up fleet", "up proto", "objects", "x smaller", "max abs err",
+                        "mean abs err"],
             "rows": rows,
         }, {
             "title": "error of one round's update as the server receives it, relative to the update (RMS): sent as weights vs as a delta",

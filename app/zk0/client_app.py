@@ -44,7 +44,7 @@ def _run(op: str, msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in result["metrics"].items()})})
     if result["arrays"] is not None:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in result["arrays"].items()})
-    content["node"] = ConfigRecord({"name": settings.display_name, "dataset": settings.dataset})
+    content["node"] = ConfigRecord({"name": settings.display_name, "dataset": settings.dataset, "layout": result["layout"]})
     return Message(content=content, reply_to=msg)
 
 

@@ -58,6 +58,11 @@ def trainable_params(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in policy.named_parameters() if p.requires_grad}
 
 
+def trainable_shapes(policy: torch.nn.Module) -> dict[str, tuple]:
+    """Names and shapes of the trainable parameters: the layout packed weights follow."""
+    return {name: tuple(p.shape) for name, p in policy.named_parameters() if p.requires_grad}
+
+
 def trainable_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU float32 copies of the trainable parameters."""
     return {

@@ -13,10 +13,10 @@ from .data import (
     BadSamples, batch_stream, check_features, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes,
 )
 from .evaluate import evaluate_policy
-from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params
+from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params, trainable_shapes
 from .settings import NodeSettings, resolve_device
 from .train import TrainPlan, train_round
-from .wire import encode, npy_bytes_view, views
+from .wire import PACKED, layout_fingerprint, npy_bytes_view, pack, unpack, views
 
 log = logging.getLogger("zk0")
 
@@ -50,9 +50,9 @@ class BaseMismatchError(ValueError):
 
 
 def open_session(
-    settings: NodeSettings, base_policy: str, global_state: dict, seed: int, fingerprint: str | None = None
+    settings: NodeSettings, base_policy: str, global_state: dict | None, seed: int, fingerprint: str | None = None
 ) -> NodeSession:
-    """Load the base policy, apply the global weights and split this node's episodes."""
+    """Load the base policy, apply the global weights (when given) and split this node's episodes."""
     started = time.perf_counter()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -71,7 +71,8 @@ def open_session(
     if settings.num_partitions:
         episodes = partition_episodes(episodes, settings.partition_id, settings.num_partitions)
     train_eps, heldout_eps = split_episodes(episodes, settings.heldout_episodes, seed, settings.dataset)
-    apply_trainable(policy, global_state)
+    if global_state is not None:
+        apply_trainable(policy, global_state)
     pre, post = load_processors(base, device)
     return NodeSession(settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started, mine)
 
@@ -129,34 +130,44 @@ class NodeWorker:
         self.session: NodeSession | None = None
         self.key: tuple | None = None
 
-    def open(self, settings: NodeSettings, config: dict, state: dict) -> NodeSession:
-        """The session for this request, with the received weights applied: reused or opened."""
-        started = time.perf_counter()
+    def open(self, settings: NodeSettings, config: dict) -> NodeSession:
+        """The session for this request: the one already open when its inputs are unchanged, else a new one."""
         base, seed, fingerprint = settings.base_policy or str(config["base-policy"]), int(config["seed"]), str(config["base-fingerprint"])
         key = (settings.model_dump_json(), base, seed, _stamp(base), _stamp(settings.dataset))
         session = self.session
         if session is not None and key == self.key and session.fingerprint == (fingerprint or None):
-            apply_trainable(session.policy, state)
-            session.setup_seconds = time.perf_counter() - started
             return session
         self.session = self.key = None  # a failed open leaves nothing half-reused
-        session = open_session(settings, base, state, seed, fingerprint)
+        session = open_session(settings, base, None, seed, fingerprint)
         self.session, self.key = session, key
         return session
 
+    def receive(self, session: NodeSession, arrays: dict, config: dict) -> None:
+        """Copy the packed weights of a request into the policy, after checking their layout."""
+        fmt, shapes = str(config["wire-format"]), trainable_shapes(session.policy)
+        if set(arrays) != {PACKED} or config.get("weights-layout") != layout_fingerprint(shapes):
+            raise ValueError(
+                f"received weights (layout {config.get('weights-layout')}, arrays {sorted(arrays)[:3]}) do not match this "
+                f"node's trainable layout {layout_fingerprint(shapes)}: server and node must run the same zk0 and base policy"
+            )
+        apply_trainable(session.policy, views(unpack(npy_bytes_view(arrays[PACKED]), shapes), fmt))
+
     def handle(self, request: dict) -> dict:
-        """Train or evaluate on this node; returns {"metrics": ..., "arrays": wire arrays or None}."""
+        """Train or evaluate on this node; returns {"metrics", "arrays": packed wire arrays or None, "layout"}."""
+        started = time.perf_counter()
         settings = NodeSettings.from_flower_config(request["node_config"])
         config, op = request["config"], request["op"]
-        fmt = str(config["wire-format"])
         if op not in ("train", "evaluate"):
             raise ValueError(f"unknown request {op!r}: expected 'train' or 'evaluate'")
         before = self.session
-        session = self.open(settings, config, views({k: npy_bytes_view(v) for k, v in request["arrays"].items()}, fmt))
+        session = self.open(settings, config)
+        self.receive(session, request["arrays"], config)
+        session.setup_seconds = time.perf_counter() - started  # for a reused session: only receiving the weights
+        layout = layout_fingerprint(trainable_shapes(session.policy))
         warm = {"warm": float(session is before)}  # 1: this message found the policy loaded
         if op == "evaluate":
             metrics = evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]), int(config["seed"]))
-            return {"metrics": {**metrics, **warm}, "arrays": None}
+            return {"metrics": {**metrics, **warm}, "arrays": None, "layout": layout}
         server_round, steps = int(config["server-round"]), int(config["local-steps"])
         plan = TrainPlan(
             steps=steps,
@@ -168,4 +179,4 @@ class NodeWorker:
         )
         seed = int(config["seed"]) + 1000 * server_round
         state, metrics = train_on_node(session, plan, int(config["batch-size"]), seed)
-        return {"metrics": {**metrics, **warm}, "arrays": encode(state, fmt)}
+        return {"metrics": {**metrics, **warm}, "arrays": {PACKED: pack(state, str(config["wire-format"]))}, "layout": layout}

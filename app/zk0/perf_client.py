@@ -102,19 +102,19 @@ def run(args: argparse.Namespace) -> dict:
     from zk0 import client_app  # noqa: F401  the app module, with everything it imports
     from zk0.data import batch_stream, open_dataset
     from zk0.model import trainable_params
-    from zk0.node import open_session
+    from zk0.node import NodeWorker, open_session
     from zk0.settings import NodeSettings
     from zk0.train import TrainPlan, train_round
-    from zk0.wire import encode, npy_view, views
+    from zk0.wire import PACKED, pack
 
     clock.mark("import_zk0_app")
     config = msg.content["config"]
     fmt = str(config["wire-format"])
-    state = views({k: npy_view(v) for k, v in msg.content["arrays"].items()}, fmt)
-    clock.mark("decode_weights")
     settings = NodeSettings.from_flower_config(json.loads(args.node_config))
-    session = open_session(settings, str(config["base-policy"]), state, int(config["seed"]), str(config["base-fingerprint"]))
+    session = open_session(settings, str(config["base-policy"]), None, int(config["seed"]), str(config["base-fingerprint"]))
     clock.mark("open_session")
+    NodeWorker().receive(session, {k: v.data for k, v in msg.content["arrays"].items()}, dict(config))
+    clock.mark("decode_weights")
     ds = open_dataset(settings.dataset, session.policy.config, episodes=session.train_episodes, video_backend=settings.video_backend)
     batches = TimedBatches(batch_stream(ds, int(config["batch-size"]), int(config["seed"]) + 1000, settings.num_workers))
     clock.mark("open_dataset")
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     clock.mark("train_round")
     content = RecordDict({
         "metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
-        "arrays": ArrayRecord({k: Array(v) for k, v in encode(trainable_params(session.policy), fmt).items()}),
+        "arrays": ArrayRecord({PACKED: Array(pack(trainable_params(session.policy), fmt))}),
         "node": ConfigRecord({"name": settings.display_name, "dataset": settings.dataset}),
     })
     reply = Message(content=content, reply_to=msg)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import math
+
+from collections.abc import Callable, Iterable
 from logging import WARNING
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -11,27 +13,11 @@ from flwr.serverapp.strategy import FedProx
 from flwr.supercore import log
 
 from .records import RunRecorder
-from .wire import aggregate, encode, is_finite
+from .wire import PACKED, aggregate, is_finite, layout_fingerprint, npy_view, pack, unpack
 
 
 def _payload_bytes(arrays: ArrayRecord) -> int:
     return sum(len(array.data) for array in arrays.values())
-
-
-class _LazyArrays(Mapping):
-    """A reply's arrays as numpy, deserialised one at a time so aggregation never holds all of them."""
-
-    def __init__(self, record: ArrayRecord):
-        self.record = record
-
-    def __getitem__(self, key):
-        return self.record[key].numpy()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.record)
-
-    def __len__(self) -> int:
-        return len(self.record)
 
 
 def _node_info(msg: Message) -> dict:
@@ -48,13 +34,15 @@ class Zk0FedProx(FedProx):
         self.recorder = recorder
         self.is_eval_round = is_eval_round
         self._shapes: dict[str, tuple] = {}
+        self._layout = ""
         # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
         self.round_offset = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-        arrays = self._to_wire(arrays)
+        self._layout = layout_fingerprint(self._shapes)
+        arrays = self._to_wire(arrays, config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.add_bytes(server_round, "sent", _payload_bytes(arrays) * len(messages))
         return messages
@@ -64,10 +52,11 @@ class Zk0FedProx(FedProx):
         arrays = msg.content.get("arrays")
         if arrays is None:
             return "reply has no weights"
-        shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-        if shapes != self._shapes:
+        node = msg.content.get("node")
+        size = sum(math.prod(s) for s in self._shapes.values())
+        if list(arrays) != [PACKED] or arrays[PACKED].shape != (size,) or not node or node.get("layout") != self._layout:
             return "weights have the wrong names or shapes"
-        if not all(is_finite(v.numpy(), self.wire_format) for v in arrays.values()):
+        if not is_finite(npy_view(arrays[PACKED]), self.wire_format):
             return "weights contain NaN or Inf"
         return None
 
@@ -101,22 +90,24 @@ class Zk0FedProx(FedProx):
         server_round += self.round_offset
         if not self.is_eval_round(server_round):
             return []
-        return super().configure_evaluate(server_round, self._to_wire(arrays), config, grid)
+        return super().configure_evaluate(server_round, self._to_wire(arrays, config), config, grid)
 
-    def _to_wire(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The fp32 global model in the wire format nodes receive."""
-        wire = encode(arrays.to_torch_state_dict(), self.wire_format)
-        return ArrayRecord({k: Array(v) for k, v in wire.items()})
+    def _to_wire(self, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
+        """The fp32 global model packed in the wire format nodes receive; its layout goes in the config."""
+        config["weights-layout"] = layout_fingerprint({k: tuple(v.shape) for k, v in arrays.items()})
+        return ArrayRecord({PACKED: Array(pack(arrays.to_torch_state_dict(), self.wire_format))})
 
     def _aggregate(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sample-weighted mean in fp32, streamed tensor by tensor from the 16-bit replies."""
         replies, _ = self._check_and_log_replies(replies, is_train=True)
         if not replies:
             return None, None
+        # Zero-copy views of the packed replies; the weighted mean is one fp32 array, then split by name.
         updates = [
-            (_LazyArrays(m.content["arrays"]), float(m.content["metrics"][self.weighted_by_key])) for m in replies
+            ({PACKED: npy_view(m.content["arrays"][PACKED])}, float(m.content["metrics"][self.weighted_by_key]))
+            for m in replies
         ]
-        merged = aggregate(updates, self.wire_format)
+        merged = unpack(aggregate(updates, self.wire_format)[PACKED], self._shapes)
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
         return ArrayRecord({k: Array(v) for k, v in merged.items()}), metrics
 

@@ -1,7 +1,15 @@
-"""The wire format of trainable weights: fp32, fp16 or bf16 (as its int16 view), and their aggregation."""
+"""The wire format of trainable weights: fp32, fp16 or bf16 (as its int16 view), packing and aggregation.
+
+Weights travel packed: every trainable tensor, in name order, in one flat array. Flower moves a
+message object by object (each array and each 5 MiB chunk is one call and, on a SuperLink with
+--database, one SQLite transaction), so one array instead of hundreds of tensors makes each message
+a handful of calls. Both ends know the layout (names and shapes) from the same base policy; its
+fingerprint travels beside the weights and is checked on arrival.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import warnings
@@ -15,6 +23,7 @@ FORMATS = ("fp32", "fp16", "bf16")
 # int16 view of its bits and is viewed back exactly.
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NUMPY = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(np.int16)}
+PACKED = "packed"  # the ArrayRecord key of the one array a message's weights travel in
 
 
 def _check_format(fmt: str) -> None:
@@ -22,9 +31,7 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"unknown wire format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
-def _encode_one(name: str, tensor: torch.Tensor, fmt: str) -> np.ndarray:
-    value = tensor.detach().to("cpu")
-    out = value.to(_TORCH[fmt], copy=True)  # never alias the caller's tensors
+def _check_range(name: str, value: torch.Tensor, out: torch.Tensor, fmt: str) -> None:
     # A finite weight beyond the format's range would arrive as inf and then be dropped by the
     # server as non-finite; failing here names the tensor where the problem starts.
     if fmt != "fp32" and torch.isinf(out).any() and torch.isinf(out[torch.isfinite(value)]).any():
@@ -33,6 +40,12 @@ def _encode_one(name: str, tensor: torch.Tensor, fmt: str) -> np.ndarray:
             f"weight {name}: max |value| {value[torch.isfinite(value)].abs().max().item():.4g} "
             f"exceeds the {fmt} range (+-{limit:.4g}); send it as fp32 or bf16"
         )
+
+
+def _encode_one(name: str, tensor: torch.Tensor, fmt: str) -> np.ndarray:
+    value = tensor.detach().to("cpu")
+    out = value.to(_TORCH[fmt], copy=True)  # never alias the caller's tensors
+    _check_range(name, value, out, fmt)
     if fmt == "bf16":
         out = out.view(torch.int16)
     return out.contiguous().numpy()
@@ -42,6 +55,40 @@ def encode(state: Mapping[str, torch.Tensor], fmt: str) -> dict[str, np.ndarray]
     """Tensors to numpy arrays in wire format `fmt`; raises ValueError on a finite value out of range."""
     _check_format(fmt)
     return {name: _encode_one(name, tensor, fmt) for name, tensor in state.items()}
+
+
+def layout_fingerprint(shapes: Mapping[str, tuple]) -> str:
+    """Short hash of the packed layout: names in packing order and their shapes."""
+    text = ";".join(f"{name}:{tuple(shapes[name])}" for name in sorted(shapes))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pack(state: Mapping[str, torch.Tensor], fmt: str) -> np.ndarray:
+    """Every tensor, in name order, converted straight into one flat wire array (no per-tensor copy)."""
+    _check_format(fmt)
+    names = sorted(state)
+    out = torch.empty(sum(state[n].numel() for n in names), dtype=_TORCH[fmt])
+    offset = 0
+    for name in names:
+        value = state[name].detach()
+        part = out[offset : offset + value.numel()]
+        part.copy_(value.reshape(-1))  # converts dtype and device on the way
+        _check_range(name, value.reshape(-1).to("cpu"), part, fmt)
+        offset += value.numel()
+    return (out.view(torch.int16) if fmt == "bf16" else out).numpy()
+
+
+def unpack(flat: np.ndarray, shapes: Mapping[str, tuple]) -> dict[str, np.ndarray]:
+    """Views of a packed array, one per name (in `shapes`' order), without copying."""
+    flat = np.asarray(flat)
+    sizes = {name: math.prod(shapes[name]) for name in sorted(shapes)}
+    if flat.ndim != 1 or flat.size != sum(sizes.values()):
+        raise ValueError(f"packed weights hold {flat.size} values in shape {flat.shape}; the layout needs {sum(sizes.values())}")
+    views, offset = {}, 0
+    for name, size in sizes.items():
+        views[name] = flat[offset : offset + size].reshape(shapes[name])
+        offset += size
+    return {name: views[name] for name in shapes}
 
 
 def _as_torch(name: str, array: np.ndarray, fmt: str) -> torch.Tensor:
