@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from zk0.records import RunRecorder
 from zk0.strategy import Zk0FedProx
-from zk0.wire import PACKED, layout_fingerprint, pack, unpack
+from zk0.wire import DELTA, PACKED, layout_fingerprint, pack, quantize_delta, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +79,28 @@ def test_global_model_travels_in_16_bits(strategy, tmp_path):
     assert config["weights-layout"] == layout_fingerprint(strategy._shapes)
     unpacked = unpack(wire[PACKED].numpy(), strategy._shapes)
     assert abs(float(unpacked["w"][0, 0]) - 0.123456) < 1e-4 and float(unpacked["b"][0]) == pytest.approx(-0.123456, abs=1e-4)
+
+
+def test_int8_delta_replies_are_added_to_the_global_model(tmp_path):
+    s = Zk0FedProx(RunRecorder(tmp_path), lambda r: True, wire_format=DELTA, proximal_mu=0.1, weighted_by_key="num-samples")
+    s._shapes = {"w": (2, 3), "b": (3,)}
+    s._layout = layout_fingerprint(s._shapes)
+    s._base = pack(state(1.0), "fp32")
+    layout = s._layout
+
+    def delta_reply(node_id, value, samples):
+        request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
+        arrays = quantize_delta(pack(state(value), "fp32") - s._base)
+        return Message(content=RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-samples": samples, "loss": 0.0}),
+            "node": ConfigRecord({"name": f"node-{node_id}", "dataset": "d", "layout": layout}),
+        }), reply_to=request)
+
+    arrays, _ = s.aggregate_train(1, [delta_reply(1, 2.0, 10), delta_reply(2, 4.0, 30)])
+    merged = arrays.to_torch_state_dict()
+    torch.testing.assert_close(merged["w"], torch.full((2, 3), 3.5), rtol=0, atol=0.02)
+    torch.testing.assert_close(merged["b"], torch.full((3,), -3.5), rtol=0, atol=0.02)
+    # Down the wire the global model still travels as fp16 weights.
+    wire = s._to_wire(ArrayRecord({k: Array(v.numpy()) for k, v in state(1.0).items()}), ConfigRecord({}))
+    assert wire[PACKED].numpy().dtype == np.float16

@@ -17,7 +17,7 @@ from flwr.app import Array
 from zk0 import warm
 from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
 from zk0.node import NodeWorker
-from zk0.wire import PACKED, layout_fingerprint, pack
+from zk0.wire import DELTA, PACKED, SCALES, aggregate_deltas, layout_fingerprint, npy_bytes_view, pack
 
 
 @pytest.fixture
@@ -136,3 +136,14 @@ def test_weights_in_another_layout_or_unknown_requests_are_refused_by_name(reque
         worker.handle(request_for(**{"weights-layout": "0123456789abcdef"}))
     with pytest.raises(ValueError, match="unknown request 'predict'"):
         worker.handle(request_for("predict"))
+
+
+def test_int8_delta_reply_is_the_update_against_the_received_weights(request_for):
+    plain = NodeWorker().handle(request_for())
+    delta = NodeWorker().handle(request_for(**{"wire-format": DELTA}))
+    assert set(delta["arrays"]) == {PACKED, SCALES} and delta["arrays"][PACKED].dtype == np.int8
+    received = npy_bytes_view(request_for()["arrays"][PACKED]).astype(np.float32)  # fp16 down in both formats
+    rebuilt = aggregate_deltas(received, [(delta["arrays"], 1.0)])
+    trained = plain["arrays"][PACKED].astype(np.float32)
+    update = trained - received
+    assert np.sqrt(np.mean((rebuilt - trained) ** 2)) < 0.02 * np.sqrt(np.mean(update**2))

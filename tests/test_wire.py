@@ -155,3 +155,19 @@ def test_packed_weights_of_the_wrong_size_are_refused():
         wire.unpack(np.zeros(5, np.float16), {"w": (2, 3)})
     with pytest.raises(ValueError, match="weight w: max .*exceeds the fp16 range"):
         wire.pack({"w": torch.tensor([7e4])}, "fp16")
+
+
+def test_int8_delta_updates_add_up_to_the_weighted_mean_within_a_percent():
+    rng = np.random.default_rng(0)
+    n = 3 * wire.DELTA_BLOCK + 17  # a partial last block
+    base = rng.normal(0, 0.03, n).astype(np.float32)
+    deltas = [(rng.normal(0, 1e-3, n).astype(np.float32), w) for w in (1.0, 3.0)]
+    exact = base + (deltas[0][0] * 1.0 + deltas[1][0] * 3.0) / 4.0
+    sent = [(wire.quantize_delta(d), w) for d, w in deltas]
+    assert sent[0][0][wire.PACKED].dtype == np.int8 and sent[0][0][wire.PACKED].size == 4 * wire.DELTA_BLOCK
+    merged = wire.aggregate_deltas(base, sent)
+    update = exact - base
+    assert np.sqrt(np.mean((merged - exact) ** 2)) < 0.01 * np.sqrt(np.mean(update**2))
+    assert not np.shares_memory(merged, base)
+    with pytest.raises(ValueError, match="does not fit"):
+        wire.aggregate_deltas(base[: n - wire.DELTA_BLOCK], sent)

@@ -19,7 +19,7 @@ from dotenv import dotenv_values
 from .data import open_metadata
 from .settings import NODE_VAR, NodeSettings, ServerSettings, SettingsError, check_env_names
 from .supernode import bin_path as _bin
-from .supernode import supernode_command
+from .supernode import TASK_POLL, supernode_command
 
 log = logging.getLogger("zk0")
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -296,7 +296,8 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
     flwr_home = workdir / "flwr-home"
     # Flower spawns flower-superexec by name: the interpreter's bin directory must be on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    proc_env = {**env, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    proc_env = {**TASK_POLL, **env, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+                "PYTHONUNBUFFERED": "1"}
     dep = LocalDeployment(workdir, proc_env, tls)
     write_connection(flwr_home, "local", f"127.0.0.1:{dep.port}", tls and tls.ca)
     stream = LogStream(dep, "local")

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import (
@@ -16,7 +17,7 @@ from .evaluate import evaluate_policy
 from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params, trainable_shapes
 from .settings import NodeSettings, resolve_device
 from .train import TrainPlan, train_round
-from .wire import PACKED, layout_fingerprint, npy_bytes_view, pack, unpack, views
+from .wire import DELTA, PACKED, down_format, layout_fingerprint, npy_bytes_view, pack, quantize_delta, unpack, views
 
 log = logging.getLogger("zk0")
 
@@ -142,15 +143,17 @@ class NodeWorker:
         self.session, self.key = session, key
         return session
 
-    def receive(self, session: NodeSession, arrays: dict, config: dict) -> None:
-        """Copy the packed weights of a request into the policy, after checking their layout."""
-        fmt, shapes = str(config["wire-format"]), trainable_shapes(session.policy)
+    def receive(self, session: NodeSession, arrays: dict, config: dict) -> np.ndarray:
+        """Copy the packed weights of a request into the policy, after checking their layout; returns them."""
+        fmt, shapes = down_format(str(config["wire-format"])), trainable_shapes(session.policy)
         if set(arrays) != {PACKED} or config.get("weights-layout") != layout_fingerprint(shapes):
             raise ValueError(
                 f"received weights (layout {config.get('weights-layout')}, arrays {sorted(arrays)[:3]}) do not match this "
                 f"node's trainable layout {layout_fingerprint(shapes)}: server and node must run the same zk0 and base policy"
             )
-        apply_trainable(session.policy, views(unpack(npy_bytes_view(arrays[PACKED]), shapes), fmt))
+        received = npy_bytes_view(arrays[PACKED])
+        apply_trainable(session.policy, views(unpack(received, shapes), fmt))
+        return received
 
     def handle(self, request: dict) -> dict:
         """Train or evaluate on this node; returns {"metrics", "arrays": packed wire arrays or None, "layout"}."""
@@ -161,7 +164,7 @@ class NodeWorker:
             raise ValueError(f"unknown request {op!r}: expected 'train' or 'evaluate'")
         before = self.session
         session = self.open(settings, config)
-        self.receive(session, request["arrays"], config)
+        received = self.receive(session, request["arrays"], config)
         session.setup_seconds = time.perf_counter() - started  # for a reused session: only receiving the weights
         layout = layout_fingerprint(trainable_shapes(session.policy))
         warm = {"warm": float(session is before)}  # 1: this message found the policy loaded
@@ -179,4 +182,9 @@ class NodeWorker:
         )
         seed = int(config["seed"]) + 1000 * server_round
         state, metrics = train_on_node(session, plan, int(config["batch-size"]), seed)
-        return {"metrics": {**metrics, **warm}, "arrays": {PACKED: pack(state, str(config["wire-format"]))}, "layout": layout}
+        fmt = str(config["wire-format"])
+        if fmt == DELTA:  # the update against the weights as received, not the trained weights
+            arrays = quantize_delta(pack(state, "fp32") - received.astype(np.float32))
+        else:
+            arrays = {PACKED: pack(state, fmt)}
+        return {"metrics": {**metrics, **warm}, "arrays": arrays, "layout": layout}

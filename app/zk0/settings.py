@@ -79,8 +79,10 @@ class ServerSettings(_Zk0Settings):
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for node replies per round.")
     seed: int = Field(0, description="Seed for sampling, evaluation noise and training order.")
     device: str = Field("auto", description="Server evaluation device: auto, cpu, cuda or cuda:N.")
-    wire_format: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp16", description="How trainable weights travel: fp16 (default), bf16 or fp32; the server aggregates in fp32."
+    wire_format: Literal["fp32", "fp16", "bf16", "int8-delta"] = Field(
+        "fp16",
+        description="How trainable weights travel: fp16 (default), bf16, fp32, or int8-delta (fp16 down, each node's "
+        "update up in int8 with a scale per 4096 values: half the bytes); the server aggregates in fp32.",
     )
     wandb_project: str = Field("zk0", min_length=1, description="WandB project of the experiment's run.")
     hf_repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo to push checkpoints to (owner/name); needs HF_TOKEN.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from collections.abc import Callable, Iterable
 from logging import WARNING
 
@@ -13,7 +15,10 @@ from flwr.serverapp.strategy import FedProx
 from flwr.supercore import log
 
 from .records import RunRecorder
-from .wire import PACKED, aggregate, is_finite, layout_fingerprint, npy_view, pack, unpack
+from .wire import (
+    DELTA, DELTA_BLOCK, PACKED, SCALES, aggregate, aggregate_deltas, down_format, is_finite, layout_fingerprint, npy_view, pack,
+    unpack,
+)
 
 
 def _payload_bytes(arrays: ArrayRecord) -> int:
@@ -35,6 +40,7 @@ class Zk0FedProx(FedProx):
         self.is_eval_round = is_eval_round
         self._shapes: dict[str, tuple] = {}
         self._layout = ""
+        self._base = None  # int8-delta: the fp32 global model of this round, flat, that updates are added to
         # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
         self.round_offset = 0
 
@@ -42,6 +48,8 @@ class Zk0FedProx(FedProx):
         server_round += self.round_offset
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         self._layout = layout_fingerprint(self._shapes)
+        if self.wire_format == DELTA:
+            self._base = pack(arrays.to_torch_state_dict(), "fp32")
         arrays = self._to_wire(arrays, config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.add_bytes(server_round, "sent", _payload_bytes(arrays) * len(messages))
@@ -54,7 +62,14 @@ class Zk0FedProx(FedProx):
             return "reply has no weights"
         node = msg.content.get("node")
         size = sum(math.prod(s) for s in self._shapes.values())
-        if list(arrays) != [PACKED] or arrays[PACKED].shape != (size,) or not node or node.get("layout") != self._layout:
+        if not node or node.get("layout") != self._layout:
+            return "weights have the wrong names or shapes"
+        if self.wire_format == DELTA:
+            blocks = -(-size // DELTA_BLOCK)
+            if set(arrays) != {PACKED, SCALES} or arrays[PACKED].shape != (blocks * DELTA_BLOCK,) or arrays[SCALES].shape != (blocks,):
+                return "weights have the wrong names or shapes"
+            return None if np.isfinite(npy_view(arrays[SCALES])).all() else "weights contain NaN or Inf"
+        if list(arrays) != [PACKED] or arrays[PACKED].shape != (size,):
             return "weights have the wrong names or shapes"
         if not is_finite(npy_view(arrays[PACKED]), self.wire_format):
             return "weights contain NaN or Inf"
@@ -95,7 +110,7 @@ class Zk0FedProx(FedProx):
     def _to_wire(self, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
         """The fp32 global model packed in the wire format nodes receive; its layout goes in the config."""
         config["weights-layout"] = layout_fingerprint({k: tuple(v.shape) for k, v in arrays.items()})
-        return ArrayRecord({PACKED: Array(pack(arrays.to_torch_state_dict(), self.wire_format))})
+        return ArrayRecord({PACKED: Array(pack(arrays.to_torch_state_dict(), down_format(self.wire_format)))})
 
     def _aggregate(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sample-weighted mean in fp32, streamed tensor by tensor from the 16-bit replies."""
@@ -104,10 +119,14 @@ class Zk0FedProx(FedProx):
             return None, None
         # Zero-copy views of the packed replies; the weighted mean is one fp32 array, then split by name.
         updates = [
-            ({PACKED: npy_view(m.content["arrays"][PACKED])}, float(m.content["metrics"][self.weighted_by_key]))
+            ({k: npy_view(v) for k, v in m.content["arrays"].items()}, float(m.content["metrics"][self.weighted_by_key]))
             for m in replies
         ]
-        merged = unpack(aggregate(updates, self.wire_format)[PACKED], self._shapes)
+        if self.wire_format == DELTA:
+            flat = aggregate_deltas(self._base, updates)
+        else:
+            flat = aggregate(updates, self.wire_format)[PACKED]
+        merged = unpack(flat, self._shapes)
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
         return ArrayRecord({k: Array(v) for k, v in merged.items()}), metrics
 

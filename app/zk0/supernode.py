@@ -17,6 +17,11 @@ from .settings import NodeSettings, SettingsError
 log = logging.getLogger("zk0")
 
 
+# Flower's SuperExec looks for a new message's task every second by default; a quarter second takes
+# ~0.4 s off every message on average for a few cheap loopback requests.
+TASK_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+
+
 class UnreachableError(RuntimeError):
     """The SuperLink address does not answer; the message names it and what to do."""
 
@@ -108,6 +113,8 @@ def run_supernode(args, node: NodeSettings) -> int:
     log.info("SuperLink %s reachable; starting %s", args.superlink, " ".join(cmd[:3]))
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    for key, value in TASK_POLL.items():
+        env.setdefault(key, value)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(cmd[0], cmd, env)

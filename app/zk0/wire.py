@@ -19,6 +19,12 @@ import numpy as np
 import torch
 
 FORMATS = ("fp32", "fp16", "bf16")
+# int8-delta: the server sends fp16 weights; a node replies with its update (trained - received) in
+# int8, one fp32 scale per DELTA_BLOCK values (absmax / 127), and the server adds the weighted mean
+# update to its fp32 global model. Half the bytes of fp16 on the way up.
+DELTA = "int8-delta"
+DELTA_BLOCK = 4096
+SCALES = "scales"  # the ArrayRecord key of an int8-delta reply's block scales
 # What each format travels as: Flower's ArrayRecord rejects torch.bfloat16, so bf16 goes as the
 # int16 view of its bits and is viewed back exactly.
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -174,3 +180,40 @@ def aggregate(updates: list[tuple[Mapping[str, np.ndarray], float]], fmt: str) -
             acc.add_(src, alpha=weight / total)
         result[name] = out
     return result
+
+
+def down_format(fmt: str) -> str:
+    """The format weights travel to the nodes in: int8-delta sends fp16 down."""
+    return "fp16" if fmt == DELTA else fmt
+
+
+def quantize_delta(delta: np.ndarray) -> dict[str, np.ndarray]:
+    """A flat fp32 update as int8 values (padded to whole blocks) and one fp32 absmax/127 scale per block."""
+    delta = np.asarray(delta, dtype=np.float32)
+    blocks = -(-delta.size // DELTA_BLOCK)
+    padded = np.zeros(blocks * DELTA_BLOCK, np.float32)
+    padded[: delta.size] = delta
+    padded = padded.reshape(blocks, DELTA_BLOCK)
+    scales = np.abs(padded).max(axis=1) / 127.0
+    safe = np.where(scales > 0, scales, 1.0)[:, None]
+    values = np.clip(np.rint(padded / safe), -127, 127).astype(np.int8)
+    return {PACKED: values.reshape(-1), SCALES: scales.astype(np.float32)}
+
+
+def aggregate_deltas(base: np.ndarray, updates: list[tuple[Mapping[str, np.ndarray], float]]) -> np.ndarray:
+    """base (flat fp32) plus the weighted mean of int8-delta updates, a block row range at a time."""
+    total = float(sum(weight for _, weight in updates))
+    if not updates or not total > 0:
+        raise ValueError(f"nothing to aggregate (total weight {total})")
+    out = np.array(base, dtype=np.float32, copy=True)
+    n, rows = out.size, 256  # rows of DELTA_BLOCK values dequantized at once: a few MiB of temporaries
+    for arrays, weight in updates:
+        values = np.asarray(arrays[PACKED]).reshape(-1, DELTA_BLOCK)
+        scales = np.asarray(arrays[SCALES], dtype=np.float32) * np.float32(weight / total)
+        if values.shape[0] != scales.size or values.size < n or values.size - n >= DELTA_BLOCK:
+            raise ValueError(f"int8-delta update of {values.size} values and {scales.size} scales does not fit {n} weights")
+        for start in range(0, values.shape[0], rows):
+            part = values[start : start + rows].astype(np.float32) * scales[start : start + rows, None]
+            lo = start * DELTA_BLOCK
+            out[lo : lo + part.size] += part.reshape(-1)[: max(0, min(part.size, n - lo))]
+    return out
