@@ -24,13 +24,13 @@ def run(capsys, tmp_path, *argv, smoke: bool = True) -> dict:
 def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     result = run(capsys, tmp_path, "wire")
     payloads = result["payloads"]
-    per_tensor = "trainable fp16, one array per tensor (before packing)"
-    assert set(payloads) == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16", per_tensor}
+    per_tensor, delta = "trainable fp16, one array per tensor (before packing)", "trainable int8-delta (up: update)"
+    assert set(payloads) == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16", per_tensor, delta}
     # Packed, a message is a handful of objects (one Fleet call each); per tensor it was dozens.
     assert payloads["trainable fp16"]["down"]["objects"] <= 8 < 40 < payloads[per_tensor]["down"]["objects"]
     assert 0 < result["params"]["trainable"] < result["params"]["total"]
     for name, p in payloads.items():
-        for direction in ("down", "up"):
+        for direction in ("up",) if name == delta else ("down", "up"):  # int8-delta sends fp16 down
             fleet, proto = p[direction]["fleet"], p[direction]["proto"]
             # Every value travels once, plus a little framing and metadata; Flower sends identical
             # arrays only once, which a state dict with repeated tensors may benefit from.
@@ -41,6 +41,9 @@ def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     assert payloads["trainable fp16"]["values_bytes"] * 2 == payloads["trainable fp32"]["values_bytes"]
     assert payloads["trainable fp32"]["max_abs_error"] == 0
     assert 0 < payloads["trainable fp16"]["max_abs_error"] < payloads["trainable bf16"]["max_abs_error"] < 1e-2
+    # int8 updates plus one fp32 scale per 4096 values: just over half of fp16, within about 1% of the update.
+    assert 0.5 < payloads[delta]["values_bytes"] / payloads["trainable fp16"]["values_bytes"] < 0.51
+    assert payloads[delta]["down"] == payloads["trainable fp16"]["down"] and 0 < result["int8_delta_update_rms_error"] < 0.02
 
 
 @pytest.mark.parametrize("model", ["tiny", "full"])  # full --smoke: a saved file-built base policy, scaled down

@@ -135,6 +135,17 @@ def bench_wire(args: argparse.Namespace) -> dict:
         errors[name] = format_error(trainable, fmt)
         del encoded
         gc.collect()
+    # int8-delta: fp16 weights down, a node's update up as int8 with one scale per block. The update is
+    # one round's worth at peak LR (~20 AdamW steps x 1e-4); its error is relative to that update.
+    delta_name = "trainable int8-delta (up: update)"
+    update = (2e-3 * torch.randn(sum(v.numel() for v in trainable.values()), generator=torch.Generator().manual_seed(1))).numpy()
+    quantized = wire.quantize_delta(update)
+    values[delta_name] = wire.wire_bytes(quantized)
+    sizes[delta_name] = {"down": sizes["trainable fp16"]["down"], "up": exchange_bytes(as_record(quantized), wire.DELTA)["up"]}
+    diff = np.abs(wire.aggregate_deltas(np.zeros_like(update), [(quantized, 1.0)]) - update)
+    errors[delta_name] = (float(diff.max()), float(diff.mean()))
+    delta_rms = float(np.sqrt(np.mean(diff**2)) / np.sqrt(np.mean(update**2)))
+    del quantized, diff, update
     per_tensor = "trainable fp16, one array per tensor (before packing)"
     values[per_tensor] = values["trainable fp16"]
     sizes[per_tensor], errors[per_tensor] = exchange_bytes(as_record(wire.encode(trainable, "fp16")), "fp16"), errors["trainable fp16"]
@@ -154,6 +165,8 @@ def bench_wire(args: argparse.Namespace) -> dict:
         s = sizes[f"trainable {fmt}"]
         targets.append(target(f"{fmt}: largest message per node per direction (MiB)", big(s) / MIB, 200, True, " MiB"))
         targets.append(target(f"{fmt}: times smaller than the full fp32 state dict", ref / big(s), 8.5, False, "x"))
+    up = sizes[delta_name]["up"]["fleet"]
+    targets.append(target("int8-delta: reply (up) per node per round (MiB)", up / MIB, 200, True, " MiB"))
     return {
         "benchmark": "wire",
         "settings": {"smoke": args.smoke, "architecture": "scaled-down" if args.smoke else "full-size SmolVLA (SmolVLM2-500M, 16 layers)"},
@@ -172,11 +185,14 @@ def bench_wire(args: argparse.Namespace) -> dict:
             "rows": [[f, sc, e["weights"], e["delta"]] for (f, sc), e in updates.items()],
         }],
         "update_error": [{"fmt": f, "update_rms": sc, **e} for (f, sc), e in updates.items()],
+        "int8_delta_update_rms_error": delta_rms,
         "targets": targets,
         "notes": ["Flower sends identical arrays once (content-addressed), so a state dict with repeated tensors "
                   "(e.g. norm weights still at 1) can serialize to slightly less than its values",
                   "rounds with node evaluation send the weights down once more, in the evaluate message (same size as 'down')",
-                  "errors are over the random initial weights (kaiming-uniform, scale ~0.03)"],
+                  "errors are over the random initial weights (kaiming-uniform, scale ~0.03); int8-delta's over a "
+                  f"random update of RMS 2e-3, relative RMS error {delta_rms:.4f}",
+                  "int8-delta moves up half the bytes of fp16; the server adds the weighted mean update to its fp32 model"],
     }
 
 
