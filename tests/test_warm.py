@@ -147,3 +147,13 @@ def test_int8_delta_reply_is_the_update_against_the_received_weights(request_for
     trained = plain["arrays"][PACKED].astype(np.float32)
     update = trained - received
     assert np.sqrt(np.mean((rebuilt - trained) ** 2)) < 0.02 * np.sqrt(np.mean(update**2))
+
+
+def test_a_client_without_the_key_is_refused_and_the_worker_serves_on(request_for, owner):
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    warm.call(request_for("evaluate"), owner.pid)
+    with pytest.raises((AuthenticationError, EOFError, ConnectionResetError)):
+        Client(str(warm.address_for(owner.pid)), family="AF_UNIX", authkey=b"not the key").send({"op": "exit"})
+    assert warm.call(request_for("evaluate"), owner.pid)["metrics"]["warm"] == 1.0

@@ -274,6 +274,11 @@ def bench_aggregate(args: argparse.Namespace) -> dict:
     inputs = sum(wire.wire_bytes(u) for u, _ in updates)
     repeats = 1 if args.smoke else args.repeats
     runs = {"numpy arrays": measure(lambda: wire.aggregate(updates, args.fmt), repeats)}
+    # What the strategy does since weights travel packed: one flat array per reply, split by name after.
+    packed = [({wire.PACKED: np.concatenate([u[k].reshape(-1) for k in sorted(u)])}, w) for u, w in updates]
+    runs["packed replies (as the strategy aggregates)"] = measure(
+        lambda: wire.unpack(wire.aggregate(packed, args.fmt)[wire.PACKED], shapes), repeats)
+    del packed
     records = [(as_record(u), w) for u, w in updates]
     del updates
     gc.collect()
@@ -297,6 +302,8 @@ def bench_aggregate(args: argparse.Namespace) -> dict:
         }],
         "targets": [
             target("server aggregation time, median (s)", main["median_s"], 3.0, True, " s"),
+            target("packed aggregation time, median (s)", runs["packed replies (as the strategy aggregates)"]["median_s"],
+                   3.0, True, " s"),
             target("aggregation peak memory above the inputs (copies, tracemalloc)", main["tracemalloc_peak"] / copy, 3.0, True),
             target("aggregation peak memory above the inputs (copies, RSS)", main["rss_peak"] / copy, 3.0, True),
         ],

@@ -35,6 +35,12 @@ class NodeSession:
     setup_seconds: float  # this message's seconds before training: loading, or only applying weights when reused
     fingerprint: str | None = None  # of the frozen weights, when the server sent one to check
     datasets: dict = field(default_factory=dict)  # opened datasets by episode list, reused while the session lives
+    shapes: dict = field(init=False)  # trainable names and shapes: the layout packed weights follow
+    layout: str = field(init=False)  # its fingerprint, checked against every message's
+
+    def __post_init__(self):
+        self.shapes = trainable_shapes(self.policy)
+        self.layout = layout_fingerprint(self.shapes)
 
     def dataset(self, episodes: list[int]):
         """This node's dataset restricted to `episodes`, opened once per session."""
@@ -111,6 +117,18 @@ def evaluate_on_node(session: NodeSession, batch_size: int, max_batches: int, se
     }
 
 
+def receive_weights(session: NodeSession, arrays: dict, config: dict) -> np.ndarray:
+    """Copy a message's packed weights (.npy bytes) into the policy after checking their layout; returns them."""
+    if set(arrays) != {PACKED} or config.get("weights-layout") != session.layout:
+        raise ValueError(
+            f"received weights (layout {config.get('weights-layout')}, arrays {sorted(arrays)[:3]}) do not match this "
+            f"node's trainable layout {session.layout}: server and node must run the same zk0 and base policy"
+        )
+    received = npy_bytes_view(arrays[PACKED])
+    apply_trainable(session.policy, views(unpack(received, session.shapes), down_format(str(config["wire-format"]))))
+    return received
+
+
 def _stamp(spec: str | None) -> tuple:
     """What changes when a local policy or dataset is rewritten in place (size and time of its files)."""
     root = Path(spec or "")
@@ -143,18 +161,6 @@ class NodeWorker:
         self.session, self.key = session, key
         return session
 
-    def receive(self, session: NodeSession, arrays: dict, config: dict) -> np.ndarray:
-        """Copy the packed weights of a request into the policy, after checking their layout; returns them."""
-        fmt, shapes = down_format(str(config["wire-format"])), trainable_shapes(session.policy)
-        if set(arrays) != {PACKED} or config.get("weights-layout") != layout_fingerprint(shapes):
-            raise ValueError(
-                f"received weights (layout {config.get('weights-layout')}, arrays {sorted(arrays)[:3]}) do not match this "
-                f"node's trainable layout {layout_fingerprint(shapes)}: server and node must run the same zk0 and base policy"
-            )
-        received = npy_bytes_view(arrays[PACKED])
-        apply_trainable(session.policy, views(unpack(received, shapes), fmt))
-        return received
-
     def handle(self, request: dict) -> dict:
         """Train or evaluate on this node; returns {"metrics", "arrays": packed wire arrays or None, "layout"}."""
         started = time.perf_counter()
@@ -164,9 +170,9 @@ class NodeWorker:
             raise ValueError(f"unknown request {op!r}: expected 'train' or 'evaluate'")
         before = self.session
         session = self.open(settings, config)
-        received = self.receive(session, request["arrays"], config)
+        received = receive_weights(session, request["arrays"], config)
         session.setup_seconds = time.perf_counter() - started  # for a reused session: only receiving the weights
-        layout = layout_fingerprint(trainable_shapes(session.policy))
+        layout = session.layout
         warm = {"warm": float(session is before)}  # 1: this message found the policy loaded
         if op == "evaluate":
             metrics = evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]), int(config["seed"]))

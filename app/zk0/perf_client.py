@@ -16,22 +16,6 @@ import pickle  # noqa: E402
 import sys  # noqa: E402
 
 
-class TimedBatches:
-    """Wraps a batch iterator and adds up the time spent waiting for batches."""
-
-    def __init__(self, batches):
-        self.batches, self.seconds = batches, 0.0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        started = time.perf_counter()
-        batch = next(self.batches)
-        self.seconds += time.perf_counter() - started
-        return batch
-
-
 class Clock:
     """Wall and CPU seconds per phase since the previous mark; the first phase starts at process start."""
 
@@ -102,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     from zk0 import client_app  # noqa: F401  the app module, with everything it imports
     from zk0.data import batch_stream, open_dataset
     from zk0.model import trainable_params
-    from zk0.node import NodeWorker, open_session
+    from zk0.node import open_session, receive_weights
     from zk0.settings import NodeSettings
     from zk0.train import TrainPlan, train_round
     from zk0.wire import PACKED, pack
@@ -113,10 +97,10 @@ def run(args: argparse.Namespace) -> dict:
     settings = NodeSettings.from_flower_config(json.loads(args.node_config))
     session = open_session(settings, str(config["base-policy"]), None, int(config["seed"]), str(config["base-fingerprint"]))
     clock.mark("open_session")
-    NodeWorker().receive(session, {k: v.data for k, v in msg.content["arrays"].items()}, dict(config))
+    receive_weights(session, {k: v.data for k, v in msg.content["arrays"].items()}, dict(config))
     clock.mark("decode_weights")
     ds = open_dataset(settings.dataset, session.policy.config, episodes=session.train_episodes, video_backend=settings.video_backend)
-    batches = TimedBatches(batch_stream(ds, int(config["batch-size"]), int(config["seed"]) + 1000, settings.num_workers))
+    batches = batch_stream(ds, int(config["batch-size"]), int(config["seed"]) + 1000, settings.num_workers)
     clock.mark("open_dataset")
     steps = int(config["local-steps"])
     plan = TrainPlan(steps, 0, int(config["total-steps"]), float(config["learning-rate"]), float(config["proximal-mu"]))
@@ -125,15 +109,15 @@ def run(args: argparse.Namespace) -> dict:
     content = RecordDict({
         "metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
         "arrays": ArrayRecord({PACKED: Array(pack(trainable_params(session.policy), fmt))}),
-        "node": ConfigRecord({"name": settings.display_name, "dataset": settings.dataset}),
+        "node": ConfigRecord({"name": settings.display_name, "dataset": settings.dataset, "layout": session.layout}),
     })
     reply = Message(content=content, reply_to=msg)
     reply_bytes = sum(len(obj.deflate()) for obj in get_all_nested_objects(reply).values())
     clock.mark("serialize_reply")
     phases = clock.phases
     # train_round's own clock: the loop, split into waiting for batches and everything else.
-    phases["train_data_wait"] = batches.seconds
-    phases["train_compute"] = metrics["train_seconds"] - batches.seconds
+    phases["train_data_wait"] = metrics["data_seconds"]
+    phases["train_compute"] = metrics["train_seconds"] - metrics["data_seconds"]
     phases["train_setup"] = phases["train_round"] - metrics["train_seconds"]
     # CPU seconds stand for the wall time an idle host would take where a phase runs on one thread;
     # on a shared host they are the steadier figure.

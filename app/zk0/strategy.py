@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-
-import numpy as np
-
 from collections.abc import Callable, Iterable
 from logging import WARNING
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
@@ -113,7 +111,7 @@ class Zk0FedProx(FedProx):
         return ArrayRecord({PACKED: Array(pack(arrays.to_torch_state_dict(), down_format(self.wire_format)))})
 
     def _aggregate(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sample-weighted mean in fp32, streamed tensor by tensor from the 16-bit replies."""
+        """Sample-weighted mean in fp32 of the packed replies (or their int8 updates added to the global model)."""
         replies, _ = self._check_and_log_replies(replies, is_train=True)
         if not replies:
             return None, None

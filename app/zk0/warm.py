@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import traceback
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def serve(address: Path, owner_pid: int, idle_timeout: float) -> int:
         while True:
             try:
                 conn = listener.accept()
-            except (OSError, EOFError) as err:  # a client that failed the key or hung up
+            except (OSError, EOFError, AuthenticationError) as err:  # a client that failed the key or hung up
                 log.warning("warm worker: refused a connection: %s", err)
                 continue
             with conn:
