@@ -15,6 +15,14 @@ import torch
 from federation import ZK0, write_env
 
 
+def _running(pid: int) -> bool:
+    """Whether pid is a live process (a zombie has already released its files and ports)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def wait_until(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,6 +63,8 @@ def test_killed_node_is_left_out_then_rejoins(demo, tmp_path):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
         node_env = dict(line.split(b"=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in line)
         os.killpg(pid, signal.SIGKILL)  # the robot host loses power: the node and its app process
+        # Only once the process has ended are its ports free again (an exit can take seconds under load).
+        wait_until(lambda: not _running(pid), 60, "the killed SuperNode to end")
         # The host comes back and starts the same SuperNode again.
         restarted = subprocess.Popen(cmdline, env=node_env, start_new_session=True,
                                      stdout=open(tmp_path / "node-2-again.log", "wb"), stderr=subprocess.STDOUT)
