@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .logs import setup_logging
-from .data import DatasetError
+from .errors import DatasetError
 from .settings import SettingsError
 from .supernode import UnreachableError
 

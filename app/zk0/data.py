@@ -11,11 +11,9 @@ import torch
 from lerobot.datasets.factory import resolve_delta_timestamps
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
+from .errors import DatasetError
+
 log = logging.getLogger("zk0")
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be used; the message says which and what to do."""
 
 
 def _repo_and_root(spec: str) -> tuple[str, Path | None]:

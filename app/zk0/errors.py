@@ -1,0 +1,5 @@
+"""Errors that carry a message for the user: what is wrong, which setting, what to do (no heavy imports)."""
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used; the message says which and what to do."""
