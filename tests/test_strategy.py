@@ -34,7 +34,9 @@ def reply(node_id: int, state: dict, samples: int, fmt: str) -> Message:
 
 @pytest.fixture
 def strategy(tmp_path):
-    s = Zk0FedProx(RunRecorder(tmp_path), lambda r: True, wire_format="fp16", proximal_mu=0.1, weighted_by_key="num-samples")
+    s = Zk0FedProx(
+        RunRecorder(tmp_path), lambda r: True, wire_format="fp16", proximal_mu=0.1, weighted_by_key="num-samples", min_train_nodes=1
+    )
     s._shapes = {"w": (2, 3), "b": (3,)}
     s._layout = layout_fingerprint(s._shapes)
     return s
@@ -68,6 +70,21 @@ def test_non_finite_and_misshapen_updates_are_excluded_and_named(strategy):
     record = strategy.recorder.rounds[1]
     assert record["contributors"] == [1]
     assert "NaN" in record["excluded"]["2"] and "shapes" in record["excluded"]["3"] and "shapes" in record["excluded"]["4"]
+
+
+def test_a_round_with_fewer_usable_updates_than_required_fails_the_run_with_every_reason(strategy):
+    from zk0.errors import RunFailed
+
+    strategy.min_train_nodes = 2
+    strategy._sent = {1, 2, 3}  # node 3 was asked and never answered
+    bad = state(2.0)
+    bad["b"][0] = float("inf")
+    with pytest.raises(RunFailed) as err:
+        strategy.aggregate_train(1, [reply(1, state(1.0), 10, "fp16"), reply(2, bad, 10, "fp16")])
+    assert "1 usable update(s), ZK0_MIN_NODES=2" in str(err.value)
+    assert "node 2: weights contain NaN or Inf" in str(err.value) and "node 3: no reply" in str(err.value)
+    record = strategy.recorder.rounds[1]
+    assert record["contributors"] == [1] and set(record["excluded"]) == {"2", "3"}
 
 
 def test_global_model_travels_in_16_bits(strategy, tmp_path):

@@ -18,7 +18,7 @@ app = ClientApp()
 
 def _request(op: str, msg: Message, context: Context) -> dict:
     """The message as a plain request: configs, and the weights as their .npy bytes (not parsed here)."""
-    arrays = msg.content["arrays"]
+    arrays = msg.content["arrays"] if "arrays" in msg.content else ArrayRecord()
     if any(a.stype != "numpy.ndarray" for a in arrays.values()):
         raise TypeError("received weights must be numpy arrays (stype 'numpy.ndarray')")
     return {
@@ -44,7 +44,10 @@ def _run(op: str, msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in result["metrics"].items()})})
     if result["arrays"] is not None:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in result["arrays"].items()})
-    content["node"] = ConfigRecord({"name": settings.display_name, "dataset": settings.dataset, "layout": result["layout"]})
+    node = {"name": settings.display_name, "dataset": settings.dataset, "layout": result["layout"], **result.get("info", {})}
+    if "stats" in result:
+        node["stats"] = result["stats"]
+    content["node"] = ConfigRecord(node)
     return Message(content=content, reply_to=msg)
 
 
@@ -58,3 +61,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global weights on this node's held-out episodes."""
     return _run("evaluate", msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Normalisation statistics of this node's training episodes (before round 1): summaries, never frames."""
+    return _run("stats", msg, context)

@@ -16,41 +16,54 @@ from .errors import DatasetError
 log = logging.getLogger("zk0")
 
 
-def _repo_and_root(spec: str) -> tuple[str, Path | None]:
-    """A spec that looks like a path is a local root; anything else is a Hub id."""
-    path = Path(spec).expanduser()
-    if spec.startswith(("/", ".", "~")) or path.exists():
+def resolve_dataset(spec: str, cache_dir: Path | None = None) -> tuple[str, Path | None]:
+    """(repo id, local LeRobot v3.0 root) of a local folder or Hub id; v2.1 is converted once into the cache."""
+    from .check import is_local, read_json
+    from .formats import ensure_v30
+    from .settings import default_cache_dir
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if is_local(spec):
+        path = Path(spec).expanduser().resolve()
         if not (path / "meta" / "info.json").is_file():
             raise DatasetError(
                 f"dataset {spec!r}: no LeRobot dataset there (missing meta/info.json); "
                 "point it at a dataset root, e.g. one written by `zk0 demo`"
             )
-        return f"local/{path.resolve().name}", path.resolve()
-    return spec, None
+        return f"local/{path.name}", ensure_v30(path, cache / "datasets")
+    try:
+        version = read_json(spec, "meta/info.json", "dataset").get("codebase_version")
+    except OSError:
+        return spec, None  # LeRobot says what is wrong when it opens it
+    if version != "v2.1":
+        return spec, None
+    # A Hub dataset still in v2.1 (most of 2025's SO-100 sets): downloaded once, converted like a local one.
+    from huggingface_hub import snapshot_download
+
+    raw = Path(snapshot_download(spec, repo_type="dataset", local_dir=cache / "hub" / spec.replace("/", "--")))
+    return spec, ensure_v30(raw, cache / "datasets")
 
 
-def open_metadata(spec: str) -> LeRobotDatasetMetadata:
+def open_metadata(spec: str, cache_dir: Path | None = None) -> LeRobotDatasetMetadata:
     """Metadata of a local root or Hub dataset, without loading frames."""
-    repo_id, root = _repo_and_root(spec)
+    repo_id, root = resolve_dataset(spec, cache_dir)
     return LeRobotDatasetMetadata(repo_id, root=root)
 
 
-def check_features(meta: LeRobotDatasetMetadata, policy_config, spec: str) -> None:
-    """Fail early when a dataset lacks what the policy reads or writes."""
-    features = meta.features
-    want_action = tuple(policy_config.output_features["action"].shape)
-    got_action = tuple(features.get("action", {}).get("shape", ()))
-    if got_action != want_action:
-        raise DatasetError(
-            f"dataset {spec!r}: action shape {got_action or 'missing'}, the policy expects {want_action}; "
-            "use a dataset recorded with the same arm (SO-100/SO-101: 6 joints)"
-        )
-    images = [k for k in policy_config.image_features if k in features]
-    if not images:
-        raise DatasetError(
-            f"dataset {spec!r}: none of the policy's cameras {sorted(policy_config.image_features)} "
-            f"are in the dataset (it has {sorted(k for k in features if 'image' in k) or 'no images'})"
-        )
+def check_opened(
+    spec: str, policy_config, camera_map: str | None, *, role: str, setting: str, cameras_setting: str,
+    heldout: int = 0, partitions: int | None = None, heldout_setting: str = "",
+) -> dict:
+    """Run zk0 check's dataset checks against the loaded policy; return the row (fps, cameras fed, frames)."""
+    from .check import PolicyLayout, check_dataset, raise_problems
+
+    layout = PolicyLayout.from_features(str(policy_config.type), policy_config.input_features, policy_config.output_features)
+    row = check_dataset(role, spec, setting, cameras_setting, camera_map, layout,
+                        heldout=heldout, partitions=partitions, heldout_setting=heldout_setting)
+    raise_problems(row.problems, f"dataset {spec!r}")
+    for warning in row.warnings:
+        log.warning("%s", warning)
+    return row
 
 
 def split_episodes(episodes: list[int], heldout: int, seed: int, spec: str = "") -> tuple[list[int], list[int]]:
@@ -75,10 +88,11 @@ def partition_episodes(episodes: list[int], partition_id: int, num_partitions: i
 
 
 def open_dataset(
-    spec: str, policy_config, *, episodes: list[int] | None = None, video_backend: str = "pyav"
+    spec: str, policy_config, *, episodes: list[int] | None = None, video_backend: str = "pyav",
+    cache_dir: Path | None = None,
 ) -> LeRobotDataset:
-    """Open a dataset with SmolVLA's action-chunk window, restricted to `episodes`."""
-    repo_id, root = _repo_and_root(spec)
+    """Open a dataset with SmolVLA's action-chunk window (at the dataset's own fps), restricted to `episodes`."""
+    repo_id, root = resolve_dataset(spec, cache_dir)
     meta = LeRobotDatasetMetadata(repo_id, root=root)
     return LeRobotDataset(
         repo_id,

@@ -3,3 +3,7 @@
 
 class DatasetError(ValueError):
     """A dataset cannot be used; the message says which and what to do."""
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (too few usable nodes); the message gives every node's reason."""

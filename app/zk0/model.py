@@ -38,14 +38,22 @@ def load_policy(path: str, device: str) -> SmolVLAPolicy:
     return SmolVLAPolicy.from_pretrained(path, config=config)
 
 
-def load_processors(path: str, device: str):
-    """The pre/post processors saved beside a policy, moving batches to `device`."""
+def load_processors(path: str, device: str, rename_map: dict[str, str] | None = None, stats: dict | None = None):
+    """The pre/post processors saved beside a policy, moving batches to `device`.
+
+    `rename_map` (dataset camera -> policy slot) goes to LeRobot's rename_observations_processor, as
+    `lerobot-train --rename_map` does; `stats` replace the saved normalisation statistics in the
+    normaliser and unnormaliser, as lerobot-train does with a dataset's own statistics.
+    """
     config = PreTrainedConfig.from_pretrained(path)
-    return make_pre_post_processors(
-        config,
-        pretrained_path=path,
-        preprocessor_overrides={"device_processor": {"device": device}},
-    )
+    pre: dict = {"device_processor": {"device": device}}
+    post: dict = {}
+    if rename_map:
+        pre["rename_observations_processor"] = {"rename_map": dict(rename_map)}
+    if stats is not None:
+        pre["normalizer_processor"] = {"stats": stats}
+        post["unnormalizer_processor"] = {"stats": stats}
+    return make_pre_post_processors(config, pretrained_path=path, preprocessor_overrides=pre, postprocessor_overrides=post)
 
 
 def trainable_names(policy: torch.nn.Module) -> list[str]:

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cameras import parse_camera_map
 from .data import (
-    BadSamples, batch_stream, check_features, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes,
+    BadSamples, batch_stream, check_opened, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes,
 )
 from .evaluate import evaluate_policy
 from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params, trainable_shapes
 from .settings import NodeSettings, resolve_device
+from .stats import compute_stats, from_json, to_json, training_frames
 from .train import TrainPlan, train_round
 from .wire import DELTA, PACKED, down_format, layout_fingerprint, npy_bytes_view, pack, quantize_delta, unpack, views
 
@@ -34,6 +36,9 @@ class NodeSession:
     heldout_episodes: list[int]
     setup_seconds: float  # this message's seconds before training: loading, or only applying weights when reused
     fingerprint: str | None = None  # of the frozen weights, when the server sent one to check
+    base: str = ""  # where the base policy (and its processors) came from
+    info: dict = field(default_factory=dict)  # fps, cameras fed and frames: what the round records show per node
+    stats: str = ""  # the normalisation statistics the processors use (JSON); "" for the base policy's own
     datasets: dict = field(default_factory=dict)  # opened datasets by episode list, reused while the session lives
     shapes: dict = field(init=False)  # trainable names and shapes: the layout packed weights follow
     layout: str = field(init=False)  # its fingerprint, checked against every message's
@@ -47,9 +52,18 @@ class NodeSession:
         key = tuple(episodes)
         if key not in self.datasets:
             self.datasets[key] = open_dataset(
-                self.settings.dataset, self.policy.config, episodes=episodes, video_backend=self.settings.video_backend
+                self.settings.dataset, self.policy.config, episodes=episodes, video_backend=self.settings.video_backend,
+                cache_dir=self.settings.cache_dir,
             )
         return self.datasets[key]
+
+    def use_stats(self, stats: str) -> None:
+        """Normalise with `stats` (JSON from the server; "" = the base policy's): processors rebuilt when they change."""
+        if stats != self.stats:
+            device = str(next(self.policy.parameters()).device)
+            rename = parse_camera_map(self.settings.cameras)
+            self.preprocessor, self.postprocessor = load_processors(self.base, device, rename, from_json(stats) if stats else None)
+            self.stats = stats
 
 
 class BaseMismatchError(ValueError):
@@ -72,16 +86,32 @@ def open_session(
             f"base policy {base!r} on this node has frozen-weight fingerprint {mine}, the server's is "
             f"{fingerprint}: give every node the same base (ZK0_BASE_POLICY / node config 'base-policy')"
         )
-    meta = open_metadata(settings.dataset)
-    check_features(meta, policy.config, settings.dataset)
+    row = check_opened(
+        settings.dataset, policy.config, settings.cameras, role=settings.display_name,
+        setting="ZK0_DATASET (node config 'dataset')", cameras_setting="ZK0_CAMERAS (node config 'cameras')",
+        heldout=settings.heldout_episodes, partitions=settings.num_partitions,
+        heldout_setting="ZK0_HELDOUT_EPISODES (node config 'heldout-episodes')",
+    )
+    meta = open_metadata(settings.dataset, settings.cache_dir)
     episodes = list(range(meta.total_episodes))
     if settings.num_partitions:
         episodes = partition_episodes(episodes, settings.partition_id, settings.num_partitions)
     train_eps, heldout_eps = split_episodes(episodes, settings.heldout_episodes, seed, settings.dataset)
     if global_state is not None:
         apply_trainable(policy, global_state)
-    pre, post = load_processors(base, device)
-    return NodeSession(settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started, mine)
+    pre, post = load_processors(base, device, parse_camera_map(settings.cameras))
+    info = {
+        "fps": meta.fps, "frames": meta.total_frames,
+        "cameras": ",".join(f"{k.split('.')[-1]}->{v.split('.')[-1]}" for k, v in row.fed.items()),
+    }
+    return NodeSession(settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started, mine, base, info)
+
+
+def stats_on_node(session: NodeSession) -> tuple[str, int]:
+    """Normalisation statistics of this node's training episodes (JSON) and how many frames they cover."""
+    ds = session.dataset(session.train_episodes)
+    frames = training_frames(ds.root, session.train_episodes)
+    return to_json(compute_stats(frames)), len(next(iter(frames.values())))
 
 
 def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: int) -> tuple[dict, dict]:
@@ -162,21 +192,28 @@ class NodeWorker:
         return session
 
     def handle(self, request: dict) -> dict:
-        """Train or evaluate on this node; returns {"metrics", "arrays": packed wire arrays or None, "layout"}."""
+        """Train, evaluate or summarise (stats) on this node.
+
+        Returns {"metrics", "arrays": packed wire arrays or None, "layout", "info": fps/cameras/frames, "stats"}.
+        """
         started = time.perf_counter()
         settings = NodeSettings.from_flower_config(request["node_config"])
         config, op = request["config"], request["op"]
-        if op not in ("train", "evaluate"):
-            raise ValueError(f"unknown request {op!r}: expected 'train' or 'evaluate'")
+        if op not in ("train", "evaluate", "stats"):
+            raise ValueError(f"unknown request {op!r}: expected 'train', 'evaluate' or 'stats'")
         before = self.session
         session = self.open(settings, config)
+        if op == "stats":
+            stats, frames = stats_on_node(session)
+            return {"metrics": {"frames": frames}, "arrays": None, "layout": session.layout, "info": session.info, "stats": stats}
+        session.use_stats(str(config.get("norm-stats") or ""))
         received = receive_weights(session, request["arrays"], config)
         session.setup_seconds = time.perf_counter() - started  # for a reused session: only receiving the weights
         layout = session.layout
         warm = {"warm": float(session is before)}  # 1: this message found the policy loaded
         if op == "evaluate":
             metrics = evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]), int(config["seed"]))
-            return {"metrics": {**metrics, **warm}, "arrays": None, "layout": layout}
+            return {"metrics": {**metrics, **warm}, "arrays": None, "layout": layout, "info": session.info}
         server_round, steps = int(config["server-round"]), int(config["local-steps"])
         plan = TrainPlan(
             steps=steps,
@@ -193,4 +230,4 @@ class NodeWorker:
             arrays = quantize_delta(pack(state, "fp32") - received.astype(np.float32))
         else:
             arrays = {PACKED: pack(state, fmt)}
-        return {"metrics": {**metrics, **warm}, "arrays": arrays, "layout": layout}
+        return {"metrics": {**metrics, **warm}, "arrays": arrays, "layout": layout, "info": session.info}

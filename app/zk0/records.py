@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 
+# What describes a node rather than measures it: kept beside its train/eval metrics, not among them.
+NODE_FIELDS = ("name", "dataset", "fps", "cameras", "frames")
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write then rename, so readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +59,8 @@ class RunRecorder:
         """Record one node's train or eval reply (metrics, name, dataset, status)."""
         clients = self._round(server_round)["clients"]
         entry = clients.setdefault(str(node_id), {"node_id": node_id})
-        entry.update({k: v for k, v in info.items() if k in ("name", "dataset")})
-        entry[kind] = {k: v for k, v in info.items() if k not in ("name", "dataset")}
+        entry.update({k: v for k, v in info.items() if k in NODE_FIELDS})
+        entry[kind] = {k: v for k, v in info.items() if k not in NODE_FIELDS}
         self.flush(server_round)
 
     def truncate(self, last_round: int) -> None:

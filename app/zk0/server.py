@@ -11,7 +11,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from .data import eval_batches, open_dataset
+from .cameras import parse_camera_map
+from .data import check_opened, eval_batches, open_dataset
+from .errors import RunFailed
 from .evaluate import evaluate_policy
 from .model import (
     apply_trainable,
@@ -27,13 +29,17 @@ from .plots import write_plots
 from .publish import Publisher, model_card
 from .records import RunRecorder, atomic_write_json
 from .settings import ServerSettings, SettingsError, resolve_device
+from .stats import from_json, merge_stats, to_json
 from .tracking import Tracker
 
 log = logging.getLogger("zk0")
 # Settings that define an experiment: a restart with the same ones resumes it.
 EXPERIMENT_FIELDS = {
     "num_rounds", "local_steps", "batch_size", "learning_rate", "proximal_mu", "base_policy", "eval_dataset", "seed",
+    "stats",
 }
+STATS_FILE = "norm-stats.json"
+
 
 
 _LOCKS: dict[Path, object] = {}
@@ -71,20 +77,51 @@ class ServerRuntime:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.out_dir = Path(settings.output_dir)
-        device = resolve_device(settings.device)
-        self.policy = load_policy(settings.base_policy, device)
-        self.preprocessor, self.postprocessor = load_processors(settings.base_policy, device)
+        self.device = resolve_device(settings.device)
+        self.policy = load_policy(settings.base_policy, self.device)
         self.fingerprint = frozen_fingerprint(self.policy)
         self.batches = None
         if settings.eval_dataset:
-            ds = open_dataset(settings.eval_dataset, self.policy.config)
+            # Refused here, before round 0, with every problem named: never a traceback mid-run.
+            check_opened(settings.eval_dataset, self.policy.config, settings.eval_cameras, role="eval",
+                         setting="ZK0_EVAL_DATASET", cameras_setting="ZK0_EVAL_CAMERAS")
+            ds = open_dataset(settings.eval_dataset, self.policy.config, cache_dir=settings.cache_dir)
             self.batches = eval_batches(ds, settings.batch_size, settings.eval_batches)
+        self.stats = ""  # merged normalisation statistics (JSON); "" while the base policy's are used
+        saved = self.out_dir / STATS_FILE
+        if settings.stats == "federated" and saved.is_file():
+            self.stats = to_json(from_json(saved.read_text()))  # a restarted server keeps the statistics it merged
+            log.info("normalisation statistics from %s (merged before round 1)", saved)
+        self.use_stats(self.stats)
         self.lock = lock_output(self.out_dir)
         self.recorder = RunRecorder(self.out_dir)
         self.start_round = self._resume()
         self.tracker = Tracker.open(self.out_dir, settings.wandb_project, settings.model_dump(mode="json"))
         self.publisher = Publisher(settings.hf_repo_id, os.environ.get("HF_TOKEN"), settings.hf_private)
         self.started = time.perf_counter()
+
+    def use_stats(self, stats: str) -> None:
+        """Processors with `stats` (JSON; "" = the base policy's): the checkpoints' without a camera map, the
+        evaluation's with the evaluation set's."""
+        values = from_json(stats) if stats else None
+        self.preprocessor, self.postprocessor = load_processors(self.settings.base_policy, self.device, stats=values)
+        rename = parse_camera_map(self.settings.eval_cameras)
+        self.eval_preprocessor = load_processors(self.settings.base_policy, self.device, rename, values)[0] if rename else self.preprocessor
+        self.stats = stats
+
+    def merge_node_stats(self, replies: list[tuple[str, str | None, str]]) -> None:
+        """Merge the nodes' statistics (name, JSON or None, why not) into the run's; fail with reasons when too few."""
+        usable = [(name, text) for name, text, _ in replies if text]
+        if len(usable) < self.settings.min_nodes:
+            reasons = "; ".join(f"{name}: {why}" for name, text, why in replies if not text) or "no node replied"
+            raise RunFailed(
+                f"normalisation statistics came from {len(usable)} node(s), ZK0_MIN_NODES={self.settings.min_nodes} are "
+                f"required: {reasons}"
+            )
+        merged = to_json(merge_stats([from_json(text) for _, text in usable]))
+        atomic_write_json(self.out_dir / STATS_FILE, json.loads(merged))
+        log.info("normalisation statistics merged from %s", ", ".join(name for name, _ in usable))
+        self.use_stats(merged)
 
     def initial_state(self) -> dict:
         """The global model to start from: the base policy's, or the newest checkpoint's when resuming."""
@@ -127,6 +164,7 @@ class ServerRuntime:
             "eval-batches": s.eval_batches,
             "seed": s.seed,
             "wire-format": s.wire_format,
+            "norm-stats": self.stats,
         }
 
     def end_round(self, server_round: int, state: dict) -> dict | None:
@@ -137,7 +175,7 @@ class ServerRuntime:
         metrics = None
         if self.batches is not None and self.settings.is_eval_round(server_round):
             started = time.perf_counter()
-            metrics = evaluate_policy(self.policy, self.preprocessor, self.postprocessor, self.batches, self.settings.seed)
+            metrics = evaluate_policy(self.policy, self.eval_preprocessor, self.postprocessor, self.batches, self.settings.seed)
             metrics["eval_seconds"] = time.perf_counter() - started
             log.info("round %d server eval: loss %.4f action MSE %.4f", server_round, metrics["policy_loss"], metrics["action_mse"])
         self.recorder.set(server_round, server_eval=metrics, elapsed_seconds=time.perf_counter() - self.started)

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from .logs import setup_logging
+from .errors import RunFailed
 from .server import ServerRuntime
 from .settings import ServerSettings
 from .strategy import Zk0FedProx
 
 app = ServerApp()
+
+
+def collect_stats(grid: Grid, config: dict, min_nodes: int, timeout: float) -> list[tuple[str, str | None, str]]:
+    """Ask every connected node for its training statistics; (node name, stats JSON or None, why not) per node."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < min_nodes:
+        if time.monotonic() > deadline:
+            raise RunFailed(f"{len(nodes)} node(s) connected within {timeout:.0f}s, ZK0_MIN_NODES={min_nodes} are required")
+        time.sleep(1)
+    query = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    replies, answered = [], set()
+    for reply in grid.send_and_receive(query, timeout=timeout):
+        node_id = reply.metadata.src_node_id
+        answered.add(node_id)
+        if reply.has_error():
+            replies.append((str(node_id), None, f"error: {reply.error.reason}"))
+        else:
+            node = reply.content["node"]
+            replies.append((str(node["name"]), str(node["stats"]), ""))
+    replies += [(str(n), None, f"no reply within {timeout:.0f}s") for n in nodes if n not in answered]
+    return replies
 
 
 @app.main()
@@ -20,6 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_flower_config(dict(context.run_config))
     runtime = ServerRuntime(settings)
     log.info("settings: %s", settings.model_dump_json())
+
     strategy = Zk0FedProx(
         recorder=runtime.recorder,
         is_eval_round=settings.is_eval_round,
@@ -39,9 +64,11 @@ def main(grid: Grid, context: Context) -> None:
         metrics = runtime.end_round(server_round + runtime.start_round, arrays.to_torch_state_dict())
         return MetricRecord(metrics) if metrics else None
 
-    config = ConfigRecord(runtime.train_config())
     exit_code = 1
     try:
+        if settings.stats == "federated" and not runtime.stats:
+            runtime.merge_node_stats(collect_stats(grid, runtime.train_config(), settings.min_nodes, settings.round_timeout))
+        config = ConfigRecord(runtime.train_config())
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(runtime.initial_state()),

@@ -6,8 +6,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .cameras import format_camera_map, parse_camera_map
 
 ENV_PREFIX = "ZK0_"
 
@@ -41,6 +43,8 @@ class _Zk0Settings(BaseSettings):
         """Kebab-case, TOML-friendly copy for `--run-config` / `--node-config`."""
         out = {}
         for key, value in self.model_dump(exclude_none=True).items():
+            if value == "":  # TOML has no null; an empty string means unset on the other side too
+                continue
             out[key.replace("_", "-")] = str(value) if isinstance(value, Path) else value
         return out
 
@@ -48,6 +52,18 @@ class _Zk0Settings(BaseSettings):
     def env_names(cls) -> set[str]:
         """Every environment variable this class reads."""
         return {f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields}
+
+
+def _camera_map(value: str | None) -> str | None:
+    """Validate a camera map and write it in its canonical short form (full keys are accepted too)."""
+    return format_camera_map(parse_camera_map(value)) or None if value is not None else None
+
+
+def default_cache_dir() -> Path:
+    """Where converted datasets go unless ZK0_CACHE_DIR says otherwise: $XDG_CACHE_HOME/zk0 or ~/.cache/zk0."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zk0"
 
 
 def _explain(cls: type[BaseSettings], err: ValidationError) -> str:
@@ -75,7 +91,16 @@ class ServerSettings(_Zk0Settings):
     output_dir: Path = Field(Path("outputs"), description="Where rounds, history and checkpoints go.")
     base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id.")
     eval_dataset: str | None = Field(None, description="Server evaluation dataset: local root or Hub id.")
+    eval_cameras: str | None = Field(
+        None, description="Camera map of the evaluation dataset onto the policy's slots, e.g. top=camera1,wrist=camera2."
+    )
     eval_batches: int = Field(4, ge=1, description="Batches per evaluation; at least 1.")
+    stats: Literal["federated", "base"] = Field(
+        "federated",
+        description="Normalisation statistics: federated (merged from every node's training episodes before round 1) "
+        "or base (the base policy's own).",
+    )
+    cache_dir: Path | None = Field(None, description="Folder for datasets converted to LeRobot v3.0 (default ~/.cache/zk0).")
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for node replies per round.")
     seed: int = Field(0, description="Seed for sampling, evaluation noise and training order.")
     device: str = Field("auto", description="Server evaluation device: auto, cpu, cuda or cuda:N.")
@@ -88,6 +113,8 @@ class ServerSettings(_Zk0Settings):
     hf_repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo to push checkpoints to (owner/name); needs HF_TOKEN.")
     hf_private: bool = Field(False, description="Create the Hub repo as private.")
     push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
+
+    _cameras = field_validator("eval_cameras")(_camera_map)
 
     def is_eval_round(self, server_round: int) -> bool:
         """Round 0, every `eval_every` rounds and the last round are evaluated."""
@@ -109,6 +136,10 @@ class NodeSettings(_Zk0Settings):
 
     dataset: str = Field(..., min_length=1, description="This node's LeRobot dataset: local root or Hub id.")
     name: str = Field("", description="Human-readable node name used in records; defaults to the dataset name.")
+    cameras: str | None = Field(
+        None, description="Camera map of this node's dataset onto the policy's slots, e.g. top=camera1,wrist=camera2."
+    )
+    cache_dir: Path | None = Field(None, description="Folder for datasets converted to LeRobot v3.0 (default ~/.cache/zk0).")
     heldout_episodes: int = Field(2, ge=0, description="Episodes held out for evaluation, never trained on.")
     partition_id: int | None = Field(None, ge=0, description="When one dataset is split across nodes: this node's part.")
     num_partitions: int | None = Field(None, ge=1, description="When one dataset is split across nodes: how many parts.")
@@ -124,6 +155,8 @@ class NodeSettings(_Zk0Settings):
     max_bad_samples: int = Field(
         10, ge=0, description="Unreadable samples (e.g. corrupt video frames) a node skips per round before it fails."
     )
+
+    _cameras = field_validator("cameras")(_camera_map)
 
     @model_validator(mode="after")
     def _partitions_pair(self) -> Self:
@@ -144,7 +177,7 @@ NODE_VAR = re.compile(rf"^{ENV_PREFIX}NODE_(\d+)_([A-Z_]+)$")
 # Variables that only the deployment reads (compose.yaml and .env.example): an env-file shared by
 # `zk0 local` and Compose may hold them. Node i is pinned to GPU ZK0_NODE_<i>_GPU.
 DEPLOYMENT_NODE_FIELDS = {"GPU"}
-DEPLOYMENT_VARS = {f"{ENV_PREFIX}{name}" for name in ("IMAGE", "DATASETS_DIR", "TLS_DIR")}
+DEPLOYMENT_VARS = {f"{ENV_PREFIX}{name}" for name in ("IMAGE", "DATASETS_DIR", "TLS_DIR", "SERVER_GPU")}
 
 
 def check_env_names(names: set[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from logging import WARNING
+from logging import ERROR, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 from flwr.supercore import log
 
+from .errors import RunFailed
 from .records import RunRecorder
 from .wire import (
     DELTA, DELTA_BLOCK, PACKED, SCALES, aggregate, aggregate_deltas, down_format, is_finite, layout_fingerprint, npy_view, pack,
@@ -25,7 +26,10 @@ def _payload_bytes(arrays: ArrayRecord) -> int:
 
 def _node_info(msg: Message) -> dict:
     node = msg.content.get("node")
-    return {"name": str(node["name"]), "dataset": str(node["dataset"])} if node else {}
+    if not node:
+        return {}
+    # What each lab's data looks like (fps, cameras fed, frames) goes in the round record beside its metrics.
+    return {k: node[k] if k in ("fps", "frames") else str(node[k]) for k in ("name", "dataset", "fps", "cameras", "frames") if k in node}
 
 
 class Zk0FedProx(FedProx):
@@ -39,6 +43,7 @@ class Zk0FedProx(FedProx):
         self._shapes: dict[str, tuple] = {}
         self._layout = ""
         self._base = None  # int8-delta: the fp32 global model of this round, flat, that updates are added to
+        self._sent: set[int] = set()  # nodes asked to train this round
         # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
         self.round_offset = 0
 
@@ -50,6 +55,7 @@ class Zk0FedProx(FedProx):
             self._base = pack(arrays.to_torch_state_dict(), "fp32")
         arrays = self._to_wire(arrays, config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = {m.metadata.dst_node_id for m in messages}
         self.recorder.add_bytes(server_round, "sent", _payload_bytes(arrays) * len(messages))
         return messages
 
@@ -75,9 +81,10 @@ class Zk0FedProx(FedProx):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        accepted, rejected = [], {}
+        accepted, rejected, replied = [], {}, set()
         for msg in replies:
             node_id = msg.metadata.src_node_id
+            replied.add(node_id)
             if msg.has_error():
                 rejected[str(node_id)] = f"error: {msg.error.reason}"
                 continue
@@ -90,6 +97,17 @@ class Zk0FedProx(FedProx):
                 rejected[str(node_id)] = reason
             else:
                 accepted.append(msg)
+        rejected.update({str(n): "no reply within the round timeout" for n in sorted(self._sent - replied)})
+        if len(accepted) < self.min_train_nodes:
+            # Aggregating fewer updates than the experiment requires (or none) would checkpoint a model
+            # that did not learn from the federation: the run fails with every node's reason instead.
+            self.recorder.set(server_round, contributors=sorted(m.metadata.src_node_id for m in accepted), excluded=rejected)
+            reasons = "; ".join(f"node {n}: {why}" for n, why in rejected.items()) or "no node was sampled"
+            log(ERROR, "Round %d: %d usable update(s), ZK0_MIN_NODES=%d required: %s", server_round, len(accepted),
+                self.min_train_nodes, reasons)
+            raise RunFailed(
+                f"round {server_round}: {len(accepted)} usable update(s), ZK0_MIN_NODES={self.min_train_nodes} required; {reasons}"
+            )
         arrays, metrics = self._aggregate(accepted)
         self.recorder.set(
             server_round,
