@@ -25,6 +25,31 @@ def demo(tmp_path_factory):
     return write_demo(tmp_path_factory.mktemp("demo"), episodes=6, frames=30, seed=0)
 
 
+@pytest.fixture(scope="session")
+def foreign(tmp_path_factory):
+    """Datasets shaped like ones we did not write, each with the camera map it needs.
+
+    A single `top` camera at 15 fps with 64x48 frames, a `laptop`+`phone` set, a LeRobot v2.1 set at
+    20 fps, and an evaluation set whose cameras have yet other names.
+    """
+    from zk0.demo import ARM, NODE_TASKS, SCENE, DemoSet, make_synthetic_dataset, write_eval_set
+
+    root = tmp_path_factory.mktemp("foreign")
+    sets = {
+        "top15": (DemoSet({"top": SCENE}, fps=15, image_size=(48, 64)), "top=camera1"),
+        "laptop-phone": (DemoSet({"laptop": SCENE, "phone": ARM}), "laptop=camera1,phone=camera2"),
+        "v21": (DemoSet({"up": SCENE, "wrist": ARM}, fps=20, version="v2.1"), "up=camera1,wrist=camera2"),
+    }
+    out = {"datasets": {}, "cameras": {}}
+    for style, (name, (spec, cameras)) in enumerate(sets.items()):
+        make_synthetic_dataset(root / name, f"lab/{name}", task=NODE_TASKS[style], style=style, num_episodes=5,
+                               frames_per_episode=24, spec=spec, seed=7)
+        out["datasets"][name], out["cameras"][name] = root / name, cameras
+    write_eval_set(root / "eval", 1, 24, seed=7, spec=DemoSet({"overhead": SCENE, "gripper": ARM}), styles=3)
+    out["datasets"]["eval"], out["cameras"]["eval"] = root / "eval", "overhead=camera1,gripper=camera2"
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _no_zk0_env(monkeypatch):
     """Each test starts without ZK0_ variables from the developer's shell."""

@@ -14,7 +14,9 @@ def write_env(path: Path, demo: dict, out: Path, nodes: int = 4, **extra) -> Pat
     values = {
         "ZK0_BASE_POLICY": demo["base-policy"],
         "ZK0_EVAL_DATASET": demo["datasets"]["server-eval"],
+        "ZK0_EVAL_CAMERAS": demo["cameras"]["server-eval"],
         **{f"ZK0_NODE_{i}_DATASET": demo["datasets"][f"node-{i}"] for i in range(nodes)},
+        **{f"ZK0_NODE_{i}_CAMERAS": demo["cameras"][f"node-{i}"] for i in range(nodes)},
         "ZK0_NUM_ROUNDS": 3,
         "ZK0_LOCAL_STEPS": 15,
         "ZK0_BATCH_SIZE": 8,

@@ -15,7 +15,7 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from transformers import SmolVLMConfig, SmolVLMProcessor
 from transformers.models.smolvlm import SmolVLMImageProcessor, SmolVLMVideoProcessor
 
-from .demo import CAMERAS, JOINTS, NODE_TASKS
+from .demo import JOINTS, NODE_TASKS, POLICY_CAMERAS
 from .tiny_vlm import NAMED_TOKENS, _train_tokenizer, build_tiny_vlm
 
 # SmolVLM2-500M, the backbone of lerobot/smolvla_base (REFERENCE.md); SmolVLA keeps 16 of its 32
@@ -58,7 +58,7 @@ def policy_config(vlm_dir: Path, full: bool, device: str = "cpu") -> SmolVLAConf
     """SmolVLA's default config (full) or the demo's sizes (small), six joints and two cameras."""
     size = FULL_IMAGE if full else TINY_IMAGE
     image = PolicyFeature(FeatureType.VISUAL, (3, size, size))
-    inputs = {"observation.state": PolicyFeature(FeatureType.STATE, (len(JOINTS),)), **{c: image for c in CAMERAS}}
+    inputs = {"observation.state": PolicyFeature(FeatureType.STATE, (len(JOINTS),)), **{c: image for c in POLICY_CAMERAS[:2]}}
     small = {} if full else dict(num_vlm_layers=4, chunk_size=10, n_action_steps=10, resize_imgs_with_padding=(size, size))
     return SmolVLAConfig(
         input_features=inputs,

@@ -117,8 +117,8 @@ def _dim(features: dict, key: str) -> int | None:
 
 
 def _check_version(row: DatasetCheck, version: str) -> None:
-    if version in (SUPPORTED, CONVERTIBLE):
-        return
+    if version.startswith("v3.") or version == CONVERTIBLE:
+        return  # LeRobot reads every v3 minor version (with a warning for newer ones)
     if version.startswith("v2"):
         todo = ("convert it to v2.1 with LeRobot 0.3.x (`python -m lerobot.datasets.v21.convert_dataset_v20_to_v21 "
                 f"--repo-id ... --root {row.spec}`); zk0 then converts v2.1 to v3.0 by itself")

@@ -24,6 +24,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .local import load_env_file, node_settings_from_env, preflight, settings_from_env
+    from .settings import ServerSettings
+
+    env = load_env_file(args.env_file)
+    preflight(settings_from_env(ServerSettings, env), node_settings_from_env(env))
+    print("zk0 check: every dataset can be used")
+    return 0
+
+
 def _local(args: argparse.Namespace) -> int:
     from .local import run_local
 
@@ -111,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--frames", type=int, default=40, help="frames per episode")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    check = sub.add_parser(
+        "check",
+        help="check an experiment's datasets against the base policy; print one table; list every problem",
+        description="Read the env-file's nodes (ZK0_NODE_<i>_*) and evaluation set, compare each dataset's format, fps, "
+        "episodes, cameras (after ZK0_NODE_<i>_CAMERAS / ZK0_EVAL_CAMERAS) and state/action sizes with the base "
+        "policy, print one table and exit 2 listing every problem (0 when every dataset can be used). Reads only "
+        "metadata files: no frames, no model.",
+    )
+    check.add_argument("--env-file", type=Path, default=None, help="experiment settings, e.g. experiments/demo.env")
+    check.set_defaults(func=_check)
     local = sub.add_parser("local", help="run a federation of real Flower processes on this host")
     local.add_argument("--env-file", type=Path, default=None, help="experiment settings, e.g. experiments/demo.env")
     local.add_argument(

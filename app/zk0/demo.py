@@ -1,18 +1,26 @@
-"""Offline demo assets: tiny SmolVLM backbone, synthetic SO-100 datasets and a tiny base SmolVLA."""
+"""Offline demo assets: tiny SmolVLM backbone, synthetic SO-100 datasets and a tiny base SmolVLA.
+
+The datasets look like the ones labs have, not like the policy: cameras named as on the Hub (top,
+wrist, laptop, phone, front, up, side), one or two cameras, 15 or 30 fps, non-square frames, one in
+LeRobot's v2.1 layout. The base policy has lerobot/smolvla_base's layout (cameras camera1..3, 6-dim
+state and action, MEAN_STD normalisation), so every demo run maps cameras, converts v2.1 and merges
+statistics exactly as a real run does.
+"""
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from lerobot.datasets.compute_stats import aggregate_stats
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.utils.feature_utils import dataset_to_policy_features
 
+from .formats import V21Writer
 from .tiny_vlm import IMAGE_SIZE, TEXT_LAYERS, build_tiny_vlm
 
 __all__ = ["build_tiny_vlm", "make_synthetic_dataset", "build_base_policy", "write_demo"]
@@ -26,17 +34,46 @@ JOINTS = [
     "wrist_roll.pos",
     "gripper.pos",
 ]
-CAMERAS = ("observation.images.front", "observation.images.wrist")
+# lerobot/smolvla_base's image slots.
+POLICY_CAMERAS = tuple(f"observation.images.camera{i}" for i in (1, 2, 3))
+# What a camera shows: the table seen from above (target and end effector) or the arm's joints.
+SCENE, ARM = "scene", "arm"
+
+
+@dataclass(frozen=True)
+class DemoSet:
+    """How one demo dataset is recorded: its cameras (name -> view), fps, frame size, LeRobot format."""
+
+    cameras: dict
+    fps: int = 30
+    image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+    version: str = "v3.0"
+
+    @property
+    def camera_map(self) -> str:
+        """The map onto the policy's slots: the scene camera feeds camera1, the arm camera camera2."""
+        slot = {SCENE: "camera1", ARM: "camera2"}
+        return ",".join(f"{name}={slot[view]}" for name, view in self.cameras.items())
+
+
+# Names and shapes that real SO-100/SO-101 datasets on the Hub use.
+DEMO_SETS = {
+    "node-0": DemoSet({"top": SCENE, "wrist": ARM}, fps=30),
+    "node-1": DemoSet({"laptop": SCENE, "phone": ARM}, fps=30, image_size=(48, 64)),
+    "node-2": DemoSet({"front": SCENE}, fps=15),
+    "node-3": DemoSet({"up": SCENE, "side": ARM}, fps=30, version="v2.1"),
+    "server-eval": DemoSet({"front": SCENE, "wrist": ARM}, fps=30),
+}
 NODE_TASKS = ["pick the red cube", "push the block left", "open the gripper", "wave the arm"]
 HOME = np.array([0.0, -30.0, 30.0, 0.0, 0.0, 20.0])
 CHUNK_SIZE = 10
 
 
-def _features(image_size: tuple[int, int]) -> dict:
-    """LeRobot feature spec in SO-100 follower format."""
+def _features(image_size: tuple[int, int], cameras) -> dict:
+    """LeRobot feature spec in SO-100 follower format, one video feature per camera."""
     vec = {"dtype": "float32", "shape": (len(JOINTS),), "names": list(JOINTS)}
     cam = {"dtype": "video", "shape": (*image_size, 3), "names": ["height", "width", "channels"]}
-    cams = {key: dict(cam) for key in CAMERAS}
+    cams = {key if key.startswith("observation.") else f"observation.images.{key}": dict(cam) for key in cameras}
     return {"observation.state": dict(vec), "action": dict(vec), **cams}
 
 
@@ -109,25 +146,32 @@ def _episode(style: int, rng: np.random.Generator, frames: int) -> list[tuple[np
 
 
 def _write_dataset(
-    root: Path, repo_id: str, plan: list[tuple[int, str]], frames: int, fps: int,
-    image_size: tuple[int, int], rng: np.random.Generator,
-) -> LeRobotDataset:
-    """Record one episode per (style, task) in plan with LeRobot's writer, then reopen it."""
+    root: Path, repo_id: str, plan: list[tuple[int, str]], frames: int, spec: DemoSet, rng: np.random.Generator,
+) -> LeRobotDataset | None:
+    """Record one episode per (style, task) in plan (LeRobot's writer for v3.0); the v3.0 dataset reopened."""
     # The AV1 encoder logs its whole configuration for every video unless told otherwise.
     os.environ.setdefault("SVT_LOG", "1")
-    ds = LeRobotDataset.create(
-        repo_id, fps, _features(image_size), root=root, robot_type="so100_follower",
-        use_videos=True, video_backend=VIDEO_BACKEND,
-    )
+    features = _features(spec.image_size, spec.cameras)
+    if spec.version == "v2.1":
+        ds = V21Writer(root, repo_id, spec.fps, features, robot_type="so100_follower")
+    else:
+        ds = LeRobotDataset.create(
+            repo_id, spec.fps, features, root=root, robot_type="so100_follower", use_videos=True, video_backend=VIDEO_BACKEND,
+        )
     for style, task in plan:
         for state, action, latent in _episode(style, rng, frames):
-            front, wrist = _render(state, latent, image_size)
-            ds.add_frame({"observation.state": state, "action": action,
-                          CAMERAS[0]: front, CAMERAS[1]: wrist, "task": task})
-        # A process pool per episode costs more than two 64x64 encodes, and forking a
-        # multi-threaded torch process can deadlock.
-        ds.save_episode(parallel_encoding=False)
+            views = dict(zip((SCENE, ARM), _render(state, latent, spec.image_size), strict=True))
+            images = {f"observation.images.{name}": views[view] for name, view in spec.cameras.items()}
+            ds.add_frame({"observation.state": state, "action": action, **images, "task": task})
+        if spec.version == "v2.1":
+            ds.save_episode()
+        else:
+            # A process pool per episode costs more than two 64x64 encodes, and forking a
+            # multi-threaded torch process can deadlock.
+            ds.save_episode(parallel_encoding=False)
     ds.finalize()  # without it the parquet footers are missing
+    if spec.version == "v2.1":
+        return None
     return LeRobotDataset(repo_id, root=root, video_backend=VIDEO_BACKEND)
 
 
@@ -139,27 +183,27 @@ def make_synthetic_dataset(
     style: int,
     num_episodes: int = 8,
     frames_per_episode: int = 40,
-    fps: int = 10,
-    image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE),
+    spec: DemoSet = DEMO_SETS["node-0"],
     seed: int = 0,
-) -> LeRobotDataset:
-    """Write a learnable SO-100-style LeRobot v3.0 dataset whose motion depends on style."""
+) -> LeRobotDataset | None:
+    """Write a learnable SO-100-style LeRobot dataset whose motion depends on style (None when written as v2.1)."""
     rng = np.random.default_rng([seed, style])
     plan = [(style, task)] * num_episodes
-    return _write_dataset(Path(root), repo_id, plan, frames_per_episode, fps, image_size, rng)
+    return _write_dataset(Path(root), repo_id, plan, frames_per_episode, spec, rng)
 
 
-def _write_server_eval(root: Path, per_style: int, frames: int, seed: int) -> LeRobotDataset:
-    """Held-out evaluation set mixing every node's style, from an unrelated seed."""
+def write_eval_set(
+    root: Path, per_style: int, frames: int, seed: int, spec: DemoSet = DEMO_SETS["server-eval"], styles: int = len(NODE_TASKS),
+) -> LeRobotDataset | None:
+    """Held-out evaluation set mixing the first `styles` node styles, from an unrelated seed."""
     rng = np.random.default_rng([seed, 10_000])
-    plan = [(style, task) for style, task in enumerate(NODE_TASKS) for _ in range(per_style)]
-    size = (IMAGE_SIZE, IMAGE_SIZE)
-    return _write_dataset(root, "zk0/demo-server-eval", plan, frames, 10, size, rng)
+    plan = [(style, task) for style, task in enumerate(NODE_TASKS[:styles]) for _ in range(per_style)]
+    return _write_dataset(Path(root), "zk0/demo-server-eval", plan, frames, spec, rng)
 
 
 def _policy_config(vlm_dir: Path) -> SmolVLAConfig:
-    """SmolVLA config sized for the tiny backbone and the synthetic datasets."""
-    features = dataset_to_policy_features(_features((IMAGE_SIZE, IMAGE_SIZE)))
+    """SmolVLA config with smolvla_base's feature layout and normalisation, sized for the tiny backbone."""
+    features = dataset_to_policy_features(_features((IMAGE_SIZE, IMAGE_SIZE), POLICY_CAMERAS))
     return SmolVLAConfig(
         input_features={k: f for k, f in features.items() if k != "action"},
         output_features={"action": features["action"]},
@@ -204,19 +248,17 @@ def write_demo(out: Path, *, episodes: int = 8, frames: int = 40, seed: int = 0)
     out = Path(out).resolve()
     for owned in ("vlm", "datasets", "base-policy"):
         shutil.rmtree(out / owned, ignore_errors=True)
-    paths = {"root": out, "vlm": build_tiny_vlm(out / "vlm"), "datasets": {}}
-    node_sets = []
+    paths = {"root": out, "vlm": build_tiny_vlm(out / "vlm"), "datasets": {}, "cameras": {}}
     for node, task in enumerate(NODE_TASKS):
-        root = out / "datasets" / f"node-{node}"
-        ds = make_synthetic_dataset(root, f"zk0/demo-node-{node}", task=task, style=node,
-                                    num_episodes=episodes, frames_per_episode=frames, seed=seed)
-        paths["datasets"][f"node-{node}"] = root
-        node_sets.append(ds)
+        name = f"node-{node}"
+        make_synthetic_dataset(out / "datasets" / name, f"zk0/demo-{name}", task=task, style=node,
+                               num_episodes=episodes, frames_per_episode=frames, spec=DEMO_SETS[name], seed=seed)
+        paths["datasets"][name] = out / "datasets" / name
     server_root = out / "datasets" / "server-eval"
-    _write_server_eval(server_root, max(1, episodes // 4), frames, seed)
+    server = write_eval_set(server_root, max(1, episodes // 4), frames, seed)
     paths["datasets"]["server-eval"] = server_root
-    pooled = aggregate_stats([ds.meta.stats for ds in node_sets])
-    paths["base-policy"] = build_base_policy(
-        out / "base-policy", paths["vlm"], seed=seed, stats=pooled
-    )
+    paths["cameras"] = {name: spec.camera_map for name, spec in DEMO_SETS.items()}
+    # Like smolvla_base, whose statistics come from other robots' data, the base policy's statistics are
+    # not any node's own: those are merged from the nodes when the federation starts (ZK0_STATS=federated).
+    paths["base-policy"] = build_base_policy(out / "base-policy", paths["vlm"], seed=seed, stats=server.meta.stats)
     return paths

@@ -16,7 +16,7 @@ from pathlib import Path
 import tomli_w
 from dotenv import dotenv_values
 
-from .data import open_metadata
+from .check import check_experiment, report
 from .settings import NODE_VAR, NodeSettings, ServerSettings, SettingsError, check_env_names
 from .supernode import bin_path as _bin
 from .supernode import TASK_POLL, supernode_command
@@ -187,17 +187,10 @@ def _absolute_paths(settings: ServerSettings) -> ServerSettings:
     return settings.model_copy(update=updates)
 
 
-def preflight(settings: ServerSettings, nodes: list[NodeSettings]) -> None:
-    """Check local datasets and the base policy before any process starts."""
-    for spec in [n.dataset for n in nodes] + [settings.eval_dataset]:
-        if spec and spec.startswith(("/", ".", "~")) or (spec and Path(spec).exists()):
-            open_metadata(spec)
-    base = settings.base_policy
-    if base.startswith(("/", ".", "~")) and not (Path(base) / "config.json").is_file():
-        raise SettingsError(
-            f"ZK0_BASE_POLICY={base}: no saved policy there (missing config.json); "
-            "run `zk0 demo` for the offline demo or use a Hub id such as lerobot/smolvla_base"
-        )
+def preflight(settings: ServerSettings, nodes: list[NodeSettings], echo=print) -> None:
+    """`zk0 check`: every dataset against the base policy, the table printed; every problem raised at once."""
+    rows, problems, warnings = check_experiment(settings, nodes)
+    report(rows, problems, warnings, "the experiment", echo=echo)
 
 
 def run_status(dep: LocalDeployment, run_id: str, connection: str) -> str:

@@ -20,6 +20,7 @@ STATS_FEATURES = ("observation.state", "action")
 
 def training_frames(root: Path, episodes: list[int], keys=STATS_FEATURES) -> dict[str, np.ndarray]:
     """The `keys` columns of the given episodes, read from a v3.0 dataset's parquet files (no video)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -27,7 +28,7 @@ def training_frames(root: Path, episodes: list[int], keys=STATS_FEATURES) -> dic
     tables = [pq.read_table(f, columns=["episode_index", *keys]) for f in files]
     out: dict[str, list] = {k: [] for k in keys}
     for table in tables:
-        table = table.filter(pc.is_in(table["episode_index"], value_set=np.asarray(episodes, dtype=np.int64)))
+        table = table.filter(pc.is_in(table["episode_index"], value_set=pa.array(episodes, type=pa.int64())))
         for key in keys:
             out[key].extend(table[key].to_pylist())
     return {k: np.asarray(v, dtype=np.float64).reshape(len(v), -1) for k, v in out.items()}

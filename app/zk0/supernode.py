@@ -11,7 +11,6 @@ from pathlib import Path
 
 import tomli_w
 
-from .data import open_metadata
 from .settings import NodeSettings, SettingsError
 
 log = logging.getLogger("zk0")
@@ -60,13 +59,17 @@ def wait_reachable(address: str, tries: int, wait: float) -> None:
     )
 
 
-def check_node(node: NodeSettings) -> None:
-    """Open a local dataset's metadata and check a local base policy before any process starts."""
-    if node.dataset.startswith(("/", ".", "~")) or Path(node.dataset).exists():
-        open_metadata(node.dataset)
-    base = node.base_policy
-    if base and base.startswith(("/", ".", "~")) and not (Path(base).expanduser() / "config.json").is_file():
-        raise SettingsError(f"ZK0_BASE_POLICY={base}: no saved policy there (missing config.json)")
+def check_node(node: NodeSettings, echo=print) -> None:
+    """zk0 check's dataset checks for this node before any process starts, every problem at once.
+
+    Without ZK0_BASE_POLICY the node trains the server's base policy, which it learns of only with the
+    first message: its dataset is checked against zk0's default, lerobot/smolvla_base's layout.
+    """
+    from .check import check_nodes, fps_warnings, report
+
+    rows, problems = check_nodes([node], node.base_policy or "lerobot/smolvla_base", ["ZK0_"])
+    report(rows, problems + [p for r in rows for p in r.problems], [w for r in rows for w in r.warnings] + fps_warnings(rows),
+           "this SuperNode", echo=echo)
 
 
 def node_config(node: NodeSettings) -> str:
