@@ -10,7 +10,9 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from safetensors.torch import load_file
 from transformers import AutoProcessor
 
-from zk0.demo import CAMERAS, NODE_TASKS, VIDEO_BACKEND, build_base_policy, write_demo
+from zk0.cameras import parse_camera_map
+from zk0.data import resolve_dataset
+from zk0.demo import DEMO_SETS, NODE_TASKS, POLICY_CAMERAS, VIDEO_BACKEND, build_base_policy, write_demo
 
 EPISODES = 6  # as built by the session-wide `demo` fixture in conftest.py
 FRAMES = 30
@@ -22,12 +24,16 @@ def assets(demo):
 
 
 def open_dataset(path, **kwargs):
-    return LeRobotDataset(f"local/{path.name}", root=path, video_backend=VIDEO_BACKEND, **kwargs)
+    """A demo dataset in plain LeRobot (the v2.1 one through its v3.0 conversion)."""
+    _, root = resolve_dataset(str(path), path.parent.parent / "cache")
+    return LeRobotDataset(f"local/{path.name}", root=root, video_backend=VIDEO_BACKEND, **kwargs)
 
 
-def load_policy(path):
+def load_policy(path, cameras: str = ""):
+    """The policy and its processors, with a camera map given to LeRobot's rename step."""
     policy = SmolVLAPolicy.from_pretrained(str(path))
-    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(path))
+    rename = {"rename_observations_processor": {"rename_map": parse_camera_map(cameras)}}
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(path), preprocessor_overrides=rename)
     return policy, pre, post
 
 
@@ -57,14 +63,29 @@ def test_dataset_format(assets, name):
     features = ds.meta.features
     assert tuple(features["observation.state"]["shape"]) == (6,)
     assert tuple(features["action"]["shape"]) == (6,)
-    assert set(ds.meta.camera_keys) == set(CAMERAS)
-    assert ds.meta.robot_type == "so100_follower"
+    spec = DEMO_SETS[name]
+    # Cameras named as labs name them, never as the policy's slots.
+    assert set(ds.meta.camera_keys) == {f"observation.images.{c}" for c in spec.cameras}
+    assert not set(ds.meta.camera_keys) & set(POLICY_CAMERAS)
+    assert ds.meta.robot_type == "so100_follower" and ds.meta.fps == spec.fps
     episodes = 4 * max(1, EPISODES // 4) if name == "server-eval" else EPISODES  # server: every style
     assert ds.num_episodes == episodes and ds.num_frames == episodes * FRAMES
     frame = ds[FRAMES + 3]
-    for key in CAMERAS:
-        assert frame[key].shape == (3, 64, 64)
+    for key in ds.meta.camera_keys:
+        assert frame[key].shape == (3, *spec.image_size)
         assert frame[key].max() > frame[key].min()  # the scene is drawn, not blank
+
+
+def test_the_demo_looks_like_the_real_thing(assets):
+    import json
+
+    versions = {n: json.loads((p / "meta" / "info.json").read_text())["codebase_version"] for n, p in assets["datasets"].items()}
+    assert versions["node-3"] == "v2.1" and versions["node-0"] == "v3.0"
+    assert {DEMO_SETS[n].fps for n in assets["datasets"]} == {15, 30}
+    assert min(len(s.cameras) for s in DEMO_SETS.values()) == 1
+    config = json.loads((assets["base-policy"] / "config.json").read_text())
+    assert sorted(k for k in config["input_features"] if "images" in k) == list(POLICY_CAMERAS)  # smolvla_base's slots
+    assert config["normalization_mapping"] == {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
 
 
 def test_node_tasks_and_server_mix(assets):
@@ -91,7 +112,7 @@ def test_nodes_are_heterogeneous(assets):
 
 
 def test_base_policy_trains_one_step(assets):
-    policy, pre, _ = load_policy(assets["base-policy"])
+    policy, pre, _ = load_policy(assets["base-policy"], assets["cameras"]["node-1"])
     policy.train()
     batch = first_batch(policy, assets["datasets"]["node-1"])
     loss, _ = policy.forward(pre(batch))
@@ -110,7 +131,7 @@ def test_base_policy_round_trip_is_deterministic(assets, tmp_path):
 
     outputs = []
     for _ in range(2):
-        policy, pre, post = load_policy(assets["base-policy"])
+        policy, pre, post = load_policy(assets["base-policy"], assets["cameras"]["server-eval"])
         policy.eval()
         batch = pre(first_batch(policy, assets["datasets"]["server-eval"], batch_size=2))
         torch.manual_seed(0)
