@@ -42,7 +42,7 @@ def base(demo):
 
 def test_node_with_another_base_policy_refuses(demo, base):
     path, state, _ = base
-    node = NodeSettings.load(dataset=str(demo["datasets"]["node-0"]))
+    node = NodeSettings.load(dataset=str(demo["datasets"]["node-0"]), cameras=demo["cameras"]["node-0"])
     with pytest.raises(BaseMismatchError, match="fingerprint.*same base"):
         open_session(node, path, state, seed=0, fingerprint="0123456789abcdef")
     session = open_session(node, path, state, seed=0, fingerprint=base[2])
@@ -51,29 +51,29 @@ def test_node_with_another_base_policy_refuses(demo, base):
 
 def test_dataset_with_wrong_action_size_is_named(tmp_path, base):
     path, state, fp = base
-    node = NodeSettings.load(dataset=small_dataset(tmp_path / "arm5", action_dim=5, with_images=True))
-    with pytest.raises(DatasetError, match=r"action shape \(5,\).*expects \(6,\)"):
+    node = NodeSettings.load(dataset=small_dataset(tmp_path / "arm5", action_dim=5, with_images=True), cameras="front=camera1")
+    with pytest.raises(DatasetError, match=r"action has 5 values, the policy expects 6"):
         open_session(node, path, state, seed=0, fingerprint=fp)
 
 
 def test_dataset_without_cameras_is_named(tmp_path, base):
     path, state, fp = base
     node = NodeSettings.load(dataset=small_dataset(tmp_path / "blind", action_dim=6, with_images=False))
-    with pytest.raises(DatasetError, match="none of the policy's cameras"):
+    with pytest.raises(DatasetError, match="none of its cameras feeds a policy slot.*dataset cameras: none"):
         open_session(node, path, state, seed=0, fingerprint=fp)
 
 
 def test_heldout_split_that_leaves_nothing_is_named(demo, base):
     path, state, fp = base
-    node = NodeSettings.load(dataset=str(demo["datasets"]["node-1"]), heldout_episodes=99)
+    node = NodeSettings.load(dataset=str(demo["datasets"]["node-1"]), cameras=demo["cameras"]["node-1"], heldout_episodes=99)
     with pytest.raises(DatasetError, match="nothing to train on"):
         open_session(node, path, state, seed=0, fingerprint=fp)
 
 
 def corrupt_copy(dataset: str, target) -> str:
-    """A copy of a demo dataset whose front-camera video has garbage written into its middle."""
+    """A copy of a demo dataset whose top-camera video has garbage written into its middle."""
     root = shutil.copytree(dataset, target)
-    video = root / "videos" / "observation.images.front" / "chunk-000" / "file-000.mp4"
+    video = root / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4"
     data = bytearray(video.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
@@ -86,10 +86,10 @@ def test_corrupt_video_frames_are_skipped_and_counted_up_to_a_bound(demo, base, 
     dataset = corrupt_copy(demo["datasets"]["node-0"], tmp_path / "corrupt")
     plan = TrainPlan(steps=12, start_step=0, total_steps=12, learning_rate=1e-4, proximal_mu=0.0)
     # 12 steps of 16 cover all 180 frames once: every unreadable one is met.
-    node = NodeSettings.load(dataset=dataset, heldout_episodes=0, max_bad_samples=60)
+    node = NodeSettings.load(dataset=dataset, cameras=demo["cameras"]["node-0"], heldout_episodes=0, max_bad_samples=60)
     _, metrics = train_on_node(open_session(node, path, state, seed=0, fingerprint=fp), plan, 16, seed=0)
     assert 0 < metrics["skipped_samples"] <= 60 and metrics["steps"] == 12
     assert metrics["samples"] == 12 * 16 - metrics["skipped_samples"]
-    strict = NodeSettings.load(dataset=dataset, heldout_episodes=0, max_bad_samples=3)
+    strict = NodeSettings.load(dataset=dataset, cameras=demo["cameras"]["node-0"], heldout_episodes=0, max_bad_samples=3)
     with pytest.raises(DatasetError, match=r"4 samples could not be read, more than ZK0_MAX_BAD_SAMPLES=3"):
         train_on_node(open_session(strict, path, state, seed=0, fingerprint=fp), plan, 16, seed=0)

@@ -26,6 +26,7 @@ def hub(monkeypatch):
 def runtime(demo, out, **kw) -> ServerRuntime:
     settings = ServerSettings.load(
         base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"]["server-eval"]),
+        eval_cameras=demo["cameras"]["server-eval"],
         output_dir=out, num_rounds=3, eval_batches=1, batch_size=4, device="cpu", **kw,
     )
     return ServerRuntime(settings)

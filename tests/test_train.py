@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from zk0.cameras import parse_camera_map
 from zk0.data import batch_stream, eval_batches, open_dataset
 from zk0.evaluate import evaluate_policy
 from zk0.model import (
@@ -24,9 +25,9 @@ def policy(demo):
     return load_policy(str(demo["base-policy"]), "cpu")
 
 
-@pytest.fixture
-def processors(demo):
-    return load_processors(str(demo["base-policy"]), "cpu")
+def processors(demo, dataset: str, path=None):
+    """The base policy's processors with the camera map of one demo dataset, as a node builds them."""
+    return load_processors(str(path or demo["base-policy"]), "cpu", parse_camera_map(demo["cameras"][dataset]))
 
 
 def test_only_part_of_smolvla_trains(policy):
@@ -73,8 +74,8 @@ def test_lr_follows_one_schedule_across_rounds(policy):
     assert reference[10] > reference[0] and reference[30] < reference[10]
 
 
-def test_train_round_moves_weights_and_reports_metrics(demo, policy, processors):
-    pre, _ = processors
+def test_train_round_moves_weights_and_reports_metrics(demo, policy):
+    pre, _ = processors(demo, "node-0")
     ds = open_dataset(str(demo["datasets"]["node-0"]), policy.config)
     before = trainable_state(policy)
     plan = TrainPlan(steps=4, start_step=0, total_steps=8, learning_rate=1e-3, proximal_mu=0.1, log_every=2)
@@ -98,15 +99,15 @@ def test_mismatched_weights_are_refused(policy):
         apply_trainable(policy, state)
 
 
-def test_checkpoint_loads_with_identical_actions(demo, policy, processors, tmp_path):
-    pre, post = processors
+def test_checkpoint_loads_with_identical_actions(demo, policy, tmp_path):
+    pre, post = processors(demo, "node-1")
     with torch.no_grad():
         for p in policy.parameters():
             if p.requires_grad:
                 p.add_(0.05)
     path = save_checkpoint(policy, pre, post, tmp_path / "round-001", {"round": 1})
     loaded = load_policy(str(path), "cpu")
-    pre2, post2 = load_processors(str(path), "cpu")
+    pre2, post2 = processors(demo, "node-1", path)
     assert frozen_fingerprint(loaded) == frozen_fingerprint(policy)
     ds = open_dataset(str(demo["datasets"]["node-1"]), policy.config)
     batches = eval_batches(ds, 4, 2)
@@ -116,8 +117,8 @@ def test_checkpoint_loads_with_identical_actions(demo, policy, processors, tmp_p
     assert not (tmp_path / ".round-001.tmp").exists()
 
 
-def test_evaluation_is_deterministic(demo, policy, processors):
-    pre, post = processors
+def test_evaluation_is_deterministic(demo, policy):
+    pre, post = processors(demo, "server-eval")
     ds = open_dataset(str(demo["datasets"]["server-eval"]), policy.config)
     batches = eval_batches(ds, 4, 2)
     first = evaluate_policy(policy, pre, post, batches, seed=1)
