@@ -41,11 +41,12 @@ def test_every_node_contributes_every_round(finished_run):
 def test_nodes_stay_warm_and_their_workers_end_with_the_run(finished_run):
     _, out = finished_run
     history = json.loads((out / "history.json").read_text())
-    # Round 1's train message starts each node's worker; every later message finds the policy loaded.
+    # The statistics query before round 1 starts each node's worker; every train and evaluate message
+    # after it finds the policy loaded.
+    assert (out / "norm-stats.json").is_file()
     for record in history[1:]:
         for client in record["clients"].values():
-            assert client["train"]["warm"] == (0.0 if record["round"] == 1 else 1.0)
-            assert client["eval"]["warm"] == 1.0
+            assert client["train"]["warm"] == 1.0 and client["eval"]["warm"] == 1.0
     # Each worker runs the run's own copy of the app; none outlives `zk0 local`.
     deadline = time.monotonic() + 10
     while (left := [pid for pid, env in _warm_workers() if str(out) in env]) and time.monotonic() < deadline:

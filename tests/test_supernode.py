@@ -38,7 +38,7 @@ def test_unreachable_superlink_is_named_within_bounded_time(demo):
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     code, output = supernode("--superlink", address, "--connect-tries", "3", "--connect-wait", "0.5",
-                             ZK0_DATASET=demo["datasets"]["node-0"])
+                             ZK0_DATASET=demo["datasets"]["node-0"], ZK0_CAMERAS=demo["cameras"]["node-0"])
     assert code == 3
     assert f"SuperLink {address} is not reachable after 3 tries" in output and "firewalls" in output
     assert time.monotonic() - started < 60
@@ -49,6 +49,10 @@ def test_bad_node_settings_fail_before_any_connection(demo):
     assert code == 2 and "/nonexistent/so100" in output and "not reachable" not in output
     code, output = supernode("--superlink", "127.0.0.1:1", ZK0_DATASET=demo["datasets"]["node-0"], ZK0_HELDOUT_EPISODES="-1")
     assert code == 2 and "ZK0_HELDOUT_EPISODES" in output
+    # A dataset whose cameras are not the policy's: the table, the cameras, the line to paste; no connection tried.
+    code, output = supernode("--superlink", f"127.0.0.1:{free_port()}", ZK0_DATASET=demo["datasets"]["node-1"])
+    assert code == 2 and "not reachable" not in output, output
+    assert "dataset cameras: laptop, phone" in output and "ZK0_CAMERAS=laptop=camera1,phone=camera2" in output
 
 
 def make_certs(directory: Path, nodes: int) -> Path:
@@ -88,7 +92,8 @@ def test_tls_federation_admits_registered_nodes_only(demo, tmp_path):
         connection = tomllib.loads(config_file.read_text())["superlink"]["local"]
         address = connection["address"]
         assert connection["root-certificates"] == str(certs / "ca.crt")
-        node = {"ZK0_DATASET": demo["datasets"]["node-2"], "ZK0_NAME": "robot-2", "ZK0_HELDOUT_EPISODES": "2"}
+        node = {"ZK0_DATASET": demo["datasets"]["node-2"], "ZK0_CAMERAS": demo["cameras"]["node-2"], "ZK0_NAME": "robot-2",
+                "ZK0_HELDOUT_EPISODES": "2"}
         tls = ["--superlink", address, "--root-certificates", str(certs / "ca.crt")]
         # A key the SuperLink does not know is refused (Flower's exit code 305).
         code, output = supernode(*tls, "--auth-key", str(certs / "supernodes" / "node-3"), "--port", str(free_port()), **node)

@@ -32,7 +32,7 @@ def request_for(demo):
               "batch-size": 4, "eval-batches": 1}
 
     def build(op: str = "train", **changes) -> dict:
-        node = {"dataset": str(demo["datasets"]["node-0"]), "torch-threads": 1}
+        node = {"dataset": str(demo["datasets"]["node-0"]), "cameras": demo["cameras"]["node-0"], "torch-threads": 1}
         return {"op": op, "node_config": node, "config": {**config, **changes}, "arrays": arrays}
 
     return build

@@ -89,7 +89,9 @@ def smoke_env(path: Path, demo_dir: Path) -> Path:
 
     demo = demo_assets(demo_dir)
     values = {"ZK0_BASE_POLICY": demo["base-policy"], "ZK0_EVAL_DATASET": demo["datasets"][SERVER],
+              "ZK0_EVAL_CAMERAS": demo["cameras"][SERVER],
               **{f"ZK0_NODE_{i}_DATASET": demo["datasets"][n] for i, n in enumerate(NODES)},
+              **{f"ZK0_NODE_{i}_CAMERAS": demo["cameras"][n] for i, n in enumerate(NODES)},
               "ZK0_NUM_ROUNDS": 2, "ZK0_LOCAL_STEPS": 2, "ZK0_MIN_NODES": len(NODES), "ZK0_EVAL_BATCHES": 1,
               "ZK0_CHECKPOINT_EVERY": 2, "ZK0_DEVICE": "cpu", "WANDB_MODE": "disabled"}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,14 @@
-"""`zk0 bench learning`: does federation help? FedProx, FedAvg, local-only and centralized on the demo."""
+"""`zk0 bench learning`: does federation help? FedProx, FedAvg, local-only and centralized on the demo.
+
+Every model maps cameras and normalises as its real counterpart would. The federated arms are real
+`zk0 local` runs (each node's camera map, statistics merged from the nodes' training episodes) and
+are scored with their checkpoints' processors. Each local-only model normalises with its own node's
+training statistics, as lerobot-train on that dataset alone does; the centralized model with the
+merged ones. Every evaluation set names its cameras its own way, so each is scored through its own
+camera map. The nodes' datasets cannot be concatenated (other camera names; node-2 has one camera),
+so centralized training draws each batch from one node, chosen with probability proportional to its
+training frames, and preprocesses it with that node's camera map.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +22,21 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .cameras import full_key, parse_camera_map
 from .data import DatasetError, batch_stream, eval_batches, open_dataset
 from .evaluate import evaluate_policy
 from .logs import setup_logging
 from .model import load_policy, load_processors, trainable_state
-from .node import NodeSession, open_session, train_on_node
+from .node import NodeSession, open_session, stats_on_node, train_on_node
 from .records import atomic_write_json
 from .settings import NodeSettings, ServerSettings, SettingsError, resolve_device
+from .stats import from_json, merge_stats
 from .train import TrainPlan, train_round
 
 log = logging.getLogger("zk0")
@@ -36,21 +50,30 @@ DEFINITION = (
     "batch_size samples, in the federation's round structure (one warm-up+cosine LR schedule over all "
     "rounds, optimizer state restarted each round, batch seed = seed + 1000 x round). Each federated node "
     "does this per round before averaging; local-only is the same without averaging (mu = 0); centralized "
-    "is one model on the union of the four nodes' training episodes, so it sees a quarter of the samples "
-    "the four federated nodes see together."
+    "is one model on the union of the four nodes' training episodes (each batch from one node, drawn in "
+    "proportion to its training frames), so it sees a quarter of the samples the four federated nodes see "
+    "together. Normalisation: federated and centralized use the statistics merged from the nodes' training "
+    "episodes, each local-only model its own node's. Every set is evaluated through its own camera map."
 )
 
 
+def _has_cameras(root: Path, cameras) -> bool:
+    """Whether root holds a dataset with these cameras (a demo written by an older zk0 names them otherwise)."""
+    info = root / "meta" / "info.json"
+    return info.is_file() and all(full_key(c) in json.loads(info.read_text())["features"] for c in cameras)
+
+
 def demo_assets(demo_dir: Path) -> dict:
-    """Paths of the offline demo in demo_dir, written there first when it is missing."""
+    """Paths and camera maps of the offline demo in demo_dir, written there first when missing or outdated."""
+    from .demo import DEMO_SETS, write_demo
+
     demo_dir = Path(demo_dir).resolve()
     datasets = {name: demo_dir / "datasets" / name for name in [*NODES, SERVER]}
     base = demo_dir / "base-policy"
-    if (base / "config.json").is_file() and all((p / "meta" / "info.json").is_file() for p in datasets.values()):
-        return {"base-policy": base, "datasets": datasets}
-    from .demo import write_demo
-
-    log.info("no complete demo in %s: writing it", demo_dir)
+    if (base / "config.json").is_file() and all(_has_cameras(p, DEMO_SETS[n].cameras) for n, p in datasets.items()):
+        cameras = {name: DEMO_SETS[name].camera_map for name in datasets}
+        return {"root": demo_dir, "base-policy": base, "datasets": datasets, "cameras": cameras}
+    log.info("no complete, current demo in %s: writing it", demo_dir)
     return write_demo(demo_dir)
 
 
@@ -83,6 +106,7 @@ def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float) -> li
     out.mkdir(parents=True)
     values = {f"ZK0_{k.upper()}": v for k, v in s.model_dump(exclude_none=True).items()}
     values.update({f"ZK0_NODE_{i}_DATASET": demo["datasets"][name] for i, name in enumerate(NODES)})
+    values.update({f"ZK0_NODE_{i}_CAMERAS": demo["cameras"][name] for i, name in enumerate(NODES)})
     env_file = out / "bench.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     # The shell outranks an env-file in `zk0 local`: drop ZK0_ variables so FedAvg really gets mu = 0.
@@ -104,33 +128,41 @@ def node_sessions(demo: dict, s: ServerSettings, base_state: dict) -> list[NodeS
     # The thread count `zk0 local` gives each of four nodes on this host: more threads than free
     # cores make OpenMP spin, and a busy shared host then trains tens of times slower.
     threads = max(1, (os.cpu_count() or 1) // len(NODES))
-    nodes = [NodeSettings(dataset=str(demo["datasets"][n]), name=n, torch_threads=threads) for n in NODES]
+    nodes = [
+        NodeSettings(dataset=str(demo["datasets"][n]), cameras=demo["cameras"][n], name=n, torch_threads=threads)
+        for n in NODES
+    ]
     return [open_session(node, str(demo["base-policy"]), base_state, s.seed) for node in nodes]
 
 
 def eval_sets(demo: dict, sessions: list[NodeSession], config, s: ServerSettings) -> dict[str, list[dict]]:
     """Fixed batches of each node's held-out episodes and of the server set, built as the federation does."""
-    sets = {}
-    for name, session in zip(NODES, sessions, strict=True):
-        ds = open_dataset(str(demo["datasets"][name]), config, episodes=session.heldout_episodes)
-        sets[name] = eval_batches(ds, s.batch_size, s.eval_batches)
+    sets = {n: eval_batches(x.dataset(x.heldout_episodes), s.batch_size, s.eval_batches) for n, x in zip(NODES, sessions, strict=True)}
     sets[SERVER] = eval_batches(open_dataset(str(demo["datasets"][SERVER]), config), s.batch_size, s.eval_batches)
     return sets
 
 
-def evaluate_model(policy, pre, post, sets: dict, seed: int) -> dict:
-    """The server's metrics on every set, plus the sample-weighted mean over the node held-out sets."""
-    row = {name: evaluate_policy(policy, pre, post, batches, seed) for name, batches in sets.items()}
+def evaluate_model(policy, path: str, stats: dict | None, *, sets: dict, cameras: dict, seed: int) -> dict:
+    """The server's metrics on every set, plus the sample-weighted mean over the node held-out sets.
+
+    Each set goes through the processors saved at `path` with that set's camera map and `stats`
+    (None: the statistics saved there), as the model's own run would have normalised.
+    """
+    device, row = str(next(policy.parameters()).device), {}
+    for name, batches in sets.items():
+        pre, post = load_processors(path, device, parse_camera_map(cameras[name]), stats)
+        row[name] = evaluate_policy(policy, pre, post, batches, seed)
     n = sum(row[name]["num-samples"] for name in NODES)
     row[UNION] = {m: sum(row[k][m] * row[k]["num-samples"] for k in NODES) / n for m in METRICS}
     row[UNION]["num-samples"] = n
     return {col: row[col] for col in COLUMNS}
 
 
-def train_local_only(sessions: list[NodeSession], s: ServerSettings) -> list[int]:
-    """Train each node's model on its own episodes with the node's code, in place; steps per model."""
+def train_local_only(sessions: list[NodeSession], own_stats: list[str], s: ServerSettings) -> list[int]:
+    """Train each node's model on its own episodes with the node's code and statistics, in place; steps per model."""
     steps = []
-    for session in sessions:
+    for session, stats in zip(sessions, own_stats, strict=True):
+        session.use_stats(stats)
         done = 0
         for _, plan, seed in plans(s):
             done += train_on_node(session, plan, s.batch_size, seed)[1]["steps"]
@@ -139,19 +171,36 @@ def train_local_only(sessions: list[NodeSession], s: ServerSettings) -> list[int
     return steps
 
 
-def train_centralized(sessions: list[NodeSession], base: str, s: ServerSettings, device: str):
-    """One model on the union of the nodes' training episodes; (policy, pre, post, steps)."""
+def mixed_batches(sources: list[tuple], frames: list[int], seed: int, drawn: list[int]):
+    """Endless preprocessed batches from (raw batch stream, preprocessor) per node, each node drawn in proportion to its frames."""
+    rng, p = np.random.default_rng(seed), np.asarray(frames) / sum(frames)
+    while True:
+        i = int(rng.choice(len(sources), p=p))
+        drawn[i] += 1
+        stream, pre = sources[i]
+        yield pre(next(stream))
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+def train_centralized(sessions: list[NodeSession], merged: dict, frames: list[int], s: ServerSettings):
+    """One model on the union of the nodes' training episodes; (policy, steps, batches drawn per node)."""
+    base, device = sessions[0].base, str(next(sessions[0].policy.parameters()).device)
     policy = load_policy(base, device)
-    pre, post = load_processors(base, device)
-    union = torch.utils.data.ConcatDataset([
-        open_dataset(x.settings.dataset, policy.config, episodes=x.train_episodes) for x in sessions
-    ])
-    done = 0
+    # The nodes' samples cannot share a batch (other camera names; node-2 has one camera), so each batch
+    # is one node's, drawn with probability proportional to its training frames (what sampling the union
+    # uniformly gives in expectation) and preprocessed with that node's camera map and the merged
+    # statistics; train_round gets it preprocessed. Each node's stream is the one train_on_node shuffles.
+    pres = [load_processors(base, device, parse_camera_map(x.settings.cameras), merged)[0] for x in sessions]
+    done, drawn = 0, [0] * len(sessions)
     for _, plan, seed in plans(s):
         torch.manual_seed(seed)  # flow-matching noise seeded like the batches, as train_on_node does
-        done += train_round(policy, pre, batch_stream(union, s.batch_size, seed), plan)["steps"]
-    log.info("centralized: %d steps on %d frames", done, len(union))
-    return policy, pre, post, int(done)
+        sources = [(batch_stream(x.dataset(x.train_episodes), s.batch_size, seed), pre) for x, pre in zip(sessions, pres, strict=True)]
+        done += train_round(policy, _as_is, mixed_batches(sources, frames, seed, drawn), plan)["steps"]
+    log.info("centralized: %d steps on %d frames, batches per node %s", done, sum(frames), drawn)
+    return policy, int(done), drawn
 
 
 def mean_row(rows: list[dict]) -> dict:
@@ -256,21 +305,25 @@ def run_bench(s: ServerSettings, demo: dict, out: Path, run_timeout: float) -> d
     device, base = resolve_device(s.device), str(demo["base-policy"])
     base_policy = load_policy(base, device)
     sessions = node_sessions(demo, s, trainable_state(base_policy))
-    sets = eval_sets(demo, sessions, base_policy.config, s)
-    for arm in FEDERATED:
+    score = partial(evaluate_model, sets=eval_sets(demo, sessions, base_policy.config, s), cameras=demo["cameras"], seed=s.seed)
+    for arm in FEDERATED:  # the checkpoint's processors hold the statistics the federation merged
         ckpt = str(out / arm / "checkpoints" / f"round-{s.num_rounds:03d}")
-        rows[arm] = evaluate_model(load_policy(ckpt, device), *load_processors(ckpt, device), sets, s.seed)
-    steps["local-only"] = _timed(timings, "local-only", train_local_only, sessions, s)
-    for name, x in zip(NODES, sessions, strict=True):
-        rows[f"local-{name}"] = evaluate_model(x.policy, x.preprocessor, x.postprocessor, sets, s.seed)
+        rows[arm] = score(load_policy(ckpt, device), ckpt, None)
+    own, frames = zip(*(stats_on_node(x) for x in sessions), strict=True)  # what each node sends the server
+    merged = merge_stats([from_json(text) for text in own])
+    steps["local-only"] = _timed(timings, "local-only", train_local_only, sessions, list(own), s)
+    for name, x, stats in zip(NODES, sessions, own, strict=True):
+        rows[f"local-{name}"] = score(x.policy, base, from_json(stats))
     rows["local-mean"] = mean_row([rows[f"local-{n}"] for n in NODES])
-    policy, pre, post, steps["centralized"] = _timed(timings, "centralized", train_centralized, sessions, base, s, device)
-    rows["centralized"] = evaluate_model(policy, pre, post, sets, s.seed)
+    policy, steps["centralized"], drawn = _timed(timings, "centralized", train_centralized, sessions, merged, list(frames), s)
+    rows["centralized"] = score(policy, base, merged)
     timings["total"] = time.perf_counter() - started
     return {
         "definition": DEFINITION,
         "settings": s.model_dump(mode="json", exclude={"output_dir"}),
         "heldout_episodes": {n: x.heldout_episodes for n, x in zip(NODES, sessions, strict=True)},
+        "training_frames": dict(zip(NODES, frames, strict=True)),
+        "centralized_batches_per_node": dict(zip(NODES, drawn, strict=True)),
         "optimizer_steps_per_model": steps,
         "results": rows,
         "server_eval_history": {
@@ -308,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             num_rounds=rounds, local_steps=args.local_steps or (2 if args.smoke else 30),
             batch_size=args.batch_size, learning_rate=args.learning_rate, eval_batches=1 if args.smoke else None,
             min_nodes=len(NODES), eval_every=1, checkpoint_every=rounds,  # only the final global model is needed
-            base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]),
+            base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]), eval_cameras=demo["cameras"][SERVER],
         )
         out = Path(args.out).resolve()
         with contextlib.redirect_stdout(sys.stderr):  # LeRobot prints while loading; stdout is for the table

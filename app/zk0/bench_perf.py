@@ -24,8 +24,17 @@ from .bench_wire import TRAIN_CONFIG, bench_aggregate, bench_wire
 from .records import atomic_write_json
 
 
-def _write_message(path: Path, base: str, fmt: str, steps: int, batch_size: int) -> None:
-    """The server's train message for round 1, as object contents a fresh process can inflate."""
+def _dataset_stats(spec: str) -> str:
+    """Normalisation statistics of all of a dataset's frames (JSON), as a server merges and sends them."""
+    from .data import open_metadata, resolve_dataset
+    from .stats import compute_stats, to_json, training_frames
+
+    episodes = list(range(open_metadata(spec).total_episodes))
+    return to_json(compute_stats(training_frames(resolve_dataset(spec)[1], episodes)))
+
+
+def _write_message(path: Path, base: str, fmt: str, steps: int, batch_size: int, stats: str) -> None:
+    """The server's train message for round 1 (with federated `stats`), as object contents a fresh process can inflate."""
     from flwr.app import ConfigRecord, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -35,7 +44,7 @@ def _write_message(path: Path, base: str, fmt: str, steps: int, batch_size: int)
     policy = load_policy(base, "cpu")
     config = {**TRAIN_CONFIG, "base-policy": base, "base-fingerprint": frozen_fingerprint(policy), "local-steps": steps,
               "total-steps": 3 * steps, "batch-size": batch_size, "learning-rate": 1e-3, "wire-format": fmt,
-              "weights-layout": wire.layout_fingerprint(trainable_shapes(policy))}
+              "weights-layout": wire.layout_fingerprint(trainable_shapes(policy)), "norm-stats": stats}
     packed = {wire.PACKED: wire.pack(trainable_state(policy), fmt)}
     msg = message(RecordDict({"arrays": as_record(packed), "config": ConfigRecord(config)}))
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
@@ -65,7 +74,7 @@ def _run_client(message_path: Path, node_config: dict, warm: bool = False) -> di
 
 
 COLD = ["process_start", "import_flwr", "inflate_message", "import_torch", "import_transformers_lerobot",
-        "import_zk0_app", "open_session", "decode_weights", "open_dataset", "train_setup", "train_data_wait",
+        "import_zk0_app", "open_session", "apply_stats", "decode_weights", "open_dataset", "train_setup", "train_data_wait",
         "train_compute", "serialize_reply", "process_exit"]
 WARM = ["process_start", "import_flwr", "inflate_message", "import_zk0_app", "apply_weights", "train_data_wait",
         "train_compute", "worker_transfer", "serialize_reply", "process_exit"]
@@ -91,8 +100,10 @@ def bench_overhead(args: argparse.Namespace) -> dict:
     batch_size, repeats = args.batch_size or (1 if full else 8), 1 if args.smoke else args.repeats or (1 if full else 3)
     # `zk0 local` gives each of the demo's four nodes an equal share of the cores; a full-size node has a host to itself.
     threads = (os.cpu_count() or 1) if full else max(1, (os.cpu_count() or 1) // 4)
-    # The demo's 64x64 frames suit the full-size policy too: SmolVLA pads and resizes every camera to 512x512.
-    node_config = {"dataset": str(demo["datasets"]["node-0"]), "torch-threads": threads}
+    # The demo's 64x64 frames suit the full-size policy too: SmolVLA pads and resizes every camera to 512x512,
+    # and its two slots are camera1 and camera2, as the tiny base policy's first two.
+    dataset = str(demo["datasets"]["node-0"])
+    node_config = {"dataset": dataset, "cameras": demo["cameras"]["node-0"], "torch-threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
         if full:
             from .bench_models import save_base_policy
@@ -101,7 +112,7 @@ def bench_overhead(args: argparse.Namespace) -> dict:
         else:
             base = str(demo["base-policy"])
         path = Path(tmp) / "message.pkl"
-        _write_message(path, base, args.fmt, steps, batch_size)
+        _write_message(path, base, args.fmt, steps, batch_size, _dataset_stats(dataset))
         gc.collect()
         cold = _summary([_run_client(path, {**node_config, "warm": False}) for _ in range(repeats)], COLD)
         # This process owns the worker, as the SuperExec does in a federation: the first message starts it.
@@ -183,11 +194,12 @@ def _step_inputs(args: argparse.Namespace):
     if args.model == "tiny":
         from .bench_learning import demo_assets
         from .data import batch_stream, open_dataset
+        from .cameras import parse_camera_map
         from .model import load_policy, load_processors
 
         demo = demo_assets(args.demo_dir)
         policy = load_policy(str(demo["base-policy"]), "cpu")
-        pre, _ = load_processors(str(demo["base-policy"]), "cpu")
+        pre, _ = load_processors(str(demo["base-policy"]), "cpu", parse_camera_map(demo["cameras"]["node-0"]))
         stream = batch_stream(open_dataset(str(demo["datasets"]["node-0"]), policy.config), args.batch_size or 8, seed=0)
         return policy, pre, [next(stream) for _ in range(2 if args.smoke else 8)]
     from .bench_models import build_policy, preprocessor_for, synthetic_batch

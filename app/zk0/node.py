@@ -88,7 +88,7 @@ def open_session(
         )
     row = check_opened(
         settings.dataset, policy.config, settings.cameras, role=settings.display_name,
-        setting="ZK0_DATASET (node config 'dataset')", cameras_setting="ZK0_CAMERAS (node config 'cameras')",
+        setting="ZK0_DATASET", cameras_setting="ZK0_CAMERAS",
         heldout=settings.heldout_episodes, partitions=settings.num_partitions,
         heldout_setting="ZK0_HELDOUT_EPISODES (node config 'heldout-episodes')",
     )

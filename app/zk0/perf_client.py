@@ -3,7 +3,8 @@
 Run as `python -m zk0.perf_client --message FILE ...`; prints one JSON line of phase seconds. It does
 what a Flower ClientApp process does for a train message, in order: import Flower's runtime,
 inflate the message, import the app (torch, transformers, LeRobot, zk0), open the session (policy,
-fingerprint, split, weights, processors), open the dataset, train, and build and deflate the reply.
+fingerprint, split, processors with the node's camera map), switch its processors to the statistics
+the message carries, apply the weights, open the dataset, train, and build and deflate the reply.
 """
 
 import time
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     from zk0 import client_app  # noqa: F401  the app module, with everything it imports
-    from zk0.data import batch_stream, open_dataset
+    from zk0.data import batch_stream
     from zk0.model import trainable_params
     from zk0.node import open_session, receive_weights
     from zk0.settings import NodeSettings
@@ -97,9 +98,11 @@ def run(args: argparse.Namespace) -> dict:
     settings = NodeSettings.from_flower_config(json.loads(args.node_config))
     session = open_session(settings, str(config["base-policy"]), None, int(config["seed"]), str(config["base-fingerprint"]))
     clock.mark("open_session")
+    session.use_stats(str(config.get("norm-stats") or ""))  # federated statistics: processors rebuilt
+    clock.mark("apply_stats")
     receive_weights(session, {k: v.data for k, v in msg.content["arrays"].items()}, dict(config))
     clock.mark("decode_weights")
-    ds = open_dataset(settings.dataset, session.policy.config, episodes=session.train_episodes, video_backend=settings.video_backend)
+    ds = session.dataset(session.train_episodes)
     batches = batch_stream(ds, int(config["batch-size"]), int(config["seed"]) + 1000, settings.num_workers)
     clock.mark("open_dataset")
     steps = int(config["local-steps"])
