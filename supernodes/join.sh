@@ -5,6 +5,8 @@
 #
 #   --superlink HOST:PORT   the SuperLink's public address (its host publishes port 8000)
 #   --dataset X             a local LeRobot dataset folder (mounted read-only) or a Hub id
+#   --cameras MAP           the dataset's cameras onto the policy's slots, e.g. top=camera1,wrist=camera2
+#                           (`zk0 check` or a refused start prints the line for your dataset)
 #   --name NAME             this node's name in records and WandB (default: the host's name)
 #   --gpu N                 pin the node to GPU N (NVIDIA container runtime); default: CPU
 #   --tls DIR --key NAME    TLS and authentication: DIR holds ca.crt and supernodes/NAME
@@ -17,12 +19,13 @@
 # The container restarts with the host (--restart unless-stopped) and reconnects to the SuperLink
 # by itself. Only outbound connections to the SuperLink's port are needed on the robot's side.
 set -euo pipefail
-usage() { sed -n '2,20s/^# \{0,1\}//p' "$0"; exit 2; }
-superlink="" dataset="" name="$(hostname)" gpu="" tls="" key="" image="${ZK0_IMAGE:-zk0:latest}" env_file="" container=zk0-supernode
+usage() { sed -n '2,22s/^# \{0,1\}//p' "$0"; exit 2; }
+superlink="" dataset="" cameras="" name="$(hostname)" gpu="" tls="" key="" image="${ZK0_IMAGE:-zk0:latest}" env_file="" container=zk0-supernode
 while [ $# -gt 0 ]; do
     case "$1" in
         --superlink) superlink=$2; shift 2 ;;
         --dataset) dataset=$2; shift 2 ;;
+        --cameras) cameras=$2; shift 2 ;;
         --name) name=$2; shift 2 ;;
         --gpu) gpu=$2; shift 2 ;;
         --tls) tls=$2; shift 2 ;;
@@ -41,7 +44,9 @@ if [ -n "$tls" ] && { [ -z "$key" ] || [ ! -f "$tls/ca.crt" ] || [ ! -f "$tls/su
 fi
 
 args=(run -d --name "$container" --restart unless-stopped --init
-      -v zk0-hf-cache:/home/zk0/.cache/huggingface -e "ZK0_NAME=$name" -e HF_TOKEN -e HF_HUB_OFFLINE)
+      -v zk0-hf-cache:/home/zk0/.cache/huggingface -v zk0-cache:/home/zk0/.cache/zk0
+      -e "ZK0_NAME=$name" -e HF_TOKEN -e HF_HUB_OFFLINE)
+[ -n "$cameras" ] && args+=(-e "ZK0_CAMERAS=$cameras")
 if [ -e "$dataset" ]; then  # a local folder: mount it where the node looks
     args+=(-v "$(cd "$dataset" && pwd):/work/datasets/local:ro" -e "ZK0_DATASET=datasets/local")
 else

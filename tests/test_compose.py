@@ -272,6 +272,7 @@ def test_a_remote_host_joins_with_docker_run(stack):
         # published port: the robot host reaches the workstation by address.
         join = subprocess.run(
             [str(ROOT / "supernodes" / "join.sh"), "--superlink", f"127.0.0.1:{stack.port}", "--dataset", str(data),
+             "--cameras", "laptop=camera1,phone=camera2",
              "--name", "robot-host", "--image", IMAGE, "--container", f"{stack.project}-robot", "--",
              "--network", "host", "--label", f"zk0test={stack.project}", "-e", "ZK0_TORCH_THREADS=1",
              # the base policy, as a robot host has it (from the Hub in real life)
