@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cameras import IMAGE_PREFIX, format_camera_map, match_cameras, parse_camera_map, short_name, suggest_map
+from .cameras import IMAGE_PREFIX, match_cameras, parse_camera_map, short_name, suggest_map
 from .errors import DatasetError
 
 SUPPORTED = "v3.0"
@@ -208,11 +208,6 @@ def raise_problems(problems: list[str], what: str = "the experiment") -> None:
     if problems:
         listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
         raise CheckFailed(f"{what} cannot start, {len(problems)} problem(s):\n{listed}")
-
-
-def rename_map(camera_map: str | None) -> dict[str, str]:
-    """The camera map as LeRobot's rename_observations_processor takes it."""
-    return parse_camera_map(camera_map)
 
 
 def check_nodes(nodes: list, base_policy: str, prefixes: list[str]) -> tuple[list[DatasetCheck], list[str]]:
