@@ -46,3 +46,31 @@ def test_output_dir_of_another_experiment_is_refused(demo, tmp_path):
     runtime(demo, tmp_path, proximal_mu=0.01)
     with pytest.raises(SettingsError, match="another experiment.*proximal_mu.*ZK0_OUTPUT_DIR"):
         runtime(demo, tmp_path, proximal_mu=0.1)
+
+
+def node_stats(demo, name: str, tmp_path) -> str:
+    """One node's training-episode statistics as it sends them (JSON)."""
+    from zk0.data import resolve_dataset
+    from zk0.stats import compute_stats, to_json, training_frames
+
+    _, root = resolve_dataset(str(demo["datasets"][name]), tmp_path / "cache")
+    return to_json(compute_stats(training_frames(root, [0, 1, 2, 3])))
+
+
+def test_merged_statistics_reach_nodes_checkpoints_and_a_restarted_server(demo, tmp_path):
+    from zk0.errors import RunFailed
+    from zk0.stats import from_json
+
+    rt = runtime(demo, tmp_path / "out", min_nodes=2)
+    assert rt.stats == "" and rt.train_config()["norm-stats"] == ""
+    with pytest.raises(RunFailed, match=r"from 1 node\(s\), ZK0_MIN_NODES=2 are required: node-1: error: boom"):
+        rt.merge_node_stats([("node-0", node_stats(demo, "node-0", tmp_path), ""), ("node-1", None, "error: boom")])
+    replies = [(f"node-{i}", node_stats(demo, f"node-{i}", tmp_path), "") for i in (0, 2)]
+    rt.merge_node_stats(replies)
+    merged = from_json(rt.train_config()["norm-stats"])
+    assert merged["action"]["count"][0] == 2 * 4 * 30
+    # The evaluation and the checkpoints normalise with them, not with the base policy's.
+    normalizer = next(s for s in rt.preprocessor.steps if type(s).__name__ == "NormalizerProcessorStep")
+    torch.testing.assert_close(normalizer._tensor_stats["action"]["mean"].double(), torch.tensor(merged["action"]["mean"]))
+    again = runtime(demo, tmp_path / "out", min_nodes=2)
+    assert again.stats == rt.stats  # a restarted server asks nobody: it reads OUTPUT_DIR/norm-stats.json
