@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .logs import setup_logging
 from .errors import DatasetError
+from .logs import setup_logging
 from .settings import SettingsError
 from .supernode import UnreachableError
 

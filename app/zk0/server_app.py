@@ -7,8 +7,8 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .logs import setup_logging
 from .errors import RunFailed
+from .logs import setup_logging
 from .server import ServerRuntime
 from .settings import ServerSettings
 from .strategy import Zk0FedProx
