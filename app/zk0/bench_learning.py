@@ -53,7 +53,9 @@ DEFINITION = (
     "is one model on the union of the four nodes' training episodes (each batch from one node, drawn in "
     "proportion to its training frames), so it sees a quarter of the samples the four federated nodes see "
     "together. Normalisation: federated and centralized use the statistics merged from the nodes' training "
-    "episodes, each local-only model its own node's. Every set is evaluated through its own camera map."
+    "episodes, each local-only model its own node's, so policy_loss (in each model's normalised units) "
+    "compares local-only with the rest less directly than action_mse (in the dataset's units). Every set is "
+    "evaluated through its own camera map."
 )
 
 
@@ -137,7 +139,10 @@ def node_sessions(demo: dict, s: ServerSettings, base_state: dict) -> list[NodeS
 
 def eval_sets(demo: dict, sessions: list[NodeSession], config, s: ServerSettings) -> dict[str, list[dict]]:
     """Fixed batches of each node's held-out episodes and of the server set, built as the federation does."""
-    sets = {n: eval_batches(x.dataset(x.heldout_episodes), s.batch_size, s.eval_batches) for n, x in zip(NODES, sessions, strict=True)}
+    sets = {
+        name: eval_batches(x.dataset(x.heldout_episodes), s.batch_size, s.eval_batches)
+        for name, x in zip(NODES, sessions, strict=True)
+    }
     sets[SERVER] = eval_batches(open_dataset(str(demo["datasets"][SERVER]), config), s.batch_size, s.eval_batches)
     return sets
 
@@ -172,7 +177,7 @@ def train_local_only(sessions: list[NodeSession], own_stats: list[str], s: Serve
 
 
 def mixed_batches(sources: list[tuple], frames: list[int], seed: int, drawn: list[int]):
-    """Endless preprocessed batches from (raw batch stream, preprocessor) per node, each node drawn in proportion to its frames."""
+    """Endless preprocessed batches from (raw stream, preprocessor) per node, the node drawn in proportion to its frames."""
     rng, p = np.random.default_rng(seed), np.asarray(frames) / sum(frames)
     while True:
         i = int(rng.choice(len(sources), p=p))
@@ -197,7 +202,8 @@ def train_centralized(sessions: list[NodeSession], merged: dict, frames: list[in
     done, drawn = 0, [0] * len(sessions)
     for _, plan, seed in plans(s):
         torch.manual_seed(seed)  # flow-matching noise seeded like the batches, as train_on_node does
-        sources = [(batch_stream(x.dataset(x.train_episodes), s.batch_size, seed), pre) for x, pre in zip(sessions, pres, strict=True)]
+        streams = [batch_stream(x.dataset(x.train_episodes), s.batch_size, seed) for x in sessions]
+        sources = list(zip(streams, pres, strict=True))
         done += train_round(policy, _as_is, mixed_batches(sources, frames, seed, drawn), plan)["steps"]
     log.info("centralized: %d steps on %d frames, batches per node %s", done, sum(frames), drawn)
     return policy, int(done), drawn
@@ -361,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             num_rounds=rounds, local_steps=args.local_steps or (2 if args.smoke else 30),
             batch_size=args.batch_size, learning_rate=args.learning_rate, eval_batches=1 if args.smoke else None,
             min_nodes=len(NODES), eval_every=1, checkpoint_every=rounds,  # only the final global model is needed
-            base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]), eval_cameras=demo["cameras"][SERVER],
+            base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]),
+            eval_cameras=demo["cameras"][SERVER],
         )
         out = Path(args.out).resolve()
         with contextlib.redirect_stdout(sys.stderr):  # LeRobot prints while loading; stdout is for the table
