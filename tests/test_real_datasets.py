@@ -129,3 +129,14 @@ def test_a_run_in_which_every_node_fails_fails_and_writes_no_checkpoint(foreign,
     record = json.loads((out / "round-001.json").read_text())
     assert record["contributors"] == [] and len(record["excluded"]) == 2
     assert all(why.startswith("error:") for why in record["excluded"].values())
+
+
+def test_submit_refuses_an_unusable_evaluation_set_before_reaching_for_the_superlink(foreign, demo, tmp_path):
+    env = tmp_path / "submit.env"
+    env.write_text(f"ZK0_BASE_POLICY={demo['base-policy']}\nZK0_EVAL_DATASET={foreign['datasets']['eval']}\n"
+                   f"ZK0_EVAL_CAMERAS=overhead=camera1,wrist=camera2\nZK0_OUTPUT_DIR={tmp_path / 'out'}\n")
+    res = run_zk0("submit", "--superlink", "127.0.0.1:1", "--env-file", str(env), "--connect-tries", "1", timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "eval (ZK0_EVAL_DATASET=" in res.stderr and "names wrist, which the dataset lacks" in res.stderr
+    assert "dataset cameras: overhead, gripper" in res.stderr and "ZK0_EVAL_CAMERAS=overhead=camera1,gripper=camera2" in res.stderr
+    assert "not reachable" not in res.stderr + res.stdout
