@@ -115,17 +115,26 @@ def test_node_logs_show_training_progress(finished_run):
     assert "step 15/15" in log
 
 
-@pytest.mark.parametrize(
-    ("extra", "needle"),
-    [
-        ({"ZK0_PROXIMAL_MU": "-1"}, "ZK0_PROXIMAL_MU"),
-        ({"ZK0_NUM_ROUNDS": "0"}, "ZK0_NUM_ROUNDS"),
-        ({"ZK0_PROXIMAL_MUU": "0.1"}, "unknown variable(s) ZK0_PROXIMAL_MUU"),
-        ({"ZK0_NODE_2_DATASET": "/nonexistent/so100"}, "/nonexistent/so100"),
-    ],
-)
-def test_bad_input_fails_before_anything_starts(demo, tmp_path, extra, needle):
+def test_every_mistake_of_an_env_file_is_refused_at_once_before_anything_starts(demo, tmp_path):
     out = tmp_path / "out"
-    res = run_zk0("local", "--env-file", str(write_env(tmp_path / "bad.env", demo, out, **extra)), timeout=120)
-    assert res.returncode == 2 and needle in res.stderr
+    mistakes = {
+        "ZK0_PROXIMAL_MUU": "0.1",  # misspelt
+        "ZK0_NUM_ROUNDS": "three",
+        "ZK0_NODE_2_DATASET": "/nonexistent/so100",
+        "ZK0_NODE_1_CAMERAS": "laptop:camera1",
+        "ZK0_NODE_3_HELDOUT_EPISODES": "6",  # of 6 episodes
+    }
+    env_file = write_env(tmp_path / "bad.env", demo, out, **mistakes)
+    res = run_zk0("local", "--env-file", str(env_file), timeout=120)
+    assert res.returncode == 2 and "5 problem(s)" in res.stderr, res.stderr
+    lines = env_file.read_text().splitlines()
+    for needle, variable in [
+        ("unknown variable(s) ZK0_PROXIMAL_MUU", "ZK0_PROXIMAL_MUU"), ("ZK0_NUM_ROUNDS (run/node config", "ZK0_NUM_ROUNDS"),
+        ("/nonexistent/so100): no LeRobot dataset there", "ZK0_NODE_2_DATASET"),
+        ("ZK0_NODE_1_CAMERAS (run/node config 'cameras')", "ZK0_NODE_1_CAMERAS"),
+        ("holding out 6 of its 6 episodes", "ZK0_NODE_3_HELDOUT_EPISODES"),
+    ]:
+        assert needle in res.stderr, needle
+        line = next(i for i, text in enumerate(lines, 1) if text.startswith(f"{variable}="))
+        assert f"bad.env:{line} ({variable})" in res.stderr, variable  # where to fix it
     assert not out.exists()

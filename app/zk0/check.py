@@ -203,11 +203,11 @@ class CheckFailed(DatasetError):
     """One or more datasets cannot be used; the message lists every problem."""
 
 
-def raise_problems(problems: list[str], what: str = "the experiment") -> None:
-    """Raise CheckFailed listing every problem, numbered, when there is any."""
+def raise_problems(problems: list[str], what: str = "the experiment", error: type[Exception] = CheckFailed) -> None:
+    """Raise `error` listing every problem, numbered, when there is any."""
     if problems:
         listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
-        raise CheckFailed(f"{what} cannot start, {len(problems)} problem(s):\n{listed}")
+        raise error(f"{what} cannot start, {len(problems)} problem(s):\n{listed}")
 
 
 def check_nodes(nodes: list, base_policy: str, prefixes: list[str]) -> tuple[list[DatasetCheck], list[str]]:

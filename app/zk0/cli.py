@@ -25,11 +25,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .local import load_env_file, node_settings_from_env, preflight, settings_from_env
-    from .settings import ServerSettings
+    from .local import load_experiment
 
-    env = load_env_file(args.env_file)
-    preflight(settings_from_env(ServerSettings, env), node_settings_from_env(env))
+    load_experiment(args.env_file)
     print("zk0 check: every dataset can be used")
     return 0
 

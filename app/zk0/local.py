@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import tomli_w
 from dotenv import dotenv_values
 
-from .check import check_experiment, report
+from .check import check_experiment, check_nodes, raise_problems, report, table
 from .settings import NODE_VAR, NodeSettings, ServerSettings, SettingsError, check_env_names
 from .supernode import bin_path as _bin
 from .supernode import TASK_POLL, supernode_command
@@ -34,33 +35,89 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_env_file(env_file: Path | None) -> dict[str, str]:
+    """The env-file's variables (none without a file)."""
+    if env_file is None:
+        return {}
+    if not env_file.is_file():
+        raise SettingsError(f"env-file {env_file} does not exist; pass a file such as experiments/demo.env")
+    return {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+
+
 def load_env_file(env_file: Path | None) -> dict[str, str]:
     """The env-file's variables under the process environment (the shell outranks the file)."""
-    values: dict[str, str] = {}
-    if env_file is not None:
-        if not env_file.is_file():
-            raise SettingsError(f"env-file {env_file} does not exist; pass a file such as experiments/demo.env")
-        values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    values = read_env_file(env_file)
     check_env_names(set(values) | {k for k in os.environ if k.startswith("ZK0_")})
     return {**values, **os.environ}
 
 
-def node_settings_from_env(env: dict[str, str]) -> list[NodeSettings]:
-    """One NodeSettings per ZK0_NODE_<i>_* group, validated before anything starts."""
+def node_settings_from_env(env: dict[str, str]) -> tuple[list[NodeSettings], list[str], list[str]]:
+    """(one NodeSettings per valid ZK0_NODE_<i>_* group, their variable prefixes, the invalid groups' problems)."""
     groups: dict[int, dict[str, str]] = {}
     for name, value in env.items():
         if match := NODE_VAR.match(name):
             groups.setdefault(int(match.group(1)), {})[match.group(2).lower()] = value
     if not groups:
-        raise SettingsError("no nodes configured: set ZK0_NODE_0_DATASET (and _1, _2, ...) in the env-file")
-    nodes = []
+        return [], [], ["no nodes configured: set ZK0_NODE_0_DATASET (and _1, _2, ...) in the env-file"]
+    nodes, prefixes, problems = [], [], []
     for index in sorted(groups):
         fields = {"name": f"node-{index}", **groups[index]}
         try:
-            nodes.append(NodeSettings(**fields))
-        except Exception as err:  # pydantic's message names the field; add the variable prefix
-            raise SettingsError(f"ZK0_NODE_{index}_*: {err}") from None
-    return nodes
+            nodes.append(NodeSettings.load(**fields))
+            prefixes.append(f"ZK0_NODE_{index}_")
+        except SettingsError as err:  # it names ZK0_<FIELD>: name the node's own variable instead
+            text = str(err)
+            for field in NodeSettings.model_fields:
+                text = text.replace(f"ZK0_{field.upper()} (", f"ZK0_NODE_{index}_{field.upper()} (")
+            problems.append(f"node {index}: {text}")
+    return nodes, prefixes, problems
+
+
+def _with_lines(problem: str, env_file: Path | None, lines: dict[str, int]) -> str:
+    """The problem, with the env-file line of every variable it names."""
+    mentioned = set(re.findall(r"ZK0_[A-Z0-9_]+", problem.split("; known:")[0]))  # not the list of known names
+    named = [f"{env_file.name}:{lines[v]} ({v})" for v in sorted(mentioned & set(lines), key=lines.get)]
+    return f"[{', '.join(named)}] {problem}" if named else problem
+
+
+def load_experiment(env_file: Path | None, echo=print) -> tuple[dict[str, str], ServerSettings, list[NodeSettings]]:
+    """The experiment an env-file describes, checked as `zk0 check` does; every problem in one refusal.
+
+    Unknown variables, invalid values and unusable datasets are collected, each naming its variable
+    and its env-file line, before one SettingsError lists them all.
+    """
+    values = read_env_file(env_file)
+    lines = {}
+    if env_file is not None:
+        for number, line in enumerate(env_file.read_text().splitlines(), 1):
+            if (name := line.split("=", 1)[0].strip().removeprefix("export ").strip()) in values:
+                lines[name] = number
+    problems: list[str] = []
+    try:
+        check_env_names(set(values) | {k for k in os.environ if k.startswith("ZK0_")})
+    except SettingsError as err:
+        problems.append(str(err))
+    env = {**values, **os.environ}
+    settings = None
+    try:
+        settings = _absolute_paths(settings_from_env(ServerSettings, env))
+    except SettingsError as err:
+        problems.append(str(err))
+    nodes, prefixes, node_problems = node_settings_from_env(env)
+    problems += node_problems
+    if settings is not None:
+        rows, dataset_problems, warnings = check_experiment(settings, nodes, prefixes)
+    else:  # the nodes' datasets are still checked, against the base policy the env-file names
+        base = env.get("ZK0_BASE_POLICY") or ServerSettings.model_fields["base_policy"].default
+        rows, dataset_problems = check_nodes(nodes, base, prefixes)
+        dataset_problems += [p for r in rows for p in r.problems]
+        warnings = []
+    echo(table(rows))
+    for warning in warnings:
+        echo(f"warning: {warning}")
+    problems += [p for p in dataset_problems if p not in problems]
+    raise_problems([_with_lines(p, env_file, lines) for p in problems], "the experiment", SettingsError)
+    return env, settings, nodes
 
 
 @dataclass(frozen=True)
@@ -272,14 +329,11 @@ def write_connection(flwr_home: Path, name: str, address: str, root_certificates
 
 def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
     """Run one experiment on loopback; 0 only when the run completed."""
-    env = load_env_file(env_file)
-    settings = _absolute_paths(settings_from_env(ServerSettings, env))
-    nodes = node_settings_from_env(env)
+    env, settings, nodes = load_experiment(env_file)
     # Nodes that share this host's cores must not each start a full thread pool: oversubscribed
     # OpenMP threads spin against each other and make training many times slower.
     threads = max(1, (os.cpu_count() or 1) // len(nodes))
     nodes = [n if n.torch_threads else n.model_copy(update={"torch_threads": threads}) for n in nodes]
-    preflight(settings, nodes)
     tls = TlsFiles.check(tls_dir, len(nodes)) if tls_dir is not None else None
     if tls is None:
         log.warning("no --tls: SuperLink and SuperNodes talk without TLS or node authentication; "
