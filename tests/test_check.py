@@ -86,3 +86,13 @@ def test_policy_layout_is_read_from_the_saved_config_and_known_offline_for_smolv
     assert known.slots == SLOTS
     missing, problem = policy_layout("/nowhere/policy")
     assert missing is None and "ZK0_BASE_POLICY=/nowhere/policy: no saved policy there" in problem
+
+
+def test_the_cli_and_every_check_answer_without_the_training_stack():
+    """`zk0 --help`, `zk0 check` and every refusal import neither torch, LeRobot nor Flower."""
+    import subprocess
+    import sys
+
+    code = ("import sys, zk0.cli, zk0.local, zk0.check, zk0.submit, zk0.supernode; "
+            "print(sorted({'torch', 'lerobot', 'flwr', 'transformers'} & {m.split('.')[0] for m in sys.modules}))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
