@@ -74,7 +74,7 @@ def _run_client(message_path: Path, node_config: dict, warm: bool = False) -> di
 
 
 COLD = ["process_start", "import_flwr", "inflate_message", "import_torch", "import_transformers_lerobot",
-        "import_zk0_app", "open_session", "apply_stats", "decode_weights", "open_dataset", "train_setup", "train_data_wait",
+        "import_zk0_app", "open_session", "decode_weights", "open_dataset", "train_setup", "train_data_wait",
         "train_compute", "serialize_reply", "process_exit"]
 WARM = ["process_start", "import_flwr", "inflate_message", "import_zk0_app", "apply_weights", "train_data_wait",
         "train_compute", "worker_transfer", "serialize_reply", "process_exit"]

@@ -53,8 +53,8 @@ def open_metadata(spec: str, cache_dir: Path | None = None) -> LeRobotDatasetMet
 def check_opened(
     spec: str, policy_config, camera_map: str | None, *, role: str, setting: str, cameras_setting: str,
     heldout: int = 0, partitions: int | None = None, heldout_setting: str = "",
-) -> dict:
-    """Run zk0 check's dataset checks against the loaded policy; return the row (fps, cameras fed, frames)."""
+):
+    """Run zk0 check's dataset checks against the loaded policy; return its DatasetCheck row (cameras fed, ...)."""
     from .check import PolicyLayout, check_dataset, raise_problems
 
     layout = PolicyLayout.from_features(str(policy_config.type), policy_config.input_features, policy_config.output_features)

@@ -71,9 +71,13 @@ class BaseMismatchError(ValueError):
 
 
 def open_session(
-    settings: NodeSettings, base_policy: str, global_state: dict | None, seed: int, fingerprint: str | None = None
+    settings: NodeSettings, base_policy: str, global_state: dict | None, seed: int, fingerprint: str | None = None,
+    stats: str = "",
 ) -> NodeSession:
-    """Load the base policy, apply the global weights (when given) and split this node's episodes."""
+    """Load the base policy, apply the global weights (when given) and split this node's episodes.
+
+    `stats` (JSON from the server; "" = the base policy's) are the normalisation statistics the processors use.
+    """
     started = time.perf_counter()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -99,12 +103,14 @@ def open_session(
     train_eps, heldout_eps = split_episodes(episodes, settings.heldout_episodes, seed, settings.dataset)
     if global_state is not None:
         apply_trainable(policy, global_state)
-    pre, post = load_processors(base, device, parse_camera_map(settings.cameras))
+    pre, post = load_processors(base, device, parse_camera_map(settings.cameras), from_json(stats) if stats else None)
     info = {
         "fps": meta.fps, "frames": meta.total_frames,
         "cameras": ",".join(f"{k.split('.')[-1]}->{v.split('.')[-1]}" for k, v in row.fed.items()),
     }
-    return NodeSession(settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started, mine, base, info)
+    return NodeSession(
+        settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started, mine, base, info, stats
+    )
 
 
 def stats_on_node(session: NodeSession) -> tuple[str, int]:
@@ -187,7 +193,8 @@ class NodeWorker:
         if session is not None and key == self.key and session.fingerprint == (fingerprint or None):
             return session
         self.session = self.key = None  # a failed open leaves nothing half-reused
-        session = open_session(settings, base, None, seed, fingerprint)
+        # Built with the message's statistics: a fresh session (every message with warm=false) loads its processors once.
+        session = open_session(settings, base, None, seed, fingerprint, str(config.get("norm-stats") or ""))
         self.session, self.key = session, key
         return session
 

@@ -96,10 +96,11 @@ def run(args: argparse.Namespace) -> dict:
     config = msg.content["config"]
     fmt = str(config["wire-format"])
     settings = NodeSettings.from_flower_config(json.loads(args.node_config))
-    session = open_session(settings, str(config["base-policy"]), None, int(config["seed"]), str(config["base-fingerprint"]))
+    session = open_session(
+        settings, str(config["base-policy"]), None, int(config["seed"]), str(config["base-fingerprint"]),
+        str(config.get("norm-stats") or ""),  # federated statistics, built into the processors as the node does
+    )
     clock.mark("open_session")
-    session.use_stats(str(config.get("norm-stats") or ""))  # federated statistics: processors rebuilt
-    clock.mark("apply_stats")
     receive_weights(session, {k: v.data for k, v in msg.content["arrays"].items()}, dict(config))
     clock.mark("decode_weights")
     ds = session.dataset(session.train_episodes)

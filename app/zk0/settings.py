@@ -43,8 +43,6 @@ class _Zk0Settings(BaseSettings):
         """Kebab-case, TOML-friendly copy for `--run-config` / `--node-config`."""
         out = {}
         for key, value in self.model_dump(exclude_none=True).items():
-            if value == "":  # TOML has no null; an empty string means unset on the other side too
-                continue
             out[key.replace("_", "-")] = str(value) if isinstance(value, Path) else value
         return out
 

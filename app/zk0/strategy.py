@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedProx
 from flwr.supercore import log
 
 from .errors import RunFailed
-from .records import RunRecorder
+from .records import NODE_FIELDS, RunRecorder
 from .wire import (
     DELTA, DELTA_BLOCK, PACKED, SCALES, aggregate, aggregate_deltas, down_format, is_finite, layout_fingerprint, npy_view, pack,
     unpack,
@@ -29,7 +29,7 @@ def _node_info(msg: Message) -> dict:
     if not node:
         return {}
     # What each lab's data looks like (fps, cameras fed, frames) goes in the round record beside its metrics.
-    return {k: node[k] if k in ("fps", "frames") else str(node[k]) for k in ("name", "dataset", "fps", "cameras", "frames") if k in node}
+    return {k: node[k] if k in ("fps", "frames") else str(node[k]) for k in NODE_FIELDS if k in node}
 
 
 class Zk0FedProx(FedProx):
