@@ -12,7 +12,7 @@ import pytest
 
 from zk0.bench_learning import COLUMNS, NODES
 
-ARMS = ["fedprox", "fedavg", *(f"local-{n}" for n in NODES), "local-mean", "centralized"]
+ARMS = ["fedprox", "fedavg", "fedprox-lora", "fedprox-lora-ffa", *(f"local-{n}" for n in NODES), "local-mean", "centralized"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_every_arm_is_scored_on_every_set(smoke):
 def test_every_model_takes_the_same_optimizer_steps(smoke):
     _, _, result, _ = smoke
     steps = result["optimizer_steps_per_model"]
-    assert steps["fedprox"] == steps["fedavg"] == steps["local-only"] == [4, 4, 4, 4]
+    assert steps["fedprox"] == steps["fedavg"] == steps["fedprox-lora"] == steps["fedprox-lora-ffa"] == steps["local-only"] == [4, 4, 4, 4]
     assert steps["centralized"] == 4
 
 
@@ -81,8 +81,21 @@ def test_table_and_targets_are_printed(smoke):
     for arm in ARMS:
         assert sum(line.split()[:1] == [arm] for line in lines) == 2, arm  # one row per metric table
     verdicts = [line for line in lines if line.strip().startswith(("PASS ", "MISS "))]
-    assert len(verdicts) == len(result["targets"]) == 8
-    assert sorted({t["target"][:3] for t in result["targets"]}) == ["(a)", "(b)", "(c)"]
+    assert len(verdicts) == len(result["targets"]) == 16  # (a) per arm, (b), (c), (d) per LoRA arm; two metrics
+    assert sorted({t["target"][:3] for t in result["targets"]}) == ["(a)", "(b)", "(c)", "(d)"]
+
+
+def test_lora_arms_exchange_only_adapters(smoke):
+    _, out, result, _ = smoke
+    received = {}
+    for arm in ("fedprox", "fedprox-lora", "fedprox-lora-ffa"):
+        history = json.loads((out / arm / "history.json").read_text())
+        received[arm] = history[1]["bytes"]["received"]
+        ckpt = out / arm / "checkpoints" / "round-002"
+        assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() == (arm != "fedprox"), arm
+    # FFA sends B only: about half of FedIT's A and B, both far below the full expert.
+    assert received["fedprox-lora-ffa"] < 0.6 * received["fedprox-lora"] < 0.6 * 0.1 * received["fedprox"]
+    assert result["arms"]["fedprox-lora"]["learning_rate"] == 10 * result["arms"]["fedprox"]["learning_rate"]
 
 
 def test_plot_is_a_png(smoke):

@@ -44,7 +44,25 @@ NODES = [f"node-{i}" for i in range(4)]
 UNION, SERVER = "union-heldout", "server-eval"
 COLUMNS = [*NODES, UNION, SERVER]
 METRICS = ("policy_loss", "action_mse")
-FEDERATED = ("fedprox", "fedavg")
+# Federated arms and how each differs from the experiment's settings. LoRA trains ~20x fewer weights
+# from B = 0 and, as usual for LoRA, at LORA_LR_SCALE times the full expert's learning rate.
+LORA_LR_SCALE = 10.0
+ARMS = {
+    "fedprox": {},
+    "fedavg": {"proximal_mu": 0.0},
+    "fedprox-lora": {"trainable": "lora", "lora_aggregation": "fedit"},
+    "fedprox-lora-ffa": {"trainable": "lora", "lora_aggregation": "ffa"},
+}
+FEDERATED = tuple(ARMS)
+EXPERT_ARMS = ("fedprox", "fedavg")
+
+
+def arm_settings(s: ServerSettings, arm: str, out: Path) -> ServerSettings:
+    """The experiment's settings as `arm` runs them."""
+    update = {**ARMS[arm], "output_dir": out / arm}
+    if update.get("trainable") == "lora":
+        update["learning_rate"] = s.learning_rate * LORA_LR_SCALE
+    return s.model_copy(update=update)
 DEFINITION = (
     "Same optimizer steps per model: every trained model copy takes rounds x local_steps AdamW steps of "
     "batch_size samples, in the federation's round structure (one warm-up+cosine LR schedule over all "
@@ -55,7 +73,9 @@ DEFINITION = (
     "together. Normalisation: federated and centralized use the statistics merged from the nodes' training "
     "episodes, each local-only model its own node's, so policy_loss (in each model's normalised units) "
     "compares local-only with the rest less directly than action_mse (in the dataset's units). Every set is "
-    "evaluated through its own camera map."
+    "evaluated through its own camera map. The LoRA arms (ZK0_TRAINABLE=lora, LeRobot's SmolVLA targets, rank 8, "
+    "alpha 8) train only adapters, at 10x the learning rate; fedprox-lora averages A and B (FedIT), "
+    "fedprox-lora-ffa keeps A frozen and shared and averages B (FFA-LoRA)."
 )
 
 
@@ -232,17 +252,22 @@ def _target(name: str, metric: str, margin: float, detail: str) -> dict:
 def targets(rows: dict, histories: dict, metric: str) -> list[dict]:
     """The issue's targets; margin is relative and positive when the target is met."""
     out = []
-    for arm in FEDERATED:
+    for arm in histories:
         curve = [r["server_eval"][metric] for r in histories[arm] if r["server_eval"]]
         worst = max(curve[1:])
         detail = f"{arm}: round 0 {curve[0]:.5g}, worst later round {worst:.5g}, final {curve[-1]:.5g}"
         out.append(_target("(a) server eval below round 0 from round 1 on", metric, (curve[0] - worst) / curve[0], detail))
-    best = min(FEDERATED, key=lambda a: rows[a][UNION][metric])
+    best = min(EXPERT_ARMS, key=lambda a: rows[a][UNION][metric])
     fed, local, central = (rows[a][UNION][metric] for a in (best, "local-mean", "centralized"))
     out.append(_target("(b) federated beats mean local-only on union held-out", metric, (local - fed) / local,
                        f"{best} {fed:.5g} vs local-only mean {local:.5g}"))
     out.append(_target("(c) federated within 10% of centralized on union held-out", metric, 0.10 - (fed / central - 1),
                        f"{best} {fed:.5g} vs centralized {central:.5g} ({100 * (fed / central - 1):+.1f}%)"))
+    full = rows["fedprox"][UNION][metric]
+    for arm in (a for a in histories if ARMS[a].get("trainable") == "lora"):
+        lora = rows[arm][UNION][metric]
+        out.append(_target(f"(d) {arm} within 5% of full-expert fedprox on union held-out", metric, 0.05 - (lora / full - 1),
+                           f"{arm} {lora:.5g} vs fedprox {full:.5g} ({100 * (lora / full - 1):+.1f}%)"))
     return out
 
 
@@ -256,7 +281,7 @@ def plot(curves: dict, rows: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 4))
     for ax, metric in zip(axes, METRICS, strict=True):
-        for arm in FEDERATED:
+        for arm in curves:
             rounds, values = [r["round"] for r in curves[arm]], [r[metric] for r in curves[arm]]
             ax.plot(rounds, values, marker="o", label=f"{arm} (global model)")
         ax.axhline(rows["centralized"][SERVER][metric], color="k", ls="--", label="centralized (final)")
@@ -304,9 +329,8 @@ def federated_steps(history: list[dict]) -> list[int]:
 def run_bench(s: ServerSettings, demo: dict, out: Path, run_timeout: float) -> dict:
     """Train and evaluate every arm; the figures for the table, the JSON and the plot."""
     timings, histories, rows, steps, started = {}, {}, {}, {}, time.perf_counter()
-    for arm, mu in zip(FEDERATED, (s.proximal_mu, 0.0), strict=True):
-        arm_settings = s.model_copy(update={"proximal_mu": mu, "output_dir": out / arm})
-        histories[arm] = _timed(timings, arm, run_federated, arm, arm_settings, demo, run_timeout)
+    for arm in FEDERATED:
+        histories[arm] = _timed(timings, arm, run_federated, arm, arm_settings(s, arm, out), demo, run_timeout)
         steps[arm] = federated_steps(histories[arm])
     device, base = resolve_device(s.device), str(demo["base-policy"])
     base_policy = load_policy(base, device)
@@ -337,6 +361,7 @@ def run_bench(s: ServerSettings, demo: dict, out: Path, run_timeout: float) -> d
         },
         "targets": [t for m in METRICS for t in targets(rows, histories, m)],
         "reproduction_gap": {a: reproduction_gap(histories[a], rows[a]) for a in FEDERATED},
+        "arms": {a: {**ARMS[a], "learning_rate": arm_settings(s, a, out).learning_rate} for a in FEDERATED},
         "timings_s": timings,
     }
 

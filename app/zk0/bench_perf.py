@@ -163,11 +163,12 @@ def bench_step(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     policy, pre, batches = _step_inputs(args)
+    lora_policy = _step_inputs(args, lora=True)[0]
     smoke = args.smoke
     block = args.block or (2 if smoke else 30 if args.model == "tiny" else 3)
     reps = 1 if smoke else args.reps or (6 if args.model == "tiny" else 1)
     warmup = 0 if smoke or args.model == "full" else 1
-    seconds = compare(policy, pre, batches, block=block, reps=reps, warmup=warmup, lr=1e-4, mu=args.mu)
+    seconds = compare(policy, pre, batches, block=block, reps=reps, warmup=warmup, lr=1e-4, mu=args.mu, lora_policy=lora_policy)
     # Medians: a burst of load from other processes on a shared host hits single blocks.
     rate = {arm: block / statistics.median(s) for arm, s in seconds.items()}
     rows = [[arm, rate[arm], 1 / rate[arm], rate[arm] / rate["plain"]] for arm in seconds]
@@ -181,16 +182,25 @@ def bench_step(args: argparse.Namespace) -> dict:
         "ratio": rate["zk0"] / rate["plain"],
         "tables": [{
             "title": f"{args.model} model, batch {batch_size}: {reps} interleaved blocks of {block} steps per arm, median block "
-                     f"(zk0 = train_round with mu={args.mu}, a fresh round per block; {torch.get_num_threads()} torch threads)",
+                     f"(zk0 = train_round with mu={args.mu}, a fresh round per block; zk0_lora = the same with "
+                     f"ZK0_TRAINABLE=lora at LeRobot's defaults, rank 8; {torch.get_num_threads()} torch threads)",
             "headers": ["arm", "steps/s", "s/step", "vs plain"],
             "rows": rows,
         }],
-        "targets": [target("zk0 steps/s over plain loop steps/s", rate["zk0"] / rate["plain"], 0.95, False)],
+        "targets": [
+            target("zk0 steps/s over plain loop steps/s", rate["zk0"] / rate["plain"], 0.95, False),
+            target("LoRA step (zk0_lora) steps/s over the full-expert step (zk0)", rate["zk0_lora"] / rate["zk0"], 1.0, False),
+        ],
     }
 
 
-def _step_inputs(args: argparse.Namespace):
-    """(policy, preprocessor, raw batches): the demo's base policy and data, or SmolVLA built from files."""
+def _step_inputs(args: argparse.Namespace, lora: bool = False):
+    """(policy, preprocessor, raw batches): the demo's base policy and data, or SmolVLA built from files.
+
+    `lora`: the same policy wrapped with LoRA adapters at LeRobot's defaults (ZK0_TRAINABLE=lora).
+    """
+    from .lora import Adapter, wrap
+
     if args.model == "tiny":
         from .bench_learning import demo_assets
         from .data import batch_stream, open_dataset
@@ -198,7 +208,7 @@ def _step_inputs(args: argparse.Namespace):
         from .model import load_policy, load_processors
 
         demo = demo_assets(args.demo_dir)
-        policy = load_policy(str(demo["base-policy"]), "cpu")
+        policy = load_policy(str(demo["base-policy"]), "cpu", Adapter("lora" if lora else "expert"))
         pre, _ = load_processors(str(demo["base-policy"]), "cpu", parse_camera_map(demo["cameras"]["node-0"]))
         stream = batch_stream(open_dataset(str(demo["datasets"]["node-0"]), policy.config), args.batch_size or 8, seed=0)
         return policy, pre, [next(stream) for _ in range(2 if args.smoke else 8)]
@@ -207,6 +217,8 @@ def _step_inputs(args: argparse.Namespace):
     with tempfile.TemporaryDirectory() as tmp:  # the preprocessor reads its tokenizer from there
         policy = build_policy(Path(tmp), full=not args.smoke)
         pre = preprocessor_for(policy.config)
+    if lora:
+        policy = wrap(policy, "bench", Adapter("lora"), seed=0)
     return policy, pre, [synthetic_batch(policy.config, args.batch_size or 1)]
 
 

@@ -33,12 +33,15 @@ def _plain_optimizer(policy, learning_rate: float, total_steps: int):
     return optimizer, policy.config.get_scheduler_preset().build(optimizer, num_training_steps=total_steps)
 
 
-def compare(policy, preprocessor, batches: list[dict], *, block: int, reps: int, warmup: int, lr: float, mu: float) -> dict:
+def compare(
+    policy, preprocessor, batches: list[dict], *, block: int, reps: int, warmup: int, lr: float, mu: float, lora_policy=None,
+) -> dict:
     """Seconds per block for each arm, run interleaved (ABBA) on one model and the same batches.
 
     A zk0 block is one `train_round` (it builds its optimizer and proximal anchors, as every
     ClientApp message does); the plain arm keeps one optimizer, as a single training run does.
-    A zk0 round with mu = 0 separates the proximal term's cost from the rest.
+    A zk0 round with mu = 0 separates the proximal term's cost from the rest; `lora_policy` (the same
+    model wrapped with LoRA adapters, ZK0_TRAINABLE=lora) adds a zk0 round that trains only adapters.
     """
     data = itertools.cycle(batches)
     total = (reps + warmup) * block
@@ -48,6 +51,8 @@ def compare(policy, preprocessor, batches: list[dict], *, block: int, reps: int,
         "zk0": lambda r: train_round(policy, preprocessor, data, TrainPlan(block, r * block, total, lr, mu)),
         "zk0_mu0": lambda r: train_round(policy, preprocessor, data, TrainPlan(block, r * block, total, lr, 0.0)),
     }
+    if lora_policy is not None:
+        arms["zk0_lora"] = lambda r: train_round(lora_policy, preprocessor, data, TrainPlan(block, r * block, total, lr, mu))
     seconds = {arm: [] for arm in arms}
     for rep in range(warmup + reps):
         order = list(arms) if rep % 2 == 0 else list(reversed(arms))

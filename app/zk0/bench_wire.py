@@ -111,6 +111,18 @@ def update_error(state: Mapping[str, torch.Tensor], fmt: str, scale: float) -> d
     return {k: math.sqrt(sq[k] / sq["update"]) for k in ("weights", "delta")}
 
 
+LORA_LABELS = {"fedit": "lora fedit r8", "ffa": "lora ffa r8"}
+
+
+def lora_states(policy) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapters that travel with ZK0_TRAINABLE=lora at LeRobot's default targets, rank 8 (wraps `policy` in place)."""
+    from .lora import Adapter, wrap
+    from .model import trainable_state
+
+    adapters = trainable_state(wrap(policy, "bench", Adapter("lora"), seed=0))
+    return {LORA_LABELS["fedit"]: adapters, LORA_LABELS["ffa"]: {k: v for k, v in adapters.items() if ".lora_B." in k}}
+
+
 def bench_wire(args: argparse.Namespace) -> dict:
     """Bytes per node per direction per round for the full state dict and the trainable weights per format."""
     from .bench_models import build_policy
@@ -122,7 +134,9 @@ def bench_wire(args: argparse.Namespace) -> dict:
     state = policy.state_dict()
     values = {"full state dict fp32": sum(v.numel() * v.element_size() for v in state.values())}
     full_record = as_record({k: v.detach().cpu().numpy() for k, v in state.items()})
-    del policy, state
+    del state
+    lora = lora_states(policy)  # wraps the policy in place: measured after the full state dict
+    del policy
     gc.collect()
     sizes = {"full state dict fp32": exchange_bytes(full_record, "fp32", with_proto=False)}
     errors = {"full state dict fp32": (0.0, 0.0)}
@@ -146,6 +160,16 @@ def bench_wire(args: argparse.Namespace) -> dict:
     errors[delta_name] = (float(diff.max()), float(diff.mean()))
     delta_rms = float(np.sqrt(np.mean(diff**2)) / np.sqrt(np.mean(update**2)))
     del quantized, diff, update
+    for label, adapters in lora.items():
+        for fmt in ("fp32", "fp16"):
+            encoded = {wire.PACKED: wire.pack(adapters, fmt)}
+            values[f"{label} {fmt}"], sizes[f"{label} {fmt}"] = wire.wire_bytes(encoded), exchange_bytes(as_record(encoded), fmt)
+            errors[f"{label} {fmt}"] = format_error(adapters, fmt)
+        n = sum(v.numel() for v in adapters.values())
+        quantized = wire.quantize_delta((2e-3 * torch.randn(n, generator=torch.Generator().manual_seed(1))).numpy())
+        values[f"{label} int8-delta (up)"] = wire.wire_bytes(quantized)
+        sizes[f"{label} int8-delta (up)"] = {"down": sizes[f"{label} fp16"]["down"], "up": exchange_bytes(as_record(quantized), wire.DELTA)["up"]}
+        errors[f"{label} int8-delta (up)"] = errors[f"{label} fp16"]
     per_tensor = "trainable fp16, one array per tensor (before packing)"
     values[per_tensor] = values["trainable fp16"]
     sizes[per_tensor], errors[per_tensor] = exchange_bytes(as_record(wire.encode(trainable, "fp16")), "fp16"), errors["trainable fp16"]
@@ -167,10 +191,13 @@ def bench_wire(args: argparse.Namespace) -> dict:
         targets.append(target(f"{fmt}: times smaller than the full fp32 state dict", ref / big(s), 8.5, False, "x"))
     up = sizes[delta_name]["up"]["fleet"]
     targets.append(target("int8-delta: reply (up) per node per round (MiB)", up / MIB, 200, True, " MiB"))
+    lora_fp16 = big(sizes[f"{LORA_LABELS['fedit']} fp16"])
+    targets.append(target("LoRA defaults fp16: largest message per node per direction (MiB)", lora_fp16 / MIB, 8, True, " MiB"))
+    targets.append(target("LoRA defaults fp16: times smaller than the expert at fp16", big(sizes["trainable fp16"]) / lora_fp16, 24, False, "x"))
     return {
         "benchmark": "wire",
         "settings": {"smoke": args.smoke, "architecture": "scaled-down" if args.smoke else "full-size SmolVLA (SmolVLM2-500M, 16 layers)"},
-        "params": {"total": total, "trainable": n_trainable},
+        "params": {"total": total, "trainable": n_trainable, **{label: sum(v.numel() for v in a.values()) for label, a in lora.items()}},
         "payloads": {name: {"values_bytes": values[name], **sizes[name], "max_abs_error": errors[name][0],
                             "mean_abs_error": errors[name][1]} for name in sizes},
         "tables": [{
@@ -192,7 +219,9 @@ def bench_wire(args: argparse.Namespace) -> dict:
                   "rounds with node evaluation send the weights down once more, in the evaluate message (same size as 'down')",
                   "errors are over the random initial weights (kaiming-uniform, scale ~0.03); int8-delta's over a "
                   f"random update of RMS 2e-3, relative RMS error {delta_rms:.4f}",
-                  "int8-delta moves up half the bytes of fp16; the server adds the weighted mean update to its fp32 model"],
+                  "int8-delta moves up half the bytes of fp16; the server adds the weighted mean update to its fp32 model",
+                  "LoRA rows: LeRobot's SmolVLA targets at rank 8 (ZK0_TRAINABLE=lora); fedit sends A and B, ffa only B "
+                  "(A frozen and shared); the int8-delta rows' errors are the fp16 down-link's"],
     }
 
 

@@ -17,8 +17,18 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 log = logging.getLogger("zk0")
 
 
-def load_policy(path: str, device: str) -> SmolVLAPolicy:
-    """Load a saved SmolVLA (local dir or Hub id) onto `device`."""
+def load_policy(path: str, device: str, adapter=None, seed: int = 0):
+    """Load a saved SmolVLA (local dir or Hub id) onto `device`; with a LoRA `adapter` (zk0.lora.Adapter),
+    wrapped so that only the adapters train (A drawn from `seed`)."""
+    policy = _load_plain(path, device)
+    if adapter is not None and adapter.lora:
+        from .lora import wrap
+
+        return wrap(policy, path, adapter, seed)
+    return policy
+
+
+def _load_plain(path: str, device: str) -> SmolVLAPolicy:
     # Denormal floats (seen in near-zero activations of a freshly initialised expert) make
     # every CPU op ~50x slower; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
@@ -112,7 +122,12 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    policy.save_pretrained(staging)
+    if hasattr(policy, "peft_config"):  # LoRA: the merged policy, and the adapter in PEFT's format beside it
+        from .lora import save
+
+        save(policy, staging)
+    else:
+        policy.save_pretrained(staging)
     preprocessor.save_pretrained(staging)
     postprocessor.save_pretrained(staging)
     (staging / "zk0.json").write_text(json.dumps(info, indent=2))

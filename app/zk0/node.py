@@ -15,6 +15,7 @@ from .data import (
     BadSamples, batch_stream, check_opened, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes,
 )
 from .evaluate import evaluate_policy
+from .lora import Adapter
 from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params, trainable_shapes
 from .settings import NodeSettings, resolve_device
 from .stats import compute_stats, from_json, to_json, training_frames
@@ -40,12 +41,13 @@ class NodeSession:
     info: dict = field(default_factory=dict)  # fps, cameras fed and frames: what the round records show per node
     stats: str = ""  # the normalisation statistics the processors use (JSON); "" for the base policy's own
     datasets: dict = field(default_factory=dict)  # opened datasets by episode list, reused while the session lives
+    adapter: Adapter = field(default_factory=Adapter)  # what trains: the full expert or LoRA adapters
     shapes: dict = field(init=False)  # trainable names and shapes: the layout packed weights follow
     layout: str = field(init=False)  # its fingerprint, checked against every message's
 
     def __post_init__(self):
         self.shapes = trainable_shapes(self.policy)
-        self.layout = layout_fingerprint(self.shapes)
+        self.layout = layout_fingerprint(self.shapes, self.adapter.tag())
 
     def dataset(self, episodes: list[int]):
         """This node's dataset restricted to `episodes`, opened once per session."""
@@ -72,18 +74,20 @@ class BaseMismatchError(ValueError):
 
 def open_session(
     settings: NodeSettings, base_policy: str, global_state: dict | None, seed: int, fingerprint: str | None = None,
-    stats: str = "",
+    stats: str = "", adapter: Adapter | None = None,
 ) -> NodeSession:
     """Load the base policy, apply the global weights (when given) and split this node's episodes.
 
-    `stats` (JSON from the server; "" = the base policy's) are the normalisation statistics the processors use.
+    `stats` (JSON from the server; "" = the base policy's) are the normalisation statistics the processors use;
+    `adapter` (from the server's message) says whether the policy is wrapped with LoRA, as the server's is.
     """
     started = time.perf_counter()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     base = settings.base_policy or base_policy
     device = resolve_device(settings.device)
-    policy = load_policy(base, device)
+    adapter = adapter or Adapter()
+    policy = load_policy(base, device, adapter, seed)
     mine = frozen_fingerprint(policy) if fingerprint else None
     if fingerprint and mine != fingerprint:
         raise BaseMismatchError(
@@ -109,7 +113,8 @@ def open_session(
         "cameras": ",".join(f"{k.split('.')[-1]}->{v.split('.')[-1]}" for k, v in row.fed.items()),
     }
     return NodeSession(
-        settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started, mine, base, info, stats
+        settings, policy, pre, post, train_eps, heldout_eps, time.perf_counter() - started, mine, base, info, stats,
+        adapter=adapter,
     )
 
 
@@ -188,13 +193,14 @@ class NodeWorker:
     def open(self, settings: NodeSettings, config: dict) -> NodeSession:
         """The session for this request: the one already open when its inputs are unchanged, else a new one."""
         base, seed, fingerprint = settings.base_policy or str(config["base-policy"]), int(config["seed"]), str(config["base-fingerprint"])
-        key = (settings.model_dump_json(), base, seed, _stamp(base), _stamp(settings.dataset))
+        adapter = Adapter.from_config(config)
+        key = (settings.model_dump_json(), base, seed, adapter, _stamp(base), _stamp(settings.dataset))
         session = self.session
         if session is not None and key == self.key and session.fingerprint == (fingerprint or None):
             return session
         self.session = self.key = None  # a failed open leaves nothing half-reused
         # Built with the message's statistics: a fresh session (every message with warm=false) loads its processors once.
-        session = open_session(settings, base, None, seed, fingerprint, str(config.get("norm-stats") or ""))
+        session = open_session(settings, base, None, seed, fingerprint, str(config.get("norm-stats") or ""), adapter)
         self.session, self.key = session, key
         return session
 

@@ -54,6 +54,7 @@ weights with FedProx.
 - nodes and their datasets:
 {node_lines}
 - FedProx mu: {settings.proximal_mu}
+- trained weights: {_trained(settings)}
 - peak learning rate: {settings.learning_rate} (SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds)
 - local steps per round: {settings.local_steps}, batch size {settings.batch_size}
 - server evaluation dataset: `{settings.eval_dataset or 'none'}`
@@ -73,6 +74,26 @@ from lerobot.policies.factory import make_pre_post_processors
 policy = SmolVLAPolicy.from_pretrained("{settings.hf_repo_id or 'PATH_TO_THIS_FOLDER'}")
 pre, post = make_pre_post_processors(policy.config, pretrained_path="{settings.hf_repo_id or 'PATH_TO_THIS_FOLDER'}")
 ```
+{_adapter_use(settings)}"""
+
+
+def _trained(settings) -> str:
+    if getattr(settings, "trainable", "expert") != "lora":
+        return "SmolVLA's action expert (the vision encoder and VLM frozen)"
+    return (
+        f"LoRA adapters (rank {settings.lora_rank}, alpha {settings.lora_alpha}, {settings.lora_aggregation} aggregation) "
+        f"on `{settings.lora_targets or "LeRobot's SmolVLA default targets"}`; this folder holds the policy with the "
+        "adapters merged in, and `adapter/` the adapter alone in PEFT's format"
+    )
+
+
+def _adapter_use(settings) -> str:
+    if getattr(settings, "trainable", "expert") != "lora":
+        return ""
+    return """
+The adapter alone (PEFT format, as `lerobot-train` with PEFT saves it) is in `adapter/`: LeRobot's
+`make_policy` loads it onto its base policy when `policy.pretrained_path` points there, or
+`peft.PeftModel.from_pretrained(SmolVLAPolicy.from_pretrained(BASE), "adapter")`.
 """
 
 

@@ -15,6 +15,7 @@ from .cameras import parse_camera_map
 from .data import check_opened, eval_batches, open_dataset
 from .errors import RunFailed
 from .evaluate import evaluate_policy
+from .lora import Adapter, load_adapter
 from .model import (
     apply_trainable,
     frozen_fingerprint,
@@ -36,7 +37,7 @@ log = logging.getLogger("zk0")
 # Settings that define an experiment: a restart with the same ones resumes it.
 EXPERIMENT_FIELDS = {
     "num_rounds", "local_steps", "batch_size", "learning_rate", "proximal_mu", "base_policy", "eval_dataset", "seed",
-    "stats",
+    "stats", "trainable", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_aggregation",
 }
 STATS_FILE = "norm-stats.json"
 
@@ -78,7 +79,8 @@ class ServerRuntime:
         self.settings = settings
         self.out_dir = Path(settings.output_dir)
         self.device = resolve_device(settings.device)
-        self.policy = load_policy(settings.base_policy, self.device)
+        self.adapter = Adapter.from_settings(settings)
+        self.policy = load_policy(settings.base_policy, self.device, self.adapter, settings.seed)
         self.fingerprint = frozen_fingerprint(self.policy)
         self.batches = None
         if settings.eval_dataset:
@@ -131,8 +133,9 @@ class ServerRuntime:
         """Continue an interrupted experiment from its newest checkpoint; return that round (0 if fresh)."""
         identity = self.settings.model_dump(mode="json", include=EXPERIMENT_FIELDS)
         saved = self.out_dir / "experiment.json"
-        if saved.is_file() and (before := json.loads(saved.read_text())) != identity:
-            changed = sorted(k for k in identity if before.get(k) != identity[k])
+        before = json.loads(saved.read_text()) if saved.is_file() else {}
+        # A setting the saved file lacks (one added by a later zk0) counts as unchanged.
+        if changed := sorted(k for k in identity if before.get(k, identity[k]) != identity[k]):
             raise SettingsError(
                 f"{self.out_dir} holds another experiment (different {', '.join(changed)}): "
                 "set ZK0_OUTPUT_DIR to a new folder, or restore the settings to resume it"
@@ -140,15 +143,19 @@ class ServerRuntime:
         atomic_write_json(saved, identity)
         ckpt = latest_checkpoint(self.out_dir / "checkpoints")
         if ckpt is None:
+            log.info("no checkpoint in %s: starting at round 1", self.out_dir)
             return 0
         server_round = json.loads((ckpt / "zk0.json").read_text())["round"]
-        weights = load_file(ckpt / "model.safetensors")
-        apply_trainable(self.policy, {name: weights[name] for name in trainable_names(self.policy)})
+        if self.adapter.lora:  # the checkpoint's model.safetensors is merged; the adapter itself is beside it
+            load_adapter(self.policy, ckpt)
+        else:
+            weights = load_file(ckpt / "model.safetensors")
+            apply_trainable(self.policy, {name: weights[name] for name in trainable_names(self.policy)})
         history = json.loads((self.out_dir / "history.json").read_text()) if (self.out_dir / "history.json").is_file() else []
         # Records past the checkpoint belong to a round that did not finish: it runs again.
         self.recorder.rounds = {r["round"]: r for r in history}
         self.recorder.truncate(server_round)
-        log.info("resuming from %s: round %d of %d done", ckpt, server_round, self.settings.num_rounds)
+        log.info("resuming after round %d of %d (checkpoint %s)", server_round, self.settings.num_rounds, ckpt)
         return server_round
 
     def train_config(self) -> dict:
@@ -165,6 +172,7 @@ class ServerRuntime:
             "seed": s.seed,
             "wire-format": s.wire_format,
             "norm-stats": self.stats,
+            **self.adapter.to_config(),
         }
 
     def end_round(self, server_round: int, state: dict) -> dict | None:

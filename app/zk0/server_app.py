@@ -56,12 +56,19 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=settings.min_nodes,
         weighted_by_key="num-samples",
         wire_format=settings.wire_format,
+        layout_tag=runtime.adapter.tag(),
     )
 
     strategy.round_offset = runtime.start_round
+    first, last = runtime.start_round + 1, settings.num_rounds
+    if 1 < first <= last:  # Flower's own log counts this run's rounds from 1
+        log.info("rounds %d to %d of %d follow: Flower's [ROUND 1/%d] is round %d", first, last, last, last - first + 1, first)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        metrics = runtime.end_round(server_round + runtime.start_round, arrays.to_torch_state_dict())
+        experiment_round = server_round + runtime.start_round
+        metrics = runtime.end_round(experiment_round, arrays.to_torch_state_dict())
+        if server_round > 0:
+            log.info("round %d of %d done", experiment_round, settings.num_rounds)
         return MetricRecord(metrics) if metrics else None
 
     exit_code = 1

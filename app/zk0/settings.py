@@ -107,12 +107,40 @@ class ServerSettings(_Zk0Settings):
         description="How trainable weights travel: fp16 (default), bf16, fp32, or int8-delta (fp16 down, each node's "
         "update up in int8 with a scale per 4096 values: half the bytes); the server aggregates in fp32.",
     )
+    trainable: Literal["expert", "lora"] = Field(
+        "expert",
+        description="What trains and travels: expert (SmolVLA's whole action expert) or lora (LoRA adapters through "
+        "LeRobot's PEFT path; megabytes instead of hundreds of megabytes per round at full size).",
+    )
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r (ZK0_TRAINABLE=lora); 1 to 256.")
+    lora_alpha: int = Field(8, ge=1, description="LoRA alpha: the adapters' update is scaled by alpha/rank; at least 1.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path while training, in [0, 1).")
+    lora_targets: str | None = Field(
+        None,
+        description="Regex of the module names LoRA wraps; unset = LeRobot's SmolVLA default (the action expert's "
+        "q/v projections and the state, action and time projections).",
+    )
+    lora_aggregation: Literal["fedit", "ffa"] = Field(
+        "fedit",
+        description="How adapters federate: fedit (A and B trained and averaged separately) or ffa (A frozen and "
+        "shared, only B trained and sent: exact averaging, half the bytes).",
+    )
     wandb_project: str = Field("zk0", min_length=1, description="WandB project of the experiment's run.")
     hf_repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo to push checkpoints to (owner/name); needs HF_TOKEN.")
     hf_private: bool = Field(False, description="Create the Hub repo as private.")
     push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
 
     _cameras = field_validator("eval_cameras")(_camera_map)
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a regular expression ({err})") from None
+        return value
 
     def is_eval_round(self, server_round: int) -> bool:
         """Round 0, every `eval_every` rounds and the last round are evaluated."""

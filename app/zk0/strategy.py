@@ -35,9 +35,13 @@ def _node_info(msg: Message) -> dict:
 class Zk0FedProx(FedProx):
     """FedProx that records every node's reply and drops updates that would poison the average."""
 
-    def __init__(self, recorder: RunRecorder, is_eval_round: Callable[[int], bool], wire_format: str = "fp32", **kwargs):
+    def __init__(
+        self, recorder: RunRecorder, is_eval_round: Callable[[int], bool], wire_format: str = "fp32", layout_tag: str = "",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.wire_format = wire_format
+        self.layout_tag = layout_tag  # what the layout fingerprint covers beyond names and shapes (LoRA's settings)
         self.recorder = recorder
         self.is_eval_round = is_eval_round
         self._shapes: dict[str, tuple] = {}
@@ -50,7 +54,7 @@ class Zk0FedProx(FedProx):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-        self._layout = layout_fingerprint(self._shapes)
+        self._layout = layout_fingerprint(self._shapes, self.layout_tag)
         if self.wire_format == DELTA:
             self._base = pack(arrays.to_torch_state_dict(), "fp32")
         arrays = self._to_wire(arrays, config)
@@ -125,7 +129,7 @@ class Zk0FedProx(FedProx):
 
     def _to_wire(self, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
         """The fp32 global model packed in the wire format nodes receive; its layout goes in the config."""
-        config["weights-layout"] = layout_fingerprint({k: tuple(v.shape) for k, v in arrays.items()})
+        config["weights-layout"] = layout_fingerprint({k: tuple(v.shape) for k, v in arrays.items()}, self.layout_tag)
         return ArrayRecord({PACKED: Array(pack(arrays.to_torch_state_dict(), down_format(self.wire_format)))})
 
     def _aggregate(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -63,9 +63,9 @@ def encode(state: Mapping[str, torch.Tensor], fmt: str) -> dict[str, np.ndarray]
     return {name: _encode_one(name, tensor, fmt) for name, tensor in state.items()}
 
 
-def layout_fingerprint(shapes: Mapping[str, tuple]) -> str:
-    """Short hash of the packed layout: names in packing order and their shapes."""
-    text = ";".join(f"{name}:{tuple(shapes[name])}" for name in sorted(shapes))
+def layout_fingerprint(shapes: Mapping[str, tuple], tag: str = "") -> str:
+    """Short hash of the packed layout: names in packing order and their shapes (and `tag`: e.g. LoRA's alpha)."""
+    text = ";".join(f"{name}:{tuple(shapes[name])}" for name in sorted(shapes)) + (f"|{tag}" if tag else "")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
