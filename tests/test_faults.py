@@ -118,7 +118,7 @@ def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp
             first.kill()
     second = subprocess.run([*ZK0, "local", "--env-file", str(env_file)], env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in second.stdout + second.stderr  # ServerApp lines come through `flwr log`
+    assert "resuming after round" in second.stdout + second.stderr  # ServerApp lines come through `flwr log`
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history] == [0, 1, 2, 3]
     assert all(len(r["contributors"]) == 4 for r in history[1:])
@@ -154,7 +154,7 @@ def test_restarted_superlink_keeps_the_experiment_going(demo, tmp_path):
         if run.poll() is None:
             run.kill()
     log = (tmp_path / "zk0.log").read_text()
-    assert "SuperLink exited with code -9; starting it again" in log and "resuming from" in log
+    assert "SuperLink exited with code -9; starting it again" in log and "resuming after round 1 of 2" in log
     first, second = re.findall(r"run (\d+) submitted", log)
     # zk0 local never restarts SuperNodes: the same processes retried, reconnected and took the new run.
     for i in range(2):

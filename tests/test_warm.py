@@ -157,3 +157,20 @@ def test_a_client_without_the_key_is_refused_and_the_worker_serves_on(request_fo
     with pytest.raises((AuthenticationError, EOFError, ConnectionResetError)):
         Client(str(warm.address_for(owner.pid)), family="AF_UNIX", authkey=b"not the key").send({"op": "exit"})
     assert warm.call(request_for("evaluate"), owner.pid)["metrics"]["warm"] == 1.0
+
+
+def test_files_of_dead_owners_go_at_the_next_start_and_a_stopped_worker_leaves_none(owner):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    # What a SIGKILLed node leaves behind: its worker's socket and key, its start lock.
+    stale = [warm.worker_dir() / f"{gone.pid}-0123456789ab{suffix}" for suffix in (".sock", ".key", ".lock")]
+    for path in stale:
+        path.write_bytes(b"")
+    with warm.connect(owner.pid):
+        pass
+    assert not [path for path in stale if path.exists()]
+    (pid,) = worker_pids(owner.pid)
+    address = warm.address_for(owner.pid)
+    os.kill(pid, signal.SIGTERM)  # as `zk0 local` stops what its nodes started
+    assert wait_until(lambda: not warm._alive(pid))
+    assert not address.exists() and not address.with_suffix(".key").exists()

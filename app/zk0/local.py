@@ -18,6 +18,7 @@ import tomli_w
 from dotenv import dotenv_values
 
 from .check import check_experiment, check_nodes, raise_problems, report, table
+from .procs import MARK, die_with_parent, end_marked, popen_owned, start_guard
 from .settings import NODE_VAR, NodeSettings, ServerSettings, SettingsError, check_env_names
 from .supernode import bin_path as _bin
 from .supernode import TASK_POLL, supernode_command
@@ -151,7 +152,11 @@ class TlsFiles:
 
 @dataclass
 class LocalDeployment:
-    """Processes started for one local run; `stop()` ends every one of them."""
+    """Processes started for one local run; `stop()` ends every one of them.
+
+    Each dies with `zk0 local` however it ends (zk0.procs): the direct children by their parent-death
+    signal, everything below them by the guard that `env`'s mark belongs to.
+    """
 
     workdir: Path
     env: dict[str, str]
@@ -163,7 +168,7 @@ class LocalDeployment:
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         """Start a process with its output in logs/<name>.log."""
         logfile = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
-        proc = subprocess.Popen(cmd, env=self.env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = popen_owned(cmd, env=self.env, stdout=logfile, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
 
@@ -201,10 +206,12 @@ class LocalDeployment:
 
     def flwr(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         """Run a `flwr` CLI command against this deployment."""
-        return subprocess.run([_bin("flwr"), *args], env=self.env, text=True, capture_output=True, **kwargs)
+        return subprocess.run([_bin("flwr"), *args], env=self.env, text=True, capture_output=True,
+                              preexec_fn=die_with_parent(), **kwargs)
 
     def stop(self) -> None:
-        """SIGTERM every process group (nodes deregister at once), SIGKILL what lingers."""
+        """SIGTERM every process group (nodes deregister at once), SIGKILL what lingers, then end what
+        their processes started in sessions of their own (SuperExecs, ServerApp, warm workers)."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -214,6 +221,7 @@ class LocalDeployment:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        end_marked(self.env.get(MARK))
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -267,7 +275,8 @@ class LogStream:
 
     def follow(self, run_id: str) -> None:
         self.close(grace=0)
-        self.proc = subprocess.Popen([_bin("flwr"), "log", run_id, self.connection, "--stream"], env=self.dep.env)
+        self.proc = subprocess.Popen([_bin("flwr"), "log", run_id, self.connection, "--stream"], env=self.dep.env,
+                                     preexec_fn=die_with_parent())
 
     def close(self, grace: float = 1.0) -> None:
         if self.proc is not None:
@@ -327,6 +336,17 @@ def write_connection(flwr_home: Path, name: str, address: str, root_certificates
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, a service manager) stops the run as Ctrl-C does: through run_local's `finally`,
+    so nodes deregister and every process ends in order instead of by its parent-death signal."""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
     """Run one experiment on loopback; 0 only when the run completed."""
     env, settings, nodes = load_experiment(env_file)
@@ -345,6 +365,8 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     proc_env = {**TASK_POLL, **env, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
                 "PYTHONUNBUFFERED": "1"}
+    proc_env = start_guard(proc_env)  # every process below inherits the guard's mark
+    _stop_on_sigterm()
     dep = LocalDeployment(workdir, proc_env, tls)
     write_connection(flwr_home, "local", f"127.0.0.1:{dep.port}", tls and tls.ca)
     stream = LogStream(dep, "local")

@@ -62,7 +62,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy.round_offset = runtime.start_round
     first, last = runtime.start_round + 1, settings.num_rounds
     if 1 < first <= last:  # Flower's own log counts this run's rounds from 1
-        log.info("rounds %d to %d of %d follow: Flower's [ROUND 1/%d] is round %d", first, last, last, last - first + 1, first)
+        span = f"round {first}" if first == last else f"rounds {first} to {last}"
+        log.info("%s of %d to go: Flower's [ROUND 1/%d] is round %d", span, last, last - first + 1, first)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         experiment_round = server_round + runtime.start_round

@@ -18,6 +18,7 @@ from pathlib import Path
 import tomli_w
 
 from .local import _absolute_paths, load_env_file, preflight, settings_from_env
+from .procs import die_with_parent
 from .settings import ServerSettings, SettingsError
 from .supernode import wait_reachable
 
@@ -51,7 +52,8 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
 
 
 class Flwr:
-    """The `flwr` CLI with this submission's FLWR_HOME."""
+    """The `flwr` CLI with this submission's FLWR_HOME; each command dies with `zk0 submit` (a killed
+    submission leaves no log stream behind)."""
 
     def __init__(self, env: dict[str, str]):
         self.env = env
@@ -59,10 +61,11 @@ class Flwr:
         self.exe = str(candidate) if candidate.exists() else "flwr"
 
     def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([self.exe, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([self.exe, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=die_with_parent())
 
     def stream(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([self.exe, *args], env=self.env)
+        return subprocess.Popen([self.exe, *args], env=self.env, preexec_fn=die_with_parent())
 
 
 def run_status(flwr: Flwr, run_id: str, conn: str) -> str:

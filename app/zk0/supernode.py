@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tomli_w
 
+from .procs import start_guard
 from .settings import NodeSettings, SettingsError
 
 log = logging.getLogger("zk0")
@@ -99,7 +100,11 @@ def supernode_command(
 
 
 def run_supernode(args, node: NodeSettings) -> int:
-    """Validate, check the address, then become flower-supernode (never returns on success)."""
+    """Validate, check the address, then become flower-supernode (never returns on success).
+
+    This process becomes flower-supernode, so a signal to it reaches Flower directly; a guard
+    (zk0.procs) ends its SuperExec, ClientApps and warm worker if it dies without stopping them.
+    """
     for path in (args.root_certificates, args.auth_key):
         if path is not None and not path.is_file():
             raise SettingsError(f"{path} does not exist; make it with superlink/make-certs.sh on the SuperLink's host")
@@ -118,6 +123,7 @@ def run_supernode(args, node: NodeSettings) -> int:
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     for key, value in TASK_POLL.items():
         env.setdefault(key, value)
+    env = start_guard(env)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(cmd[0], cmd, env)

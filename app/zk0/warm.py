@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,14 @@ def _retire_others(address: Path, owner_pid: int) -> None:
                 conn.send({"op": "exit"})
 
 
+def _remove_stale(directory: Path) -> None:
+    """Delete the sockets, keys and locks of owners that are gone: a SIGKILLed node leaves them behind."""
+    for path in directory.glob("*-*.*"):
+        owner = path.name.split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            path.unlink(missing_ok=True)
+
+
 def _spawn(address: Path, owner_pid: int, idle_timeout: float) -> subprocess.Popen:
     address.unlink(missing_ok=True)  # a dead worker's socket
     fd = os.open(address.with_suffix(".key"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -98,6 +107,7 @@ def connect(owner_pid: int | None = None, idle_timeout: float = IDLE_TIMEOUT) ->
         fcntl.flock(lock, fcntl.LOCK_EX)  # one start at a time when messages arrive together
         if (conn := _connect(address)) is not None:
             return conn
+        _remove_stale(address.parent)
         _retire_others(address, owner_pid)
         proc = _spawn(address, owner_pid, idle_timeout)
         deadline = time.monotonic() + START_TIMEOUT
@@ -146,7 +156,7 @@ class _Watch(threading.Thread):
 
     def run(self) -> None:
         while True:
-            time.sleep(0.5)
+            time.sleep(0.5)  # an orphaned worker is gone within a second of its owner
             if not _alive(self.owner_pid):
                 reason = f"its owner {self.owner_pid} is gone"
                 # No ClientApp of that owner will come: its start lock can go too.
@@ -160,6 +170,13 @@ class _Watch(threading.Thread):
             os._exit(0)
 
 
+def _exit_cleanly(address: Path) -> None:
+    """SIGTERM (a stopping `zk0 local` or node): leave no socket or key behind."""
+    log.info("warm worker %d exits: asked to stop", os.getpid())
+    cleanup(address)
+    os._exit(0)
+
+
 def cleanup(address: Path) -> None:
     """Remove a worker's socket and key."""
     for path in (address, address.with_suffix(".key")):
@@ -168,6 +185,7 @@ def cleanup(address: Path) -> None:
 
 def serve(address: Path, owner_pid: int, idle_timeout: float) -> int:
     """Answer requests one at a time until told to exit or the watcher ends the process."""
+    signal.signal(signal.SIGTERM, lambda *_: _exit_cleanly(address))  # before a client can find it
     listener = Listener(str(address), family="AF_UNIX", authkey=_key(address))  # listen first: importing torch takes seconds
     watch = _Watch(address, owner_pid, idle_timeout)
     watch.start()
