@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from .logs import setup_logging
+from .node_watch import STARTED
 from .settings import NodeSettings
 
 app = ClientApp()
@@ -30,8 +31,10 @@ def _request(op: str, msg: Message, context: Context) -> dict:
 
 
 def _run(op: str, msg: Message, context: Context) -> Message:
-    setup_logging()
+    log = setup_logging()
     settings = NodeSettings.from_flower_config(dict(context.node_config))
+    # Flower has started this ClientApp: `zk0 local`'s watch (zk0.node_watch) stops timing its start-up here.
+    log.info("%s: %s %s message", settings.display_name, STARTED, msg.metadata.message_type)
     request = _request(op, msg, context)
     if settings.warm:
         from .warm import call

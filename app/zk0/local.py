@@ -18,6 +18,7 @@ import tomli_w
 from dotenv import dotenv_values
 
 from .check import check_experiment, check_nodes, raise_problems, report, table
+from .node_watch import NodeWatch
 from .procs import MARK, die_with_parent, end_marked, popen_owned, start_guard
 from .settings import NODE_VAR, NodeSettings, ServerSettings, SettingsError, check_env_names
 from .supernode import bin_path as _bin
@@ -370,6 +371,8 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
     dep = LocalDeployment(workdir, proc_env, tls)
     write_connection(flwr_home, "local", f"127.0.0.1:{dep.port}", tls and tls.ca)
     stream = LogStream(dep, "local")
+    # A node whose ClientApp keeps failing to start is reported, then given up on (zk0.node_watch).
+    watch = NodeWatch(workdir, [node.display_name for node in nodes])
     started = time.monotonic()
     try:
         dep.start_superlink()
@@ -377,9 +380,11 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
             dep.register_nodes(len(nodes), "local")
         for index, node in enumerate(nodes):
             dep.start_supernode(index, node)
+        watch.start([dep.procs[f"supernode-{index}"] for index in range(len(nodes))])
         log.info("SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s", dep.port, len(nodes), workdir / "logs")
         run_id, status = run_to_end(dep, settings, "local", stream)
     finally:
+        watch.stop()
         stream.close()
         dep.stop()
     log.info("run %s: %s after %.1fs; outputs in %s", run_id, status, time.monotonic() - started, settings.output_dir)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from .errors import RunFailed
 from .logs import setup_logging
+from .node_watch import faults_file
 from .server import ServerRuntime
 from .settings import ServerSettings
-from .strategy import Zk0FedProx
+from .strategy import Zk0FedProx, error_reason, replying_node
 
 app = ServerApp()
 
 
-def collect_stats(grid: Grid, config: dict, min_nodes: int, timeout: float) -> list[tuple[str, str | None, str]]:
+def collect_stats(
+    grid: Grid, config: dict, min_nodes: int, timeout: float, faults: Path | None = None,
+) -> list[tuple[str, str | None, str]]:
     """Ask every connected node for its training statistics; (node name, stats JSON or None, why not) per node."""
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < min_nodes:
@@ -26,14 +31,17 @@ def collect_stats(grid: Grid, config: dict, min_nodes: int, timeout: float) -> l
     query = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
     replies, answered = [], set()
     for reply in grid.send_and_receive(query, timeout=timeout):
-        node_id = reply.metadata.src_node_id
+        node_id = replying_node(reply, [m.metadata for m in query])
         answered.add(node_id)
         if reply.has_error():
-            replies.append((str(node_id), None, f"error: {reply.error.reason}"))
+            replies.append((str(node_id), None, f"error: {error_reason(node_id, reply, faults)}"))
         else:
             node = reply.content["node"]
             replies.append((str(node["name"]), str(node["stats"]), ""))
     replies += [(str(n), None, f"no reply within {timeout:.0f}s") for n in nodes if n not in answered]
+    for name, _, why in replies:
+        if why:
+            logging.getLogger("zk0").warning("node %s sent no statistics: %s", name, why)
     return replies
 
 
@@ -57,6 +65,7 @@ def main(grid: Grid, context: Context) -> None:
         weighted_by_key="num-samples",
         wire_format=settings.wire_format,
         layout_tag=runtime.adapter.tag(),
+        faults=faults_file(settings.output_dir),
     )
 
     strategy.round_offset = runtime.start_round
@@ -75,7 +84,8 @@ def main(grid: Grid, context: Context) -> None:
     exit_code = 1
     try:
         if settings.stats == "federated" and not runtime.stats:
-            runtime.merge_node_stats(collect_stats(grid, runtime.train_config(), settings.min_nodes, settings.round_timeout))
+            runtime.merge_node_stats(collect_stats(grid, runtime.train_config(), settings.min_nodes, settings.round_timeout,
+                                                   faults_file(settings.output_dir)))
         config = ConfigRecord(runtime.train_config())
         strategy.start(
             grid=grid,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from logging import ERROR, WARNING
+from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 from flwr.supercore import log
 
 from .errors import RunFailed
+from .node_watch import read_faults
 from .records import NODE_FIELDS, RunRecorder
 from .wire import (
     DELTA, DELTA_BLOCK, PACKED, SCALES, aggregate, aggregate_deltas, down_format, is_finite, layout_fingerprint, npy_view, pack,
@@ -32,12 +35,26 @@ def _node_info(msg: Message) -> dict:
     return {k: node[k] if k in ("fps", "frames") else str(node[k]) for k in NODE_FIELDS if k in node}
 
 
+def replying_node(reply: Message, sent: Iterable[Metadata]) -> int:
+    """The node a reply is for. The SuperLink signs the error replies it makes for a node that went
+    offline with its own id, so those are matched to the message they answer (`sent`: its metadata)."""
+    if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+        return reply.metadata.src_node_id
+    answered = reply.metadata.reply_to_message_id
+    return next((m.dst_node_id for m in sent if m.message_id == answered), reply.metadata.src_node_id)
+
+
+def error_reason(node_id: int, reply: Message, faults: Path | None = None) -> str:
+    """Why a node's reply is an error: what `zk0 local` saw when it gave up on the node, else Flower's reason."""
+    return (read_faults(faults).get(str(node_id)) if faults else None) or reply.error.reason
+
+
 class Zk0FedProx(FedProx):
     """FedProx that records every node's reply and drops updates that would poison the average."""
 
     def __init__(
         self, recorder: RunRecorder, is_eval_round: Callable[[int], bool], wire_format: str = "fp32", layout_tag: str = "",
-        **kwargs,
+        faults: Path | None = None, **kwargs,
     ):
         super().__init__(**kwargs)
         self.wire_format = wire_format
@@ -48,6 +65,9 @@ class Zk0FedProx(FedProx):
         self._layout = ""
         self._base = None  # int8-delta: the fp32 global model of this round, flat, that updates are added to
         self._sent: set[int] = set()  # nodes asked to train this round
+        # This round's messages' metadata (not their weights): Flower's push gives them their ids.
+        self._outbox: list[Metadata] = []
+        self.faults = faults  # zk0 local's notes on the nodes it gave up on (zk0.node_watch)
         # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
         self.round_offset = 0
 
@@ -59,6 +79,7 @@ class Zk0FedProx(FedProx):
             self._base = pack(arrays.to_torch_state_dict(), "fp32")
         arrays = self._to_wire(arrays, config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._outbox = [m.metadata for m in messages]
         self._sent = {m.metadata.dst_node_id for m in messages}
         self.recorder.add_bytes(server_round, "sent", _payload_bytes(arrays) * len(messages))
         return messages
@@ -87,10 +108,11 @@ class Zk0FedProx(FedProx):
         server_round += self.round_offset
         accepted, rejected, replied = [], {}, set()
         for msg in replies:
-            node_id = msg.metadata.src_node_id
+            node_id = replying_node(msg, self._outbox)
             replied.add(node_id)
             if msg.has_error():
-                rejected[str(node_id)] = f"error: {msg.error.reason}"
+                rejected[str(node_id)] = f"error: {error_reason(node_id, msg, self.faults)}"
+                log(WARNING, "Excluding node %s from aggregation: %s", node_id, rejected[str(node_id)])
                 continue
             reason = self._screen(msg)
             info = {**_node_info(msg), **dict(msg.content["metrics"])}
@@ -125,7 +147,9 @@ class Zk0FedProx(FedProx):
         server_round += self.round_offset
         if not self.is_eval_round(server_round):
             return []
-        return super().configure_evaluate(server_round, self._to_wire(arrays, config), config, grid)
+        messages = list(super().configure_evaluate(server_round, self._to_wire(arrays, config), config, grid))
+        self._outbox = [m.metadata for m in messages]
+        return messages
 
     def _to_wire(self, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
         """The fp32 global model packed in the wire format nodes receive; its layout goes in the config."""
@@ -155,6 +179,8 @@ class Zk0FedProx(FedProx):
         usable = []
         for msg in replies:
             if msg.has_error():
+                node_id = replying_node(msg, self._outbox)
+                log(WARNING, "Node %s did not evaluate: error: %s", node_id, error_reason(node_id, msg, self.faults))
                 continue
             metrics = dict(msg.content["metrics"])
             self.recorder.client(server_round, msg.metadata.src_node_id, "eval", {**_node_info(msg), **metrics})
