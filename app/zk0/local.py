@@ -69,8 +69,8 @@ def node_settings_from_env(env: dict[str, str]) -> tuple[list[NodeSettings], lis
             prefixes.append(f"ZK0_NODE_{index}_")
         except SettingsError as err:  # it names ZK0_<FIELD>: name the node's own variable instead
             text = str(err)
-            for field in NodeSettings.model_fields:
-                text = text.replace(f"ZK0_{field.upper()} (", f"ZK0_NODE_{index}_{field.upper()} (")
+            for name in NodeSettings.model_fields:
+                text = text.replace(f"ZK0_{name.upper()} (", f"ZK0_NODE_{index}_{name.upper()} (")
             problems.append(f"node {index}: {text}")
     return nodes, prefixes, problems
 
