@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -25,12 +26,14 @@ def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     result = run(capsys, tmp_path, "wire")
     payloads = result["payloads"]
     per_tensor, delta = "trainable fp16, one array per tensor (before packing)", "trainable int8-delta (up: update)"
-    assert set(payloads) == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16", per_tensor, delta}
+    lora = {name for name in payloads if name.startswith("lora ")}
+    assert set(payloads) - lora == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16", per_tensor, delta}
+    assert lora == {f"lora {how} r8 {fmt}" for how in ("fedit", "ffa") for fmt in ("fp32", "fp16", "int8-delta (up)")}
     # Packed, a message is a handful of objects (one Fleet call each); per tensor it was dozens.
     assert payloads["trainable fp16"]["down"]["objects"] <= 8 < 40 < payloads[per_tensor]["down"]["objects"]
     assert 0 < result["params"]["trainable"] < result["params"]["total"]
     for name, p in payloads.items():
-        for direction in ("up",) if name == delta else ("down", "up"):  # int8-delta sends fp16 down
+        for direction in ("up",) if "int8-delta" in name else ("down", "up"):  # int8-delta sends fp16 down
             fleet, proto = p[direction]["fleet"], p[direction]["proto"]
             # Every value travels once, plus a little framing and metadata; Flower sends identical
             # arrays only once, which a state dict with repeated tensors may benefit from.
@@ -44,6 +47,35 @@ def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     # int8 updates plus one fp32 scale per 4096 values: just over half of fp16, within about 1% of the update.
     assert 0.5 < payloads[delta]["values_bytes"] / payloads["trainable fp16"]["values_bytes"] < 0.51
     assert payloads[delta]["down"] == payloads["trainable fp16"]["down"] and 0 < result["int8_delta_update_rms_error"] < 0.02
+    # LoRA adapters are a small part of the expert; ffa sends only B of fedit's A and B.
+    for how in ("fedit", "ffa"):
+        assert payloads[f"lora {how} r8 fp16"]["values_bytes"] * 2 == payloads[f"lora {how} r8 fp32"]["values_bytes"]
+    assert payloads["lora ffa r8 fp16"]["values_bytes"] < payloads["lora fedit r8 fp16"]["values_bytes"] < payloads["trainable fp16"]["values_bytes"] / 10
+
+
+@pytest.mark.parametrize("model", ["tiny", "full"])  # full --smoke: the file-built architecture, scaled down
+def test_step_times_every_arm_in_interleaved_blocks(capsys, tmp_path, demo, model):
+    result = run(capsys, tmp_path, "step", "--model", model, "--demo-dir", str(demo["root"]))
+    rates, blocks, settings = result["steps_per_s"], result["seconds_per_block"], result["settings"]
+    assert set(rates) == set(blocks) == {"plain", "zk0", "zk0_mu0", "zk0_lora"} and settings["model"] == model
+    for arm, seconds in blocks.items():
+        assert len(seconds) == settings["reps"] and all(s > 0 for s in seconds), arm
+        assert rates[arm] == pytest.approx(settings["block_steps"] / statistics.median(seconds)), arm
+    assert result["ratio"] == pytest.approx(rates["zk0"] / rates["plain"])
+    values = {t["target"]: t["value"] for t in result["targets"]}
+    assert values == pytest.approx({"zk0 steps/s over plain loop steps/s": rates["zk0"] / rates["plain"],
+                                    "LoRA step (zk0_lora) steps/s over the full-expert step (zk0)": rates["zk0_lora"] / rates["zk0"]})
+
+
+def test_aggregate_holds_about_one_fp32_copy(capsys, tmp_path):
+    result = run(capsys, tmp_path, "aggregate")
+    assert result["inputs_copies"] == pytest.approx(2.0)  # four 16-bit updates
+    assert result["copy_bytes"] == 4 * result["trainable_params"] > 0
+    assert len(result["runs"]) == 4 and "packed replies (as the strategy aggregates)" in result["runs"]
+    for name, r in result["runs"].items():
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0, name
+        # The fp32 result is one copy; streaming keeps temporaries far below another.
+        assert 1.0 <= r["tracemalloc_peak"] / result["copy_bytes"] < 2.0, name
 
 
 @pytest.mark.parametrize("model", ["tiny", "full"])  # full --smoke: a saved file-built base policy, scaled down

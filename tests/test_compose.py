@@ -7,6 +7,7 @@ they fail instead, so CI can never pass them silently.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -162,6 +163,12 @@ class Stack:
     def __call__(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
         return compose(*self.base, *args, env=env or self.env(), **kw)
 
+    def overlay(self, *files: str) -> Stack:
+        """The same project with more Compose files on top (e.g. compose.tls.yaml)."""
+        other = copy.copy(self)
+        other.base = [*self.base, *(arg for f in files for arg in ("-f", f))]
+        return other
+
     def run(self, env: dict, timeout: float = 1500) -> tuple[int, float]:
         """`up -d`, then wait for the submit service; its exit code and the wall time from `up`."""
         started = time.monotonic()
@@ -206,8 +213,8 @@ def stack(compose_cli):
     s("down", "-v", "--remove-orphans", "--timeout", "5", check=False, timeout=300)
 
 
-def dump_logs(stack: Stack) -> str:
-    return "\n".join(f"--- {s} ---\n{stack.logs(s)[-2500:]}" for s in ("submit", "serverapp", "supernode-0", "superlink"))
+def dump_logs(stack: Stack, services=("submit", "serverapp", "supernode-0", "superlink")) -> str:
+    return "\n".join(f"--- {s} ---\n{stack.logs(s)[-2500:]}" for s in services)
 
 
 OUTPUTS_SCRIPT = """
@@ -234,12 +241,32 @@ def outputs(stack: Stack, name: str, last: int) -> dict:
     return stack.read_outputs(OUTPUTS_SCRIPT.format(name=name, last=last))
 
 
-def test_compose_demo_runs_two_rounds_on_cpu(stack):
-    env = stack.env(ZK0_NUM_ROUNDS="2", ZK0_LOCAL_STEPS="5", ZK0_OUTPUT_DIR="outputs/two-rounds", ZK0_ROUND_TIMEOUT="900")
-    code, wall = stack.run(env)
-    print(f"docker compose up -> two-round demo finished: {wall:.0f}s")
-    assert code == 0, dump_logs(stack)
-    assert "finished:completed" in stack.logs("submit")
+def tls_files(directory: Path) -> Path:
+    """compose.tls.yaml's files for the four nodes (SAN `superlink`, the name they dial), and a fifth key
+    pair kept out of supernodes/*.pub so that the `register` service never registers it."""
+    subprocess.run([str(ROOT / "superlink" / "make-certs.sh"), "-n", "5", str(directory), "superlink"], check=True,
+                   capture_output=True, timeout=120)
+    (directory / "supernodes" / "node-4.pub").rename(directory / "stranger.pub")
+    subprocess.run(["chown", "-R", "1000:1000", str(directory)], check=True)  # the image's zk0 user reads them
+    return directory
+
+
+def test_compose_demo_runs_two_rounds_on_cpu_with_tls_and_node_auth(stack, tmp_path):
+    """The CPU demo behind compose.tls.yaml: node keys registered, two rounds, a stranger's key refused.
+    The stack without TLS runs whole in the tests below."""
+    tls = stack.overlay("compose.tls.yaml")
+    env = stack.env(ZK0_NUM_ROUNDS="2", ZK0_LOCAL_STEPS="5", ZK0_OUTPUT_DIR="outputs/two-rounds", ZK0_ROUND_TIMEOUT="900",
+                    ZK0_TLS_DIR=str(tls_files(tmp_path / "certs")))
+    code, wall = tls.run(env)
+    print(f"docker compose up -> two-round demo with TLS finished: {wall:.0f}s")
+    assert code == 0, dump_logs(tls, ("register", "submit", "serverapp", "supernode-0", "superlink"))
+    assert "finished:completed" in tls.logs("submit")
+    assert sorted(re.findall(r"registered /tls/supernodes/(node-\d)\.pub", tls.logs("register"))) == [f"node-{i}" for i in range(4)]
+    # A SuperNode whose key was never registered reaches the TLS SuperLink and is refused by node auth.
+    stranger = tls("run", "--rm", "--no-deps", "-T", "supernode-3", "zk0", "supernode", "--superlink", "superlink:8000",
+                   "--root-certificates", "/tls/ca.crt", "--auth-key", "/tls/supernodes/node-4", "--connect-tries", "10",
+                   env=env, timeout=300, check=False)
+    assert stranger.returncode != 0 and "Failed to activate SuperNode" in stranger.stdout + stranger.stderr, stranger.stderr[-3000:]
     got = outputs(stack, "two-rounds", 2)
     assert got["rounds"] == [0, 1, 2]
     assert {"history.json", "round-000.json", "round-001.json", "round-002.json"} <= set(got["files"])

@@ -19,7 +19,9 @@ def hub(monkeypatch):
         # Tests run with HF_HUB_OFFLINE=1; only the stand-in on loopback is allowed here.
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "ENDPOINT", standin.endpoint)
-        monkeypatch.setenv("HF_TOKEN", "hf_standin_token")
+        # Large files take Git LFS, as without hf_xet: the stand-in speaks LFS, not Xet's storage protocol.
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_TOKEN", standin.token)
         yield standin
 
 
@@ -36,15 +38,34 @@ def nudged(state: dict, amount: float) -> dict:
     return {k: v + amount for k, v in state.items()}
 
 
-def test_push_creates_repo_uploads_and_tags(hub, tmp_path):
+def test_push_creates_repo_uploads_weights_through_lfs_and_tags(hub, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     ckpt = tmp_path / "round-002"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
-    (ckpt / "model.safetensors").write_bytes(b"\0" * 1000)
-    oid = push_checkpoint(ckpt, "lab/smolvla-fed", 2, token="hf_x")
+    save_file({"w": torch.randn(64, 64)}, ckpt / "model.safetensors")
+    oid = push_checkpoint(ckpt, "lab/smolvla-fed", 2, token=hub.token)
     assert "lab/smolvla-fed" in hub.repos
-    assert set(hub.files["lab/smolvla-fed"]) == {"config.json", "model.safetensors"}
-    assert hub.tags["lab/smolvla-fed"] == {"round-002": oid}
+    files = hub.files["lab/smolvla-fed"]
+    assert files == {name: (ckpt / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    # The weights went as the Hub asks for them: LFS batch, a PUT to the signed href, an lfsFile pointer.
+    assert hub.lfs_files["lab/smolvla-fed"] == {"model.safetensors"}
+    assert any(r.endswith(".git/info/lfs/objects/batch") for r in hub.requests)
+    assert any(r.startswith("PUT /lfs-upload/") for r in hub.requests)
+    assert hub.tags["lab/smolvla-fed"] == {"round-002": oid} and hub.refused == []
+
+
+def test_push_with_a_wrong_token_is_refused_and_nothing_lands(hub, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    ckpt = tmp_path / "round-001"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    with pytest.raises(HfHubHTTPError, match="401"):
+        push_checkpoint(ckpt, "lab/smolvla-fed", 1, token="hf_not_the_token")
+    assert hub.refused and hub.repos == set() and hub.files == {}
 
 
 def test_failed_push_keeps_training_and_checkpoint_then_retries(hub, demo, tmp_path):
@@ -61,8 +82,24 @@ def test_failed_push_keeps_training_and_checkpoint_then_retries(hub, demo, tmp_p
     tags = hub.tags["lab/smolvla-fed"]
     assert sorted(tags) == ["round-001", "round-002"]
     assert tags["round-002"] == hub.commits[-1][1]  # main ends at the newest round
-    assert "README.md" in hub.files["lab/smolvla-fed"] and "model.safetensors" in hub.files["lab/smolvla-fed"]
+    assert "README.md" in hub.files["lab/smolvla-fed"] and "model.safetensors" in hub.lfs_files["lab/smolvla-fed"]
     assert hub.card_metadata[-1]["library_name"] == "lerobot" and "smolvla" in hub.card_metadata[-1]["tags"]
+
+
+def test_checkpoints_go_up_every_push_every_rounds_and_at_the_end(hub, demo, tmp_path):
+    out = tmp_path / "out"
+    rt = runtime(demo, out, hf_repo_id="lab/smolvla-fed", push_every=2)  # 3 rounds, a checkpoint every round
+    state = rt.initial_state()
+    for r in range(2):
+        rt.end_round(r, nudged(state, 0.01 * r))
+    assert (out / "checkpoints" / "round-001").is_dir() and hub.requests == []  # round 1 is kept, not pushed
+    rt.end_round(2, nudged(state, 0.02))
+    assert sorted(hub.tags["lab/smolvla-fed"]) == ["round-002"]
+    rt.end_round(3, nudged(state, 0.03))  # the last round goes up although 3 is not a multiple of 2
+    tags = hub.tags["lab/smolvla-fed"]
+    assert sorted(tags) == ["round-002", "round-003"] and tags["round-003"] == hub.commits[-1][1] and len(hub.commits) == 2
+    final = out / "checkpoints" / "round-003" / "model.safetensors"
+    assert hub.files["lab/smolvla-fed"]["model.safetensors"] == final.read_bytes()
 
 
 def test_model_card_has_metadata_and_the_runs_numbers(demo, tmp_path):

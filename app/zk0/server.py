@@ -99,8 +99,22 @@ class ServerRuntime:
         self.recorder = RunRecorder(self.out_dir)
         self.start_round = self._resume()
         self.tracker = Tracker.open(self.out_dir, settings.wandb_project, settings.model_dump(mode="json"))
+        if self.start_round:
+            self._track_finished_rounds()
         self.publisher = Publisher(settings.hf_repo_id, os.environ.get("HF_TOKEN"), settings.hf_private)
         self.started = time.perf_counter()
+
+    def _track_finished_rounds(self) -> None:
+        """Log the rounds before the checkpoint again: a ServerApp killed mid-run takes its WandB service down
+        before that service has written what it was sent. Rounds the resumed WandB run already holds are skipped."""
+        try:
+            held = self.tracker.run.step if self.tracker.run is not None else 0  # the step WandB expects next
+        except Exception as err:  # tracking must never stop the experiment
+            log.warning("WandB: could not read the resumed run's step (%s); not logging earlier rounds again", err)
+            return
+        for record in self.history():
+            if record["round"] >= held:
+                self.tracker.log_round(record["round"], record)
 
     def use_stats(self, stats: str) -> None:
         """Processors with `stats` (JSON; "" = the base policy's): the checkpoints' without a camera map, the
