@@ -1,4 +1,4 @@
-"""`zk0 bench wire|step|aggregate|overhead|demo|gpu` in smoke mode: they run and write sound figures."""
+"""`zk0 bench wire|step|aggregate|overhead|demo|cli|gpu` in smoke mode: they run and write sound figures."""
 
 import json
 import math
@@ -130,3 +130,11 @@ def test_npy_view_reads_what_array_numpy_reads():
         view = npy_view(array)
         assert view.dtype == value.dtype and view.shape == value.shape and not view.flags.writeable
         np.testing.assert_array_equal(view, array.numpy())
+
+
+def test_cli_times_help_and_one_refusal_naming_five_mistakes(capsys, tmp_path, demo):
+    result = run(capsys, tmp_path, "cli", "--demo-dir", str(demo["root"]), "--out", str(tmp_path / "cli"))
+    assert set(result["runs"]) == {"zk0 --help", "zk0 local --help", "zk0 check, env-file with five mistakes",
+                                   "zk0 local, env-file with five mistakes"}
+    assert all(r["median_s"] > 0 for r in result["runs"].values())
+    assert [t["target"] for t in result["targets"]] == ["zk0 --help (s)", "refusal naming five mistakes (s)"]

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from . import wire
+from .bench_cli import bench_cli
 from .bench_demo import bench_demo
+from .bench_scale import bench_scale
 from .bench_report import BenchError, as_record, report, target
 from .bench_wire import TRAIN_CONFIG, bench_aggregate, bench_wire
 from .records import atomic_write_json
@@ -256,7 +258,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 
 
 BENCHES = {"wire": bench_wire, "step": bench_step, "aggregate": bench_aggregate, "overhead": bench_overhead, "gpu": bench_gpu,
-           "demo": bench_demo}
+           "demo": bench_demo, "scale": bench_scale, "cli": bench_cli}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -267,7 +269,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for cmd in cmds.values():
         cmd.add_argument("--json", type=Path, help="also write the figures to this JSON file")
         cmd.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (tests)")
-    for name in ("step", "overhead", "demo"):
+    for name in ("step", "overhead", "demo", "scale", "cli"):
         cmds[name].add_argument("--demo-dir", type=Path, default=Path("demo-data"), help="offline demo; written when missing")
     cmds["step"].add_argument("--model", choices=["tiny", "full"], default="tiny", help="the demo's base policy, or full-size SmolVLA")
     cmds["step"].add_argument("--batch-size", type=int, help="default: 8 (tiny), 1 (full)")
@@ -288,6 +290,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cmds["demo"].add_argument("--out", type=Path, default=Path("outputs/bench-demo"), help="its output folder (emptied first)")
     cmds["demo"].add_argument("--from-dir", type=Path, help="only split a finished run's output folder; run nothing")
     cmds["demo"].add_argument("--run-timeout", type=float, default=1800, help="seconds before `zk0 local` is stopped")
+    cmds["cli"].add_argument("--repeats", type=int, default=5, help="fresh processes per command; the median is the figure")
+    cmds["cli"].add_argument("--out", type=Path, default=Path("outputs/bench-cli"), help="where the env-file is written")
+    cmds["scale"].add_argument("--nodes", default="4,16,64", help="numbers of virtual SuperNodes, comma-separated")
+    cmds["scale"].add_argument("--fmt", choices=["fp16", "bf16", "fp32"], default="fp16",
+                               help="wire format of the synthetic full-size updates")
+    cmds["scale"].add_argument("--out", type=Path, default=Path("outputs/bench-scale"), help="runs, JSON and the plot")
+    cmds["scale"].add_argument("--run-timeout", type=float, default=3600, help="seconds before one run is stopped")
     cmds["gpu"].add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     cmds["gpu"].add_argument("--steps", type=int, default=20, help="steps of the timed local round")
     return p.parse_args(argv)

@@ -35,7 +35,7 @@ def _check(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace) -> int:
     from .local import run_local
 
-    return run_local(args.env_file, args.tls)
+    return run_local(args.env_file, args.tls, args.simulation)
 
 
 def _supernode(args: argparse.Namespace) -> int:
@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         help="TLS and SuperNode authentication with the files superlink/make-certs.sh wrote to DIR "
         "(default: insecure, for one workstation only)",
     )
+    local.add_argument(
+        "--simulation", type=int, default=None, metavar="N",
+        help="N virtual SuperNodes in Flower's simulation runtime instead of real ones (virtual node k trains on "
+        "the env-file's node k mod D); needs Flower's simulation extra (ray)",
+    )
     local.set_defaults(func=_local)
     _add_supernode_parser(sub)
     submit = sub.add_parser(
@@ -157,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--repo-id", required=True, help="owner/name on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.set_defaults(func=_push)
-    bench = sub.add_parser("bench", help="benchmarks: learning, wire, step, overhead, aggregate, demo, gpu (see README)")
-    bench.add_argument("name", choices=["learning", "wire", "step", "overhead", "aggregate", "demo", "gpu"])
+    bench = sub.add_parser("bench", help="benchmarks: learning, wire, step, overhead, aggregate, demo, scale, cli, gpu (see README)")
+    bench.add_argument("name", choices=["learning", "wire", "step", "overhead", "aggregate", "demo", "scale", "cli", "gpu"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for each)")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)

@@ -3,9 +3,17 @@
 The work runs in the node's warm worker (zk0.warm) unless the node sets `warm = false`; then it runs
 here, in Flower's per-message process. Either way it is the same NodeWorker.handle. This module
 imports neither torch nor LeRobot, so the per-message process stays light when a worker does the work.
+
+Under Flower's simulation runtime (`zk0 local --simulation N`) the virtual SuperNodes carry only
+Flower's partition-id/num-partitions: virtual node k takes the env-file's node k mod D (the run
+config's `sim-nodes`), with its own batches, and works in the process Flower runs it in (a Ray
+actor); virtual nodes on the same dataset share that process's session of it. A warm worker per
+virtual node would be N extra processes, each holding torch and a policy: 64 do not fit a workstation.
 """
 
 from __future__ import annotations
+
+import json
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,6 +23,30 @@ from .node_watch import STARTED
 from .settings import NodeSettings
 
 app = ClientApp()
+# Simulation: NodeWorkers kept per process (a Ray actor serves many virtual nodes), one per env-file
+# node: virtual nodes on the same dataset share its session (policy, processors, datasets).
+_sim_workers: dict[int, object] = {}
+
+
+def node_settings(context: Context) -> tuple[NodeSettings, str, int | None]:
+    """This node's settings, its name in records, and its virtual node index under Flower's simulation runtime."""
+    templates = str(context.run_config.get("sim-nodes") or "")
+    if not templates or "dataset" in context.node_config:
+        settings = NodeSettings.from_flower_config(dict(context.node_config))
+        return settings, settings.display_name, None
+    nodes = json.loads(templates)
+    index = int(context.node_config["partition-id"])
+    return NodeSettings.from_flower_config({**nodes[index % len(nodes)], "warm": False}), f"sim-{index:03d}", index
+
+
+def _sim_run(index: int, templates: int, request: dict) -> dict:
+    """Virtual node `index`'s request, in this process: its env-file node's session, its own batches."""
+    from .node import NodeWorker
+
+    worker = _sim_workers.setdefault(index % templates, NodeWorker())
+    # Virtual nodes on one dataset split it the same way; each draws its own batches from the training episodes.
+    request["config"]["batch-seed-offset"] = index
+    return worker.handle(request)
 
 
 def _request(op: str, msg: Message, context: Context) -> dict:
@@ -32,11 +64,14 @@ def _request(op: str, msg: Message, context: Context) -> dict:
 
 def _run(op: str, msg: Message, context: Context) -> Message:
     log = setup_logging()
-    settings = NodeSettings.from_flower_config(dict(context.node_config))
+    settings, name, virtual = node_settings(context)
     # Flower has started this ClientApp: `zk0 local`'s watch (zk0.node_watch) stops timing its start-up here.
-    log.info("%s: %s %s message", settings.display_name, STARTED, msg.metadata.message_type)
+    log.info("%s: %s %s message", name, STARTED, msg.metadata.message_type)
     request = _request(op, msg, context)
-    if settings.warm:
+    if virtual is not None:
+        request["node_config"] = settings.to_flower_config()
+        result = _sim_run(virtual, len(json.loads(str(context.run_config["sim-nodes"]))), request)
+    elif settings.warm:
         from .warm import call
 
         result = call(request)
@@ -47,7 +82,7 @@ def _run(op: str, msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in result["metrics"].items()})})
     if result["arrays"] is not None:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in result["arrays"].items()})
-    node = {"name": settings.display_name, "dataset": settings.dataset, "layout": result["layout"], **result.get("info", {})}
+    node = {"name": name, "dataset": settings.dataset, "layout": result["layout"], **result.get("info", {})}
     if "stats" in result:
         node["stats"] = result["stats"]
     content["node"] = ConfigRecord(node)

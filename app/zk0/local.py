@@ -28,6 +28,8 @@ log = logging.getLogger("zk0")
 APP_DIR = Path(__file__).resolve().parents[1]
 # A SuperLink that keeps dying is not a blip to ride out: give up after this many restarts.
 MAX_SUPERLINK_RESTARTS = 3
+# Simulation: CPUs Flower's Ray backend reserves per ClientApp, so cpu_count // this many run at once.
+SIM_CPUS_PER_NODE = 1
 
 
 def free_port() -> int:
@@ -162,9 +164,11 @@ class LocalDeployment:
     workdir: Path
     env: dict[str, str]
     tls: TlsFiles | None = None
+    simulation: int = 0  # virtual SuperNodes under Flower's simulation runtime (0: real SuperNodes)
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     superlink_starts: int = 0
+    sim_nodes: list[NodeSettings] = field(default_factory=list)  # what virtual node k takes node k mod D of
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         """Start a process with its output in logs/<name>.log."""
@@ -182,6 +186,8 @@ class LocalDeployment:
                 "--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
                 "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth",
             ]
+        if self.simulation:  # the SuperLink runs the ClientApps itself, for its virtual SuperNodes
+            security.append("--simulation")
         self.start("superlink", [
             _bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port),
             # The app's dependencies are already installed here.
@@ -253,6 +259,14 @@ def _absolute_paths(settings: ServerSettings) -> ServerSettings:
     return settings.model_copy(update=updates)
 
 
+def _absolute_node_paths(node: NodeSettings) -> NodeSettings:
+    updates = {name: str(Path(value).resolve()) for name in ("dataset", "base_policy")
+               if (value := getattr(node, name)) and Path(value).exists()}
+    if node.cache_dir is not None:
+        updates["cache_dir"] = node.cache_dir.resolve()
+    return node.model_copy(update=updates)
+
+
 def preflight(settings: ServerSettings, nodes: list[NodeSettings], echo=print) -> None:
     """`zk0 check`: every dataset against the base policy, the table printed; every problem raised at once."""
     rows, problems, warnings = check_experiment(settings, nodes)
@@ -321,8 +335,13 @@ def run_to_end(dep: LocalDeployment, settings: ServerSettings, connection: str, 
 def submit(dep: LocalDeployment, settings: ServerSettings, connection: str) -> str:
     """`flwr run` the app with the settings as run config; return the run id."""
     run_config = dep.workdir / "run-config.toml"
-    run_config.write_text(tomli_w.dumps(settings.to_flower_config()))
-    res = dep.flwr("run", str(APP_DIR), connection, "--run-config", str(run_config), "--format", "json")
+    config = settings.to_flower_config()
+    federation = []
+    if dep.simulation:
+        config["sim-nodes"] = json.dumps([node.to_flower_config() for node in dep.sim_nodes])
+        federation = ["--federation-config", f"num-supernodes={dep.simulation} client-resources-num-cpus={SIM_CPUS_PER_NODE}"]
+    run_config.write_text(tomli_w.dumps(config))
+    res = dep.flwr("run", str(APP_DIR), connection, "--run-config", str(run_config), *federation, "--format", "json")
     try:
         return str(json.loads(res.stdout)["run-id"])
     except (ValueError, KeyError):
@@ -348,15 +367,36 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
-    """Run one experiment on loopback; 0 only when the run completed."""
+def check_simulation(simulation: int, settings: ServerSettings, tls_dir: Path | None) -> None:
+    """`--simulation N` problems, all at once, before anything starts."""
+    problems = []
+    if simulation < 1:
+        problems.append(f"--simulation {simulation}: give the number of virtual SuperNodes (1 or more)")
+    elif settings.min_nodes > simulation:
+        problems.append(f"ZK0_MIN_NODES={settings.min_nodes} exceeds --simulation {simulation}: no round could aggregate; "
+                        f"set ZK0_MIN_NODES to at most {simulation}")
+    if tls_dir is not None:
+        problems.append("--tls with --simulation: virtual SuperNodes live inside the SuperLink, nothing crosses a network; drop --tls")
+    raise_problems(problems, "the simulation", SettingsError)
+
+
+def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: int | None = None) -> int:
+    """Run one experiment on loopback; 0 only when the run completed.
+
+    With `simulation` = N, Flower's simulation runtime runs N virtual SuperNodes inside the SuperLink
+    (Ray actors, SIM_CPUS_PER_NODE CPUs each) with the same ServerApp and ClientApp; virtual node k
+    trains on the env-file's node k mod D.
+    """
     env, settings, nodes = load_experiment(env_file)
+    if simulation is not None:
+        check_simulation(simulation, settings, tls_dir)
     # Nodes that share this host's cores must not each start a full thread pool: oversubscribed
     # OpenMP threads spin against each other and make training many times slower.
-    threads = max(1, (os.cpu_count() or 1) // len(nodes))
+    at_once = max(1, (os.cpu_count() or 1) // SIM_CPUS_PER_NODE) if simulation else len(nodes)
+    threads = max(1, (os.cpu_count() or 1) // at_once)
     nodes = [n if n.torch_threads else n.model_copy(update={"torch_threads": threads}) for n in nodes]
     tls = TlsFiles.check(tls_dir, len(nodes)) if tls_dir is not None else None
-    if tls is None:
+    if tls is None and not simulation:
         log.warning("no --tls: SuperLink and SuperNodes talk without TLS or node authentication; "
                     "fine on one workstation, use --tls DIR (superlink/make-certs.sh) for anything else")
     workdir = settings.output_dir / "local"
@@ -368,20 +408,26 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None) -> int:
                 "PYTHONUNBUFFERED": "1"}
     proc_env = start_guard(proc_env)  # every process below inherits the guard's mark
     _stop_on_sigterm()
-    dep = LocalDeployment(workdir, proc_env, tls)
+    # Virtual nodes run in the simulation runtime's working directory: hand them absolute paths.
+    sim_nodes = [_absolute_node_paths(n) for n in nodes] if simulation else []
+    dep = LocalDeployment(workdir, proc_env, tls, simulation=simulation or 0, sim_nodes=sim_nodes)
     write_connection(flwr_home, "local", f"127.0.0.1:{dep.port}", tls and tls.ca)
     stream = LogStream(dep, "local")
     # A node whose ClientApp keeps failing to start is reported, then given up on (zk0.node_watch).
-    watch = NodeWatch(workdir, [node.display_name for node in nodes])
+    watch = NodeWatch(workdir, [] if simulation else [node.display_name for node in nodes])
     started = time.monotonic()
     try:
         dep.start_superlink()
         if tls is not None:
             dep.register_nodes(len(nodes), "local")
-        for index, node in enumerate(nodes):
-            dep.start_supernode(index, node)
-        watch.start([dep.procs[f"supernode-{index}"] for index in range(len(nodes))])
-        log.info("SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s", dep.port, len(nodes), workdir / "logs")
+        if simulation:
+            log.info("SuperLink on 127.0.0.1:%d with %d virtual SuperNodes (Flower's simulation runtime, %d at a time); "
+                     "logs in %s", dep.port, simulation, at_once, workdir / "logs")
+        else:
+            for index, node in enumerate(nodes):
+                dep.start_supernode(index, node)
+            watch.start([dep.procs[f"supernode-{index}"] for index in range(len(nodes))])
+            log.info("SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s", dep.port, len(nodes), workdir / "logs")
         run_id, status = run_to_end(dep, settings, "local", stream)
     finally:
         watch.stop()

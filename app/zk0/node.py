@@ -236,7 +236,8 @@ class NodeWorker:
             proximal_mu=float(config["proximal-mu"]),
             log_every=settings.log_every,
         )
-        seed = int(config["seed"]) + 1000 * server_round
+        # Virtual nodes that share a dataset under simulation draw different batches (zk0.client_app).
+        seed = int(config["seed"]) + 1000 * server_round + 1_000_003 * int(config.get("batch-seed-offset", 0))
         state, metrics = train_on_node(session, plan, int(config["batch-size"]), seed)
         fmt = str(config["wire-format"])
         if fmt == DELTA:  # the update against the weights as received, not the trained weights

@@ -33,7 +33,8 @@ def _clean(value: Any) -> Any:
 
 
 class RunRecorder:
-    """Collects what happens in each round and writes it as soon as it is known."""
+    """Collects what happens in each round and writes it as soon as a step of the round is complete
+    (each set(): the round's replies aggregated, its evaluation done)."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
@@ -52,8 +53,7 @@ class RunRecorder:
     def add_bytes(self, server_round: int, direction: str, count: int) -> None:
         """Count payload bytes sent to or received from nodes."""
         record = self._round(server_round)["bytes"]
-        record[direction] = record.get(direction, 0) + int(count)
-        self.flush(server_round)
+        record[direction] = record.get(direction, 0) + int(count)  # written with the round's next set()
 
     def client(self, server_round: int, node_id: int, kind: str, info: dict) -> None:
         """Record one node's train or eval reply (metrics, name, dataset, status)."""
@@ -61,7 +61,8 @@ class RunRecorder:
         entry = clients.setdefault(str(node_id), {"node_id": node_id})
         entry.update({k: v for k, v in info.items() if k in NODE_FIELDS})
         entry[kind] = {k: v for k, v in info.items() if k not in NODE_FIELDS}
-        self.flush(server_round)
+        # Written with the round's next set(), which follows every batch of replies: flushing per reply
+        # rewrote the files N times a round, a cost quadratic in the number of nodes.
 
     def truncate(self, last_round: int) -> None:
         """Forget rounds after `last_round` (they did not finish) on disk and in memory."""

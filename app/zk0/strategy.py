@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import resource
+import time
 from collections.abc import Callable, Iterable
 from logging import ERROR, WARNING
 from pathlib import Path
@@ -106,6 +108,7 @@ class Zk0FedProx(FedProx):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        started = time.perf_counter()
         accepted, rejected, replied = [], {}, set()
         for msg in replies:
             node_id = replying_node(msg, self._outbox)
@@ -140,6 +143,9 @@ class Zk0FedProx(FedProx):
             contributors=sorted(m.metadata.src_node_id for m in accepted),
             excluded=rejected,
             train_aggregate=dict(metrics) if metrics else None,
+            # What the server's side of a round costs as nodes are added (zk0 bench scale).
+            aggregate_seconds=time.perf_counter() - started,
+            server_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
         return arrays, metrics
 
@@ -167,12 +173,16 @@ class Zk0FedProx(FedProx):
             for m in replies
         ]
         if self.wire_format == DELTA:
-            flat = aggregate_deltas(self._base, updates)
+            merged = {k: Array(v) for k, v in unpack(aggregate_deltas(self._base, updates), self._shapes).items()}
         else:
-            flat = aggregate(updates, self.wire_format)[PACKED]
-        merged = unpack(flat, self._shapes)
+            # One tensor at a time, each mean handed to its Array (which copies it) before the next: the
+            # peak is the result plus one tensor, not a flat fp32 mean and the result beside it.
+            views = [(unpack(arrays[PACKED], self._shapes), weight) for arrays, weight in updates]
+            merged = {}
+            for name in self._shapes:
+                merged[name] = Array(aggregate([({name: v[name]}, w) for v, w in views], self.wire_format)[name])
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
-        return ArrayRecord({k: Array(v) for k, v in merged.items()}), metrics
+        return ArrayRecord(merged), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset

@@ -1,0 +1,64 @@
+"""Many virtual labs through Flower's simulation runtime: `zk0 local --simulation N` and `zk0 bench scale`."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+from federation import run_zk0, write_env
+
+from zk0 import bench_perf
+
+
+def _alive(*names: str) -> list[str]:
+    """Command lines of running processes whose program is one of `names` (Ray's and Flower's daemons),
+    on this host rather than in a container (the Compose tests' SuperLink is not ours to see here)."""
+    found, ours = [], os.readlink("/proc/self/ns/mnt")
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if os.readlink(proc / "ns" / "mnt") != ours:
+                continue
+        except OSError:
+            continue
+        if argv and any(Path(a.decode(errors="replace")).name in names for a in argv[:2] if a):
+            found.append(" ".join(a.decode(errors="replace") for a in argv))
+    return found
+
+
+def test_simulation_problems_are_refused_together_before_anything_starts(demo, tmp_path):
+    out = tmp_path / "out"
+    env_file = write_env(tmp_path / "sim.env", demo, out, ZK0_MIN_NODES=6)
+    res = run_zk0("local", "--env-file", str(env_file), "--simulation", "4", "--tls", str(tmp_path))
+    assert res.returncode != 0
+    assert "ZK0_MIN_NODES=6 exceeds --simulation 4" in res.stderr and "--tls with --simulation" in res.stderr, res.stderr
+    assert not (out / "local").exists()
+
+
+def test_bench_scale_smoke_runs_virtual_labs_and_fits_each_cost(capsys, tmp_path, demo):
+    out = tmp_path / "scale"
+    figures = tmp_path / "figures.json"
+    assert bench_perf.main(["scale", "--smoke", "--demo-dir", str(demo["root"]), "--out", str(out),
+                            "--json", str(figures)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(figures.read_text())
+    assert [r["nodes"] for r in result["runs"]] == [4, 8] and "log-log slope" in printed
+    # The 8-node run: every virtual node trained every round, on the env-file's node k mod 4, with batches of its own.
+    history = json.loads((out / "n008" / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1, 2]
+    for record in history[1:]:
+        clients = {c["name"]: c for c in record["clients"].values()}
+        assert sorted(clients) == [f"sim-{k:03d}" for k in range(8)]
+        for k in range(8):
+            assert Path(clients[f"sim-{k:03d}"]["dataset"]).name == f"node-{k % 4}"
+        assert clients["sim-000"]["train"]["loss"] != clients["sim-004"]["train"]["loss"]
+        assert record["aggregate_seconds"] > 0 and record["server_peak_rss_mib"] > 0
+        assert record["bytes"]["received"] == record["bytes"]["sent"] > 0  # fp16 down and up, 8 nodes each way
+    for run in result["runs"]:
+        assert run["db_bytes_end"] > 0 and run["records_bytes"] > 0 and run["round_wall_s"] > 0
+    # Payload per round is linear in N by construction: the fit must say so.
+    assert math.isclose(result["slopes"]["payload bytes through the SuperLink per round"], 1.0, abs_tol=0.01)
+    assert all(math.isfinite(s) for s in result["slopes"].values())
+    assert Path(result["plot"]).is_file()
+    # Nothing the simulation started outlives it: Ray's daemons and Flower's processes are gone.
+    assert not _alive("raylet", "gcs_server", "flower-superlink", "flwr-simulation"), _alive("raylet", "gcs_server")
