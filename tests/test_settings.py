@@ -100,4 +100,5 @@ def test_pyproject_declares_every_server_setting_as_run_config():
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "app" / "pyproject.toml").read_text())
     keys = set(pyproject["tool"]["flwr"]["app"]["config"])
-    assert keys == {name.replace("_", "-") for name in ServerSettings.model_fields}
+    # Plus what only `zk0 local --simulation` sets: the env-file's nodes that virtual SuperNodes take in turn.
+    assert keys == {name.replace("_", "-") for name in ServerSettings.model_fields} | {"sim-nodes"}

@@ -86,7 +86,7 @@ def simulated_run(env_file: Path, nodes: int, out: Path, timeout: float) -> dict
         "round_wall_s": sum(walls) / len(walls),
         "aggregate_s": per_round("aggregate_seconds"),
         "server_peak_rss_mib": max(r["server_peak_rss_mib"] for r in trained),
-        "bytes_per_round": sum(r["bytes"].get("sent", 0) + r["bytes"].get("received", 0) for r in trained) / len(trained),
+        "bytes_per_round": sum(sum(r["bytes"].values()) for r in trained) / len(trained),  # train down and up, evaluate down
         "db_bytes_end": _db_bytes(out / "local"),
         "db_growth_per_round": sum(growth) / len(growth) if growth else None,
         "records_bytes": records,
@@ -154,6 +154,10 @@ def bench_scale(args: argparse.Namespace) -> dict:
                       for a in agg]},
         ],
         "targets": targets,
-        "notes": ["payload bytes: the weights in the messages, as the strategy counts them (Flower's framing adds ~0.1%)",
+        "notes": ["payload bytes: the weights in the messages (train down and up, evaluate down), as the strategy counts "
+                  "them (Flower's framing adds ~0.1%)",
+                  "the simulation runtime passes messages in memory: its SuperLink database holds run and node state "
+                  "only; a deployed SuperLink with --database writes each payload object to SQLite and deletes it on "
+                  "delivery, so its file grows to about one round's payload in flight and is reused",
                   "DB growth: SQLite database plus its write-ahead log, sampled when each round's record appears"],
     }

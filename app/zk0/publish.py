@@ -45,8 +45,8 @@ def model_card(settings, history: list[dict], server_round: int) -> str:
 # SmolVLA fine-tuned with federated learning (zk0), round {server_round}
 
 This policy was fine-tuned from `{settings.base_policy}` by {len(nodes)} robot labs that never shared
-their data: each Flower SuperNode trained on its own dataset and a server aggregated the trainable
-weights with FedProx.
+their data: each Flower SuperNode trained on its own dataset with FedProx's proximal term and a
+server aggregated the trainable weights (server step: {settings.strategy}).
 
 ## Training
 
@@ -54,6 +54,7 @@ weights with FedProx.
 - nodes and their datasets:
 {node_lines}
 - FedProx mu: {settings.proximal_mu}
+- server strategy: {settings.strategy}
 - trained weights: {_trained(settings)}
 - peak learning rate: {settings.learning_rate} (SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds)
 - local steps per round: {settings.local_steps}, batch size {settings.batch_size}

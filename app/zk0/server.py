@@ -38,6 +38,7 @@ log = logging.getLogger("zk0")
 EXPERIMENT_FIELDS = {
     "num_rounds", "local_steps", "batch_size", "learning_rate", "proximal_mu", "base_policy", "eval_dataset", "seed",
     "stats", "trainable", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_aggregation",
+    "strategy", "server_learning_rate", "server_momentum", "server_beta_1", "server_beta_2", "server_tau",
 }
 STATS_FILE = "norm-stats.json"
 

@@ -14,7 +14,7 @@ from .logs import setup_logging
 from .node_watch import faults_file
 from .server import ServerRuntime
 from .settings import ServerSettings
-from .strategy import Zk0FedProx, error_reason, replying_node
+from .strategy import Zk0FedProx, Zk0ServerOpt, error_reason, replying_node, server_optimizer
 
 app = ServerApp()
 
@@ -47,18 +47,19 @@ def collect_stats(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run FedProx over SmolVLA's trainable weights, evaluating and checkpointing as configured."""
+    """Run FedProx (alone or under a Flower server optimiser) over SmolVLA's trainable weights, evaluating and
+    checkpointing as configured."""
     log = setup_logging()
     settings = ServerSettings.from_flower_config(dict(context.run_config))
     runtime = ServerRuntime(settings)
     log.info("settings: %s", settings.model_dump_json())
 
-    strategy = Zk0FedProx(
+    hooks = dict(
         recorder=runtime.recorder,
         is_eval_round=settings.is_eval_round,
         proximal_mu=settings.proximal_mu,
         fraction_train=settings.fraction_train,
-        fraction_evaluate=1.0,
+        fraction_evaluate=settings.fraction_train,  # evaluation sends the whole model too: same share of nodes
         min_train_nodes=settings.min_nodes,
         min_evaluate_nodes=settings.min_nodes,
         min_available_nodes=settings.min_nodes,
@@ -67,6 +68,8 @@ def main(grid: Grid, context: Context) -> None:
         layout_tag=runtime.adapter.tag(),
         faults=faults_file(settings.output_dir),
     )
+    optimizer = server_optimizer(settings)  # None for ZK0_STRATEGY=fedprox: the mean is the server step
+    strategy = Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)
 
     strategy.round_offset = runtime.start_round
     first, last = runtime.start_round + 1, settings.num_rounds

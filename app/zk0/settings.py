@@ -67,11 +67,25 @@ def default_cache_dir() -> Path:
 def _explain(cls: type[BaseSettings], err: ValidationError) -> str:
     lines = [f"invalid {cls.__name__}:"]
     for e in err.errors():
-        field = str(e["loc"][0]) if e["loc"] else "?"
+        if not e["loc"]:  # a check across settings: its message names the variables itself
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
+        field = str(e["loc"][0])
         var = f"{ENV_PREFIX}{field.upper()} (run/node config '{field.replace('_', '-')}')"
         hint = cls.model_fields[field].description if field in cls.model_fields else ""
         lines.append(f"  {var}: {e['msg']}; got {e.get('input')!r}. {hint}")
     return "\n".join(lines)
+
+
+# The server-optimiser settings each ZK0_STRATEGY takes: the arguments of Flower's FedAvgM, FedAdam, FedYogi
+# and FedAdagrad (FedAdagrad fixes its betas to 0).
+SERVER_OPT_SETTINGS = {
+    "fedprox": (),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "fedadam": ("server_learning_rate", "server_beta_1", "server_beta_2", "server_tau"),
+    "fedyogi": ("server_learning_rate", "server_beta_1", "server_beta_2", "server_tau"),
+    "fedadagrad": ("server_learning_rate", "server_tau"),
+}
 
 
 class ServerSettings(_Zk0Settings):
@@ -82,7 +96,32 @@ class ServerSettings(_Zk0Settings):
     batch_size: int = Field(8, ge=1, description="Training batch size on each node; at least 1.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate; a positive number.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx mu; 0 gives FedAvg, must be >= 0.")
-    fraction_train: float = Field(1.0, gt=0, le=1, description="Share of nodes sampled per round, in (0, 1].")
+    strategy: Literal["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedprox",
+        description="Server step: fedprox (the sample-weighted mean of the updates) or one of Flower's server optimisers "
+        "applied to that mean: fedavgm, fedadam, fedyogi, fedadagrad. Nodes add the proximal term (mu) with every one.",
+    )
+    # Unset (None) = the default of the Flower class ZK0_STRATEGY names: only what is set is passed to it.
+    server_learning_rate: float | None = Field(
+        None, gt=0, description="Server learning rate (FedAvgM's server_learning_rate, FedOpt's eta), > 0; unset = "
+        "Flower's default (1.0 fedavgm, 0.1 fedadam and fedadagrad, 0.01 fedyogi).",
+    )
+    server_momentum: float | None = Field(
+        None, ge=0, lt=1, description="FedAvgM's server momentum, in [0, 1); unset = Flower's 0.0."
+    )
+    server_beta_1: float | None = Field(
+        None, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay beta_1, in [0, 1); unset = Flower's 0.9."
+    )
+    server_beta_2: float | None = Field(
+        None, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay beta_2, in [0, 1); unset = Flower's 0.99."
+    )
+    server_tau: float | None = Field(
+        None, gt=0, description="FedAdam/FedYogi/FedAdagrad adaptivity tau (added to the root of the second moment), "
+        "> 0; unset = Flower's 1e-3.",
+    )
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="Share of nodes sampled per round for training and evaluation, in (0, 1]."
+    )
     min_nodes: int = Field(2, ge=1, description="Nodes that must reply before a round aggregates.")
     eval_every: int = Field(1, ge=1, description="Evaluate every N rounds (round 0 and the last always).")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N rounds (the last always).")
@@ -141,6 +180,20 @@ class ServerSettings(_Zk0Settings):
             except re.error as err:
                 raise ValueError(f"not a regular expression ({err})") from None
         return value
+
+    @model_validator(mode="after")
+    def _server_opt_settings(self) -> Self:
+        # A momentum or beta meant for another strategy would otherwise be ignored without a word.
+        takes = SERVER_OPT_SETTINGS[self.strategy]
+        stray = [f"{ENV_PREFIX}{f.upper()}" for f in type(self).model_fields
+                 if f.startswith("server_") and getattr(self, f) is not None and f not in takes]
+        if stray:
+            allowed = ", ".join(f"{ENV_PREFIX}{f.upper()}" for f in takes) or "none of them"
+            raise ValueError(
+                f"{', '.join(stray)}: not used by {ENV_PREFIX}STRATEGY={self.strategy} (it takes {allowed}); "
+                "unset it, or choose a strategy that uses it"
+            )
+        return self
 
     def is_eval_round(self, server_round: int) -> bool:
         """Round 0, every `eval_every` rounds and the last round are evaluated."""
