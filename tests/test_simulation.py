@@ -35,6 +35,20 @@ def test_simulation_problems_are_refused_together_before_anything_starts(demo, t
     assert not (out / "local").exists()
 
 
+def test_simulation_without_ray_is_refused_with_what_to_install(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from zk0.local import check_simulation
+    from zk0.settings import ServerSettings, SettingsError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(SettingsError, match=r"pip install 'flwr\[simulation\]==1.42.0'"):
+        check_simulation(4, ServerSettings.load(min_nodes=2), None)
+
+
 def test_bench_scale_smoke_runs_virtual_labs_and_fits_each_cost(capsys, tmp_path, demo):
     out = tmp_path / "scale"
     figures = tmp_path / "figures.json"

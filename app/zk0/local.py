@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -377,6 +378,9 @@ def check_simulation(simulation: int, settings: ServerSettings, tls_dir: Path | 
                         f"set ZK0_MIN_NODES to at most {simulation}")
     if tls_dir is not None:
         problems.append("--tls with --simulation: virtual SuperNodes live inside the SuperLink, nothing crosses a network; drop --tls")
+    if importlib.util.find_spec("ray") is None:  # e.g. the zk0 image, which serves real SuperNodes only
+        problems.append("--simulation needs Flower's simulation runtime (Ray), which is not installed here: "
+                        "pip install 'flwr[simulation]==1.42.0' (scripts/setup.sh installs it)")
     raise_problems(problems, "the simulation", SettingsError)
 
 
