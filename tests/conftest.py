@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +70,20 @@ def finished_run(demo, tmp_path_factory):
     out = tmp / "out"
     res = run_zk0("local", "--env-file", str(write_env(tmp / "demo.env", demo, out)))
     return res, out
+
+
+@pytest.fixture
+def owner():
+    """A process standing in for Flower's SuperExec: warm workers belong to it. Any worker still
+    serving it when the test ends is ended too, so no test leaves one behind."""
+    proc = subprocess.Popen(["sleep", "600"])
+    yield proc
+    proc.kill()
+    proc.wait()
+    needle = f"--owner-pid\0{proc.pid}\0".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue

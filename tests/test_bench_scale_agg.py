@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zk0.bench_scale_agg import aggregation_costs, fit_slope, loglog_plot, scale_result
+from zk0.bench_scale_agg import aggregation_costs, fit_slope, loglog_plot
 from zk0.wire import PACKED
 
 
@@ -32,10 +32,7 @@ def test_costs_are_measured_on_the_strategy_s_weighted_mean_of_every_reply(tmp_p
         assert r["inputs_bytes"] == r["nodes"] * r["update_bytes"] == r["inputs_resident_bytes"]  # tiny: not shared
         assert r["above_inputs_bytes"] >= r["tracemalloc_peak"] > 0
         assert r["total_peak_bytes"] == r["inputs_bytes"] + r["above_inputs_bytes"]
-    result = scale_result(runs, "fp16", full=False, repeats=1)
-    assert set(result["slopes"]) == {"time", "cpu_time", "total_peak", "above_inputs"}
-    assert [t["limit"] for t in result["targets"]] == ["<= 1.1", "<= 1.1", "<= 1.5"]
-    assert [row[0] for row in result["tables"][0]["rows"]] == [4, 8]
+        assert 0 < r["median_cpu_s"]
     png = loglog_plot(tmp_path / "scale.png", {"time": ([4, 8], [r["median_s"] for r in runs])}, "smoke")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

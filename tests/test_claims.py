@@ -303,17 +303,6 @@ def test_runs_without_tls_say_so(finished_run, demo):
 # --- the warm worker follows the app, the base policy, the dataset files and the settings ---------------
 
 
-@pytest.fixture
-def owner():
-    """A process standing in for Flower's SuperExec: the warm worker belongs to it."""
-    proc = subprocess.Popen(["sleep", "600"])
-    yield proc
-    proc.kill()
-    proc.wait()
-    for pid in pids_with(f"--owner-pid\0{proc.pid}\0".encode(), "cmdline"):
-        os.kill(pid, signal.SIGKILL)
-
-
 def evaluate_request(base: str, dataset: str, cameras: str, heldout: int = 2) -> dict:
     """An evaluate request as zk0's ClientApp hands it to the worker."""
     from flwr.app import Array

@@ -38,15 +38,6 @@ def request_for(demo):
     return build
 
 
-@pytest.fixture
-def owner():
-    """A process standing in for Flower's SuperExec: the worker belongs to it."""
-    proc = subprocess.Popen(["sleep", "600"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 def worker_pids(owner_pid: int) -> list[int]:
     """Live warm workers started for this owner."""
     pids = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from .bench_report import MIB, BenchError, target
+from .procs import die_with_parent
 
 
 def _db_bytes(workdir: Path) -> int:
@@ -43,7 +45,7 @@ class DbSampler(threading.Thread):
         for path in self.out.glob("round-[0-9][0-9][0-9].json"):
             index = int(path.stem.split("-")[1])
             history = self.out / "history.json"
-            # A round's record is final once the next one exists or the server evaluated it.
+            # A round's record is complete once the server has evaluated its model (ZK0_EVAL_EVERY=1 here).
             if index not in self.sizes and history.is_file():
                 try:
                     rec = next((r for r in json.loads(history.read_text()) if r["round"] == index), None)
@@ -63,7 +65,9 @@ def simulated_run(env_file: Path, nodes: int, out: Path, timeout: float) -> dict
     sampler.start()
     started = time.perf_counter()
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        # A benchmark that dies stops its run: `zk0 local` ends everything it started on SIGTERM.
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=die_with_parent(signal.SIGTERM))
     finally:
         sampler.stop.set()
         sampler.join()
@@ -99,7 +103,7 @@ def scale_env(path: Path, demo_dir: Path) -> Path:
     from .bench_demo import smoke_env
 
     smoke_env(path, demo_dir)
-    path.write_text(path.read_text() + "ZK0_STATS=base\nZK0_BATCH_SIZE=2\nZK0_CHECKPOINT_EVERY=1\n")
+    path.write_text(path.read_text() + "ZK0_STATS=base\nZK0_BATCH_SIZE=2\nZK0_EVAL_EVERY=1\n")
     return path
 
 
@@ -133,6 +137,8 @@ def bench_scale(args: argparse.Namespace) -> dict:
     # At most one fp32 model copy plus one update beyond the replies held, at every N.
     worst = max(a["above_inputs_bytes"] / (a["copy_bytes"] + a["update_bytes"]) for a in agg)
     targets.append(target("aggregation peak memory above the inputs, in (1 fp32 copy + 1 update)", worst, 1.0, True))
+    # CPU seconds beside wall seconds: less sensitive to other work on a shared machine.
+    slopes["aggregation CPU seconds, synthetic"] = fit_slope(nodes, [a["median_cpu_s"] for a in agg])
     return {
         "benchmark": "scale",
         "settings": {"smoke": args.smoke, "nodes": nodes, "env_file": str(env_file), "fmt": args.fmt},
@@ -149,9 +155,10 @@ def bench_scale(args: argparse.Namespace) -> dict:
              "headers": ["cost", "slope"], "rows": [[name, slope] for name, slope in slopes.items()]},
             {"title": f"aggregation of N synthetic {args.fmt} updates ({'full' if not args.smoke else 'tiny'} size) "
                       "through Zk0FedProx.aggregate_train; memory above the replies held, in fp32 copies of the weights",
-             "headers": ["N", "median s", "peak above inputs (tracemalloc)", "peak above inputs (RSS)", "inputs MiB"],
-             "rows": [[a["nodes"], a["median_s"], a["tracemalloc_peak_copies"], a["rss_peak_copies"], a["inputs_bytes"] / MIB]
-                      for a in agg]},
+             "headers": ["N", "median s", "median CPU s", "peak above inputs (tracemalloc)", "peak above inputs (RSS)",
+                         "inputs MiB"],
+             "rows": [[a["nodes"], a["median_s"], a["median_cpu_s"], a["tracemalloc_peak_copies"], a["rss_peak_copies"],
+                       a["inputs_bytes"] / MIB] for a in agg]},
         ],
         "targets": targets,
         "notes": ["payload bytes: the weights in the messages (train down and up, evaluate down), as the strategy counts "
@@ -159,5 +166,9 @@ def bench_scale(args: argparse.Namespace) -> dict:
                   "the simulation runtime passes messages in memory: its SuperLink database holds run and node state "
                   "only; a deployed SuperLink with --database writes each payload object to SQLite and deletes it on "
                   "delivery, so its file grows to about one round's payload in flight and is reused",
-                  "DB growth: SQLite database plus its write-ahead log, sampled when each round's record appears"],
+                  "DB growth: SQLite database plus its write-ahead log, sampled when each round's record appears",
+                  "Flower 1.42's Grid.send_and_receive returns all N replies at once, inflated, in a list: the ServerApp "
+                  "holds N updates before the strategy sees one; 'above inputs' is what aggregate_train adds to them",
+                  "full-size synthetic replies share one payload's bytes (Array keeps the bytes it is given), so 64 need "
+                  "not be resident; 'inputs MiB' counts them as N updates"],
     }

@@ -1,4 +1,4 @@
-"""`python -m zk0.bench_scale_agg`: how the server's aggregation of one round grows from 4 to 64 labs.
+"""The server side of `zk0 bench scale`: the strategy's aggregation of one round, from 4 to 64 labs.
 
 Flower 1.42 hands the strategy every reply of a round at once. `Strategy.start` passes
 `grid.send_and_receive(...)` straight to `aggregate_train`, and both Grids
@@ -11,8 +11,6 @@ linearly in N by design, and what aggregation can keep flat is the memory it nee
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import statistics
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from .bench_report import MIB, BenchError, as_record, report, target
+from .bench_report import BenchError, as_record
 from .bench_wire import REPLY_METRICS, _random_update, measure
 from .records import RunRecorder
 from .strategy import Zk0FedProx
@@ -199,86 +197,3 @@ def loglog_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
-
-
-def scale_result(runs: list[dict], fmt: str, full: bool, repeats: int) -> dict:
-    """The runs as a benchmark result: table, slopes, targets and notes."""
-    nodes = [r["nodes"] for r in runs]
-    copy, update = runs[0]["copy_bytes"], runs[0]["update_bytes"]
-    slopes = {
-        "time": fit_slope(nodes, [r["median_s"] for r in runs]),
-        "cpu_time": fit_slope(nodes, [r["median_cpu_s"] for r in runs]),
-        "total_peak": fit_slope(nodes, [r["total_peak_bytes"] for r in runs]),
-        "above_inputs": fit_slope(nodes, [r["above_inputs_bytes"] for r in runs]),
-    }
-    worst = max(r["above_inputs_bytes"] for r in runs) / copy
-    rows = [[r["nodes"], r["median_s"], r["min_s"], r["median_cpu_s"], r["median_s"] / r["nodes"], r["tracemalloc_peak_copies"],
-             r["rss_peak_copies"], r["inputs_bytes"] / copy, r["total_peak_bytes"] / copy] for r in runs]
-    return {
-        "benchmark": "scale aggregate",
-        "settings": {"smoke": not full, "fmt": fmt, "nodes": nodes, "repeats": repeats},
-        "trainable_params": copy // 4, "copy_bytes": copy, "update_bytes": update, "runs": runs, "slopes": slopes,
-        "tables": [{
-            "title": f"Zk0FedProx.aggregate_train over N {fmt} replies of {copy / 4e6:.2f}M params (1 fp32 copy = "
-                     f"{copy / MIB:.1f} MiB, 1 update = {update / copy:.2f} copies); memory in fp32 copies",
-            "headers": ["N", "median s", "min s", "median CPU s", "s per reply", "above inputs (tracemalloc)",
-                        "above inputs (RSS)", "inputs", "total peak"],
-            "rows": rows,
-        }],
-        "targets": [
-            target("aggregation time slope on log-log (median s vs N)", slopes["time"], 1.1, True),
-            target("peak memory slope on log-log (total: inputs + above them)", slopes["total_peak"], 1.1, True),
-            target("peak memory above the inputs, worst N (fp32 copies; limit 1 copy + 1 update)", worst,
-                   1 + update / copy, True),
-        ],
-        "notes": _notes(runs[0]["shared_inputs"], slopes),
-    }
-
-
-def _notes(shared: bool, slopes: dict) -> list[str]:
-    inputs = ("every reply's Array references one random payload's bytes (Array keeps the bytes it is given), so "
-              "inputs are counted as N updates though one is resident" if shared else "every reply has its own random payload")
-    return [
-        inputs,
-        "Flower 1.42's Grid.send_and_receive (HttpGrid and InMemoryGrid) returns all N replies at once, fully "
-        "inflated, in a list: a ServerApp holds N updates before aggregate_train starts",
-        "above inputs: what one aggregate_train call allocates beyond the replies (screening, the fp32 mean, the "
-        "ArrayRecord it returns, the round records); the target takes the larger of tracemalloc and RSS. RSS is "
-        "sampled by a thread each ms and can miss peaks on a busy machine; tracemalloc sees every numpy and Python "
-        "allocation on this path (wire.aggregate's scratch is numpy memory)",
-        "Zk0FedProx._aggregate averages one tensor at a time and hands each mean to its Array before the next: "
-        "the returned ArrayRecord (one fp32 copy) plus one tensor",
-        f"memory slope target: fitted on the total peak (inputs + above); above the inputs alone the slope is "
-        f"{slopes['above_inputs']:.2f} (flat: aggregation streams the replies)",
-        "times include the strategy's per-reply screening (finite check) and round-record writes, as on a server; "
-        f"the CPU seconds' slope, less sensitive to other work on the machine, is {slopes['cpu_time']:.2f}",
-    ]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zk0.bench_scale_agg", description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", default="4,16,64", help="comma-separated numbers of replying labs")
-    parser.add_argument("--fmt", default="fp16", choices=[*FORMATS, DELTA], help="wire format of the replies")
-    parser.add_argument("--smoke", action="store_true", help="tiny demo policy shapes, nodes 4,8, one repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="timed aggregations per N (memory is measured once more)")
-    parser.add_argument("--out", default="bench-scale-agg", help="folder for scale-agg.json and scale-agg.png")
-    args = parser.parse_args(argv)
-    nodes = [4, 8] if args.smoke else [int(n) for n in args.nodes.split(",")]
-    repeats = 1 if args.smoke else args.repeats
-    result = scale_result(aggregation_costs(nodes, not args.smoke, args.fmt, repeats), args.fmt, not args.smoke, repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale-agg.json").write_text(json.dumps(result, indent=2))
-    runs = result["runs"]
-    loglog_plot(out / "scale-agg.png", {
-        "aggregation time (s)": (nodes, [r["median_s"] for r in runs]),
-        "total peak memory (GiB)": (nodes, [r["total_peak_bytes"] / GIB for r in runs]),
-        "peak above inputs (GiB)": (nodes, [r["above_inputs_bytes"] / GIB for r in runs]),
-    }, f"server aggregation vs labs ({args.fmt}, {result['trainable_params'] / 1e6:.1f}M params)")
-    print(report(result))
-    print(f"wrote {out / 'scale-agg.json'} and {out / 'scale-agg.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

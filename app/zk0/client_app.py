@@ -28,22 +28,24 @@ app = ClientApp()
 _sim_workers: dict[int, object] = {}
 
 
-def node_settings(context: Context) -> tuple[NodeSettings, str, int | None]:
-    """This node's settings, its name in records, and its virtual node index under Flower's simulation runtime."""
+def node_settings(context: Context) -> tuple[NodeSettings, str, tuple[int, int] | None]:
+    """This node's settings, its name in records, and under Flower's simulation runtime its virtual node
+    index and the env-file node it takes (else None)."""
     templates = str(context.run_config.get("sim-nodes") or "")
     if not templates or "dataset" in context.node_config:
         settings = NodeSettings.from_flower_config(dict(context.node_config))
         return settings, settings.display_name, None
     nodes = json.loads(templates)
     index = int(context.node_config["partition-id"])
-    return NodeSettings.from_flower_config({**nodes[index % len(nodes)], "warm": False}), f"sim-{index:03d}", index
+    settings = NodeSettings.from_flower_config({**nodes[index % len(nodes)], "warm": False})
+    return settings, f"sim-{index:03d}", (index, index % len(nodes))
 
 
-def _sim_run(index: int, templates: int, request: dict) -> dict:
+def _sim_run(index: int, template: int, request: dict) -> dict:
     """Virtual node `index`'s request, in this process: its env-file node's session, its own batches."""
     from .node import NodeWorker
 
-    worker = _sim_workers.setdefault(index % templates, NodeWorker())
+    worker = _sim_workers.setdefault(template, NodeWorker())
     # Virtual nodes on one dataset split it the same way; each draws its own batches from the training episodes.
     request["config"]["batch-seed-offset"] = index
     return worker.handle(request)
@@ -70,7 +72,7 @@ def _run(op: str, msg: Message, context: Context) -> Message:
     request = _request(op, msg, context)
     if virtual is not None:
         request["node_config"] = settings.to_flower_config()
-        result = _sim_run(virtual, len(json.loads(str(context.run_config["sim-nodes"]))), request)
+        result = _sim_run(*virtual, request)
     elif settings.warm:
         from .warm import call
 

@@ -250,22 +250,22 @@ def settings_from_env(cls, env: dict[str, str]):
     return cls.load(**{f: env[f"{prefix}{f.upper()}"] for f in cls.model_fields if f"{prefix}{f.upper()}" in env})
 
 
-def _absolute_paths(settings: ServerSettings) -> ServerSettings:
-    # The ServerApp runs in another working directory: hand it absolute paths.
-    updates = {"output_dir": settings.output_dir.resolve()}
-    for name in ("base_policy", "eval_dataset"):
+def _resolved(settings, names: tuple[str, ...], updates: dict):
+    """The settings with each of `names` that is a local path made absolute (Hub ids stay as they are)."""
+    for name in names:
         value = getattr(settings, name)
         if value and Path(value).exists():
             updates[name] = str(Path(value).resolve())
     return settings.model_copy(update=updates)
 
 
+def _absolute_paths(settings: ServerSettings) -> ServerSettings:
+    # The ServerApp runs in another working directory: hand it absolute paths.
+    return _resolved(settings, ("base_policy", "eval_dataset"), {"output_dir": settings.output_dir.resolve()})
+
+
 def _absolute_node_paths(node: NodeSettings) -> NodeSettings:
-    updates = {name: str(Path(value).resolve()) for name in ("dataset", "base_policy")
-               if (value := getattr(node, name)) and Path(value).exists()}
-    if node.cache_dir is not None:
-        updates["cache_dir"] = node.cache_dir.resolve()
-    return node.model_copy(update=updates)
+    return _resolved(node, ("dataset", "base_policy"), {"cache_dir": node.cache_dir.resolve()} if node.cache_dir else {})
 
 
 def preflight(settings: ServerSettings, nodes: list[NodeSettings], echo=print) -> None:
