@@ -1,4 +1,5 @@
-"""`zk0 bench learning --smoke`: every arm trains, every evaluation set is scored, the plot is written."""
+"""`zk0 bench learning --smoke`: every arm trains over two seeds, every evaluation set is scored, the personal
+models stay on the nodes and load with plain LeRobot, the tables carry mean ± std, the plot is written."""
 
 from __future__ import annotations
 
@@ -9,20 +10,27 @@ import subprocess
 import sys
 
 import pytest
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-from zk0.bench_learning import COLUMNS, NODES
+from zk0.bench_learning import COLUMNS, NODES, personal_dirs
 
-ARMS = ["fedprox", "fedavg", "fedprox-lora", "fedprox-lora-ffa", *(f"local-{n}" for n in NODES), "local-mean", "centralized"]
+FEDERATED = ["fedprox", "fedadam"]
+OWN_ONLY = ["personalised", "local-own"]  # scored on each node's own held-out set (and their union) only
+ARMS = [*FEDERATED, *OWN_ONLY, *(f"local-{n}" for n in NODES), "local-mean", "centralized"]
+SEEDS = [0, 1]
 
 
 @pytest.fixture(scope="module")
 def smoke(demo, tmp_path_factory):
-    """One smoke benchmark (2 rounds x 2 steps), shared by the assertions below."""
+    """One smoke benchmark (2 seeds x 2 rounds x 2 steps), shared by the assertions below."""
     tmp = tmp_path_factory.mktemp("bench")
     out, report = tmp / "out", tmp / "result.json"
     # A process of its own: the benchmark sets torch's thread count, which must not leak into other
     # tests; and no ZK0_ variable from the shell (this fixture runs before the autouse one clears them).
-    args = ["--smoke", "--demo-dir", str(demo["root"]), "--out", str(out), "--json", str(report)]
+    args = ["--smoke", "--seeds", "2", "--arms", ",".join(FEDERATED), "--demo-dir", str(demo["root"]),
+            "--out", str(out), "--json", str(report)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}
     cmd = [sys.executable, "-m", "zk0.bench_learning", *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -35,67 +43,86 @@ def test_bench_completes(smoke):
     assert res.returncode == 0 and result is not None, res.stderr[-3000:]
 
 
-def test_every_arm_is_scored_on_every_set(smoke):
+def test_every_arm_is_scored_on_every_set_for_every_seed(smoke):
     _, _, result, _ = smoke
-    assert sorted(result["results"]) == sorted(ARMS)
+    assert result["seed_values"] == SEEDS and [s["seed"] for s in result["seeds"]] == SEEDS
+    for seed in result["seeds"]:
+        assert sorted(seed["results"]) == sorted(ARMS)
+        for arm, row in seed["results"].items():
+            want = [*NODES, "union-heldout"] if arm in OWN_ONLY else COLUMNS
+            assert sorted(row) == sorted(want), arm  # the JSON is written with sorted keys
+            for column, metrics in row.items():
+                assert metrics["num-samples"] > 0, (arm, column)
+                assert all(math.isfinite(metrics[m]) for m in ("policy_loss", "action_mse")), (arm, column)
+
+
+def test_summary_is_mean_and_std_of_the_seeds(smoke):
+    _, _, result, _ = smoke
     for arm in ARMS:
-        assert sorted(result["results"][arm]) == sorted(COLUMNS)  # the JSON is written with sorted keys
-        for column, metrics in result["results"][arm].items():
-            assert metrics["num-samples"] > 0, (arm, column)
-            assert all(math.isfinite(metrics[m]) for m in ("policy_loss", "action_mse")), (arm, column)
+        for column, metrics in result["summary"][arm].items():
+            cell = metrics["policy_loss"]
+            values = [s["results"][arm][column]["policy_loss"] for s in result["seeds"]]
+            assert cell["values"] == values and cell["mean"] == pytest.approx(sum(values) / 2)
+            assert cell["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2)), (arm, column)
+    assert {c["arm"] for c in result["comparisons"]} == {"fedadam"}
+    assert all(c["verdict"] in ("better", "worse", "within noise") for c in result["comparisons"])
 
 
 def test_every_model_takes_the_same_optimizer_steps(smoke):
     _, _, result, _ = smoke
-    steps = result["optimizer_steps_per_model"]
-    assert steps["fedprox"] == steps["fedavg"] == steps["fedprox-lora"] == steps["fedprox-lora-ffa"] == steps["local-only"] == [4, 4, 4, 4]
-    assert steps["centralized"] == 4
+    for seed in result["seeds"]:
+        steps = seed["optimizer_steps_per_model"]
+        assert steps["fedprox"] == steps["fedadam"] == steps["local-only"] == [4, 4, 4, 4]
+        assert steps["centralized"] == 4
 
 
 def test_bench_reproduces_the_federation_split_and_metrics(smoke):
     # Our evaluation of the final global model must match what the nodes and the server measured
     # (up to the 16-bit wire format); a different held-out split or other batches would be far off.
     _, _, result, _ = smoke
-    assert all(gap < 1e-2 for gap in result["reproduction_gap"].values()), result["reproduction_gap"]
+    gaps = [g for s in result["seeds"] for g in s["reproduction_gap"].values()]
+    assert len(gaps) == 4 and all(gap < 1e-2 for gap in gaps), gaps
 
 
-def test_fedavg_runs_without_the_proximal_term(smoke):
-    _, out, _, _ = smoke
-    for arm, want_prox in (("fedprox", True), ("fedavg", False)):
-        history = json.loads((out / arm / "history.json").read_text())
-        prox = [c["train"]["proximal_loss"] for r in history[1:] for c in r["clients"].values()]
-        assert len(prox) == 8 and all((p > 0) == want_prox for p in prox), (arm, prox)
-
-
-def test_every_arm_moved_away_from_the_base_model(smoke):
+def test_every_round_records_its_mu_and_every_arm_moved_away_from_the_base_model(smoke):
     _, _, result, _ = smoke
-    base = result["server_eval_history"]["fedprox"][0]["policy_loss"]
-    assert [r["round"] for r in result["server_eval_history"]["fedavg"]] == [0, 1, 2]
-    for arm in ARMS:
-        assert result["results"][arm]["server-eval"]["policy_loss"] != pytest.approx(base, rel=1e-6), arm
+    for seed in result["seeds"]:
+        assert seed["proximal_mu_per_round"] == {"fedprox": [0.01, 0.01], "fedadam": [0.01, 0.01]}
+        base = seed["server_eval_history"]["fedprox"][0]["policy_loss"]
+        assert [r["round"] for r in seed["server_eval_history"]["fedadam"]] == [0, 1, 2]
+        for arm in [*FEDERATED, "centralized"]:
+            assert seed["results"][arm]["server-eval"]["policy_loss"] != pytest.approx(base, rel=1e-6), arm
+
+
+def test_personal_models_stay_on_the_nodes_and_load_with_plain_lerobot(smoke):
+    _, out, result, _ = smoke
+    for seed in SEEDS:
+        server = out / f"seed-{seed}" / "fedprox"
+        for name, folder in personal_dirs(server).items():
+            path = folder / "round-002"
+            config = PreTrainedConfig.from_pretrained(str(path))
+            SmolVLAPolicy.from_pretrained(str(path), config=config)
+            make_pre_post_processors(config, pretrained_path=str(path))
+            reported = result["seeds"][seed]["results"]["personalised"][name]["policy_loss"]
+            assert json.loads((path / "zk0.json").read_text())["heldout"]["personal"]["policy_loss"] == reported
+        # Only metrics reached the server: no weights besides its own checkpoints in its folder or records.
+        weights = [p for p in server.rglob("*.safetensors") if "checkpoints" not in p.parts]
+        assert not weights and "personal" not in (server / "checkpoints" / "round-002" / "zk0.json").read_text()
+        history = json.loads((server / "history.json").read_text())
+        personal = [c["name"] for c in history[-1]["clients"].values() if "personal_policy_loss" in c.get("eval", {})]
+        assert sorted(personal) == NODES
 
 
 def test_table_and_targets_are_printed(smoke):
     _, _, result, stdout = smoke
     lines = stdout.splitlines()
     for arm in ARMS:
-        assert sum(line.split()[:1] == [arm] for line in lines) == 2, arm  # one row per metric table
+        assert sum(line.split()[:1] == [arm] and "±" in line for line in lines) == 2, arm  # a row per metric table
+    assert sum("±" in line for line in lines) == 2 * (len(ARMS) + 1)  # the rows and each table's title
     verdicts = [line for line in lines if line.strip().startswith(("PASS ", "MISS "))]
-    assert len(verdicts) == len(result["targets"]) == 16  # (a) per arm, (b), (c), (d) per LoRA arm; two metrics
-    assert sorted({t["target"][:3] for t in result["targets"]}) == ["(a)", "(b)", "(c)", "(d)"]
-
-
-def test_lora_arms_exchange_only_adapters(smoke):
-    _, out, result, _ = smoke
-    received = {}
-    for arm in ("fedprox", "fedprox-lora", "fedprox-lora-ffa"):
-        history = json.loads((out / arm / "history.json").read_text())
-        received[arm] = history[1]["bytes"]["received"]
-        ckpt = out / arm / "checkpoints" / "round-002"
-        assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() == (arm != "fedprox"), arm
-    # FFA sends B only: about half of FedIT's A and B, both far below the full expert.
-    assert received["fedprox-lora-ffa"] < 0.6 * received["fedprox-lora"] < 0.6 * 0.1 * received["fedprox"]
-    assert result["arms"]["fedprox-lora"]["learning_rate"] == 10 * result["arms"]["fedprox"]["learning_rate"]
+    # (a) per arm, (b), (c), and (e) personalised against local-only and global per node; two metrics.
+    assert len(verdicts) == len(result["targets"]) == 2 * (2 + 1 + 1 + 2 * len(NODES))
+    assert sorted({t["target"][:3] for t in result["targets"]}) == ["(a)", "(b)", "(c)", "(e)"]
 
 
 def test_plot_is_a_png(smoke):

@@ -57,14 +57,21 @@ def test_wire_counts_what_flower_serializes(capsys, tmp_path):
 def test_step_times_every_arm_in_interleaved_blocks(capsys, tmp_path, demo, model):
     result = run(capsys, tmp_path, "step", "--model", model, "--demo-dir", str(demo["root"]))
     rates, blocks, settings = result["steps_per_s"], result["seconds_per_block"], result["settings"]
-    assert set(rates) == set(blocks) == {"plain", "zk0", "zk0_mu0", "zk0_lora"} and settings["model"] == model
+    assert set(rates) == set(blocks) == {"plain", "zk0", "zk0_mu0", "zk0_lora", "zk0_cached"} and settings["model"] == model
     for arm, seconds in blocks.items():
         assert len(seconds) == settings["reps"] and all(s > 0 for s in seconds), arm
         assert rates[arm] == pytest.approx(settings["block_steps"] / statistics.median(seconds)), arm
     assert result["ratio"] == pytest.approx(rates["zk0"] / rates["plain"])
+    assert result["cached_ratio"] == pytest.approx(rates["zk0_cached"] / rates["plain"])
+    cache = result["cache"]  # the cached step's loss is the plain step's; features of 2 slots, 4 bytes per value
+    assert cache["loss_rel_diff"] <= 1e-5 and cache["fill_s_per_frame_camera"] > 0 and cache["bytes_per_frame_camera"] % 4 == 0
     values = {t["target"]: t["value"] for t in result["targets"]}
-    assert values == pytest.approx({"zk0 steps/s over plain loop steps/s": rates["zk0"] / rates["plain"],
-                                    "LoRA step (zk0_lora) steps/s over the full-expert step (zk0)": rates["zk0_lora"] / rates["zk0"]})
+    expected = {"zk0 steps/s over plain loop steps/s": rates["zk0"] / rates["plain"],
+                "LoRA step (zk0_lora) steps/s over the full-expert step (zk0)": rates["zk0_lora"] / rates["zk0"],
+                "zk0 cached-step loss vs the plain step's (relative difference)": cache["loss_rel_diff"]}
+    if model == "full":
+        expected["zk0 on the feature cache steps/s over plain loop steps/s"] = rates["zk0_cached"] / rates["plain"]
+    assert values == pytest.approx(expected)
 
 
 def test_aggregate_holds_about_one_fp32_copy(capsys, tmp_path):

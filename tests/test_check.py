@@ -93,6 +93,34 @@ def test_the_cli_and_every_check_answer_without_the_training_stack():
     import subprocess
     import sys
 
-    code = ("import sys, zk0.cli, zk0.local, zk0.check, zk0.submit, zk0.supernode; "
+    code = ("import sys, zk0.cli, zk0.local, zk0.check, zk0.preflight, zk0.flwr_cli, zk0.submit, zk0.supernode; "
             "print(sorted({'torch', 'lerobot', 'flwr', 'transformers'} & {m.split('.')[0] for m in sys.modules}))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_a_home_relative_path_names_the_same_folder_for_every_command(demo, tmp_path, monkeypatch):
+    """`~/policy` and `~/so100` pass `zk0 check` and reach the server, the nodes and the model card as the same
+    folders: each command decides "local folder or Hub id" by one rule (zk0.check.local_path)."""
+    from zk0.check import local_path
+    from zk0.data import resolve_dataset
+    from zk0.preflight import preflight
+    from zk0.publish import _is_hub_id
+
+    home = tmp_path / "home"
+    shutil.copytree(demo["base-policy"], home / "policy")
+    shutil.copytree(demo["datasets"]["node-0"], home / "so100")
+    monkeypatch.setenv("HOME", str(home))
+    env_file = tmp_path / "home.env"
+    env_file.write_text(f"ZK0_BASE_POLICY=~/policy\nZK0_NODE_0_DATASET=~/so100\nZK0_NODE_0_BASE_POLICY=~/policy\n"
+                        f"ZK0_NODE_0_CAMERAS={demo['cameras']['node-0']}\nZK0_EVAL_DATASET=~/so100\n"
+                        f"ZK0_EVAL_CAMERAS={demo['cameras']['node-0']}\n")
+    found = preflight(env_file, echo=lambda line: None)  # zk0 check, zk0 local
+    assert (found.settings.base_policy, found.settings.eval_dataset) == (str(home / "policy"), str(home / "so100"))
+    assert (found.nodes[0].dataset, found.nodes[0].base_policy) == (str(home / "so100"), str(home / "policy"))
+    assert preflight(env_file, "server", echo=lambda line: None).settings.base_policy == str(home / "policy")
+    (node,) = preflight(env_file, "node", 0, echo=lambda line: None).nodes  # zk0 supernode --index 0
+    assert (node.dataset, node.base_policy) == (str(home / "so100"), str(home / "policy"))
+    # The node's own reading of a spec and the model card's agree with the check.
+    assert local_path("~/so100") == home / "so100" and resolve_dataset("~/so100", tmp_path / "cache")[1] is not None
+    assert not _is_hub_id("~/policy") and _is_hub_id("lerobot/smolvla_base")
+    assert local_path("lerobot/smolvla_base") is None

@@ -9,54 +9,23 @@ import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
 import tomllib
-import uuid
 from pathlib import Path
 
 import pytest
-import tomli_w
 
 from federation import ZK0
+from loopback import SuperLink, alive, pids_with, stub_app, wait_until
 from zk0.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MAKE_CERTS = ROOT / "superlink" / "make-certs.sh"
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-    return result
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def pids_with(needle: bytes, where: str = "environ") -> list[int]:
-    """Live processes whose environment (or command line) holds `needle`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and needle in (entry / where).read_bytes() and alive(int(entry.name)):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def make_certs(*args: str) -> None:
@@ -88,52 +57,6 @@ def test_make_certs_reruns_keep_files_add_nodes_and_reissue_only_for_new_names(t
 
 
 # --- a real SuperLink on loopback --------------------------------------------------------------------
-
-
-class SuperLink:
-    """flower-superlink on loopback with its state in a database; `kill` and `start` again as a host
-    going down and coming back. Leaving the block ends it and every process started below it."""
-
-    def __init__(self, workdir: Path, tls: Path | None = None, **env: str):
-        self.workdir, self.tls, self.port, self.proc = workdir, tls, free_port(), None
-        self.mark = f"CLAIMS_TEST_SUPERLINK={uuid.uuid4().hex}"
-        self.env = {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_HOME": str(workdir / "superlink-home"), self.mark.split("=")[0]: self.mark.split("=")[1]}
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        security = ["--insecure"] if self.tls is None else [
-            "--ssl-ca-certfile", str(self.tls / "ca.crt"), "--ssl-certfile", str(self.tls / "superlink.crt"),
-            "--ssl-keyfile", str(self.tls / "superlink.key"), "--enable-supernode-auth"]
-        log = open(self.workdir / "superlink.log", "ab")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(
-            [str(BIN / "flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port),
-             "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db")],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-        def listening() -> bool:
-            assert self.proc.poll() is None, (self.workdir / "superlink.log").read_text()[-3000:]
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_until(listening, 300, "the SuperLink to listen")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=60)
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        # The SuperExec and the ServerApp run in sessions of their own: find them by the mark they inherited.
-        for pid in pids_with(self.mark.encode()):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_tls_superlink_refuses_plaintext_at_the_handshake_and_strangers_at_authentication(tmp_path):
@@ -174,49 +97,8 @@ def test_tls_superlink_refuses_plaintext_at_the_handshake_and_strangers_at_authe
 
 # --- zk0 submit resubmits a run lost to a SuperLink restart ----------------------------------------
 
-STUB_SERVERAPP = '''
-"""A ServerApp that says it started, then waits to be released: a run that lasts as long as the test wants."""
-import os
-import time
-from pathlib import Path
-
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-
-app = ServerApp()
-client = ClientApp()
-
-
-@app.main()
-def main(grid, context):
-    state = Path(os.environ["STUB_STATE"])
-    (state / f"started-{context.run_id}").touch()
-    while not (state / "release").exists():
-        time.sleep(0.2)
-'''
-
-
-def stub_app(directory: Path) -> Path:
-    """A Flower App that takes zk0's run config (the same keys) and runs STUB_SERVERAPP."""
-    config = tomllib.loads((ROOT / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    project = {
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "stubapp", "version": "1.0.0", "description": "zk0 test stand-in", "license": "Apache-2.0",
-                    "dependencies": []},
-        "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["stubapp"]}}}},
-                 "flwr": {"app": {"publisher": "zk0test", "components": {"serverapp": "stubapp.server:app",
-                                                                          "clientapp": "stubapp.server:client"},
-                                  "config": config}}},
-    }
-    (directory / "stubapp").mkdir(parents=True)
-    (directory / "pyproject.toml").write_text(tomli_w.dumps(project))
-    (directory / "stubapp" / "__init__.py").write_text("")
-    (directory / "stubapp" / "server.py").write_text(STUB_SERVERAPP)
-    return directory
-
-
 def test_submit_resubmits_a_run_that_a_superlink_restart_failed(demo, tmp_path, monkeypatch, caplog):
-    from zk0 import submit
+    from zk0 import flwr_cli, submit
 
     state = tmp_path / "state"
     state.mkdir()
@@ -224,8 +106,8 @@ def test_submit_resubmits_a_run_that_a_superlink_restart_failed(demo, tmp_path, 
     env_file = tmp_path / "experiment.env"
     env_file.write_text(f"ZK0_BASE_POLICY={demo['base-policy']}\nZK0_OUTPUT_DIR={tmp_path / 'out'}\n")
     statuses: list[str] = []  # what `zk0 submit` saw, in order: the test restarts the SuperLink only once it saw it gone
-    real_status = submit.run_status
-    monkeypatch.setattr(submit, "run_status", lambda *a: statuses.append(real_status(*a)) or statuses[-1])
+    real_status = flwr_cli.run_status
+    monkeypatch.setattr(flwr_cli, "run_status", lambda *a: statuses.append(real_status(*a)) or statuses[-1])
     monkeypatch.setattr(logging.getLogger("zk0"), "propagate", True)  # to caplog, whatever set up logging before
 
     def started() -> list[str]:

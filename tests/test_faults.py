@@ -11,6 +11,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 from federation import ZK0, write_env
 
@@ -140,8 +141,16 @@ def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp
     assert set(before) <= set(range(done + 1)) and sorted(after) == [0, 1, 2, 3] and exit_code == 0
     for step, row in [*before.items(), *after.items()]:
         assert row["server/policy_loss"] == history[step]["server_eval"]["policy_loss"], step
-    # Same seeds, same rounds: the final model matches the uninterrupted run's.
+    # Every model's node evaluations, the checkpointed one's by the resumed run's first train message, in the
+    # records and at their WandB step, as the uninterrupted run's.
     _, reference_out = finished_run
+    reference_history = json.loads((reference_out / "history.json").read_text())
+    for step, (record, reference_record) in enumerate(zip(history, reference_history, strict=True)):
+        losses = {c["name"]: c["eval"]["policy_loss"] for c in record["clients"].values()}
+        expected = {c["name"]: c["eval"]["policy_loss"] for c in reference_record["clients"].values()}
+        assert losses == pytest.approx(expected, rel=1e-3) and len(losses) == 4, step
+        assert after[step]["client_node-0/eval/policy_loss"] == losses["node-0"], step
+    # Same seeds, same rounds: the final model matches the uninterrupted run's.
     resumed = load_file(out / "checkpoints" / "round-003" / "model.safetensors")
     reference = load_file(reference_out / "checkpoints" / "round-003" / "model.safetensors")
     assert resumed.keys() == reference.keys()

@@ -6,8 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
 from federation import run_zk0, write_env
 
 
@@ -36,6 +34,11 @@ def test_every_node_contributes_every_round(finished_run):
             assert client["train"]["steps"] == 15 and client["train"]["num-samples"] == 120
             assert client["eval"]["num-samples"] > 0
         assert record["bytes"]["sent"] == record["bytes"]["received"] > 0
+    # ZK0_EVAL_MODE=in-train: each round's train message evaluated the model it brought (round 0's included);
+    # an evaluate message came only for the last round's model, and with it the only extra download.
+    assert [r.get("node_eval_in") for r in history] == ["train", "train", "train", "evaluate"]
+    assert all(c["eval"]["num-samples"] > 0 for c in history[0]["clients"].values()) and len(history[0]["clients"]) == 4
+    assert [bool(r["bytes"].get("sent_eval")) for r in history] == [False, False, False, True]
 
 
 def test_nodes_stay_warm_and_their_workers_end_with_the_run(finished_run):

@@ -121,3 +121,27 @@ def test_int8_delta_replies_are_added_to_the_global_model(tmp_path):
     # Down the wire the global model still travels as fp16 weights.
     wire = s._to_wire(ArrayRecord({k: Array(v.numpy()) for k, v in state(1.0).items()}), ConfigRecord({}))
     assert wire[PACKED].numpy().dtype == np.float16
+
+
+def test_evaluations_sent_with_training_are_recorded_for_the_model_they_evaluated(strategy):
+    """ZK0_EVAL_MODE=in-train: round 2's train replies carry the nodes' evaluation of the model after round 1."""
+    strategy.eval_in_train, strategy.last_round = True, 3
+    told = []
+    strategy.after_node_eval = told.append
+    replies = [reply(1, state(1.0), 10, "fp16"), reply(2, state(4.0), 30, "fp16")]
+    for msg, (loss, samples) in zip(replies, [(1.0, 4), (3.0, 12)], strict=True):
+        msg.content["eval"] = ConfigRecord({"policy_loss": loss, "num-samples": float(samples), "eval_seconds": 0.5})
+    strategy.aggregate_train(2, replies)
+    before, now = strategy.recorder.rounds[1], strategy.recorder.rounds[2]
+    assert told == [1] and before["node_eval_in"] == "train"
+    assert before["eval_aggregate"]["policy_loss"] == pytest.approx((1.0 * 4 + 3.0 * 12) / 16)
+    assert {c["name"]: c["eval"]["policy_loss"] for c in before["clients"].values()} == {"node-1": 1.0, "node-2": 3.0}
+    assert all("eval" not in c and "train" in c for c in now["clients"].values())
+    # A resumed experiment's restarted SuperNodes have new ids: the evaluation goes to the node of the same name.
+    again = reply(7, state(1.0), 10, "fp16")
+    again.content["node"]["name"] = "node-1"
+    again.content["eval"] = ConfigRecord({"policy_loss": 5.0, "num-samples": 4.0})
+    strategy.aggregate_train(2, [again])
+    assert set(before["clients"]) == {"1", "2"} and before["clients"]["1"]["eval"]["policy_loss"] == 5.0
+    # No evaluate message but for the last round's model, which no train message brings.
+    assert strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord({}), None) == []

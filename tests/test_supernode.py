@@ -125,3 +125,34 @@ def test_tls_federation_admits_registered_nodes_only(demo, tmp_path):
     assert [r["round"] for r in history] == [0, 1]
     names = sorted(c["name"] for c in history[1]["clients"].values() if "train" in c)
     assert names == ["node-0", "node-1", "robot-2"] and len(history[1]["contributors"]) == 3
+
+
+def test_with_index_a_node_reads_its_own_variables_of_an_experiment(demo, tmp_path):
+    """`zk0 supernode --index N` (what each Compose SuperNode runs) takes ZK0_NODE_<N>_* and names them."""
+    env_file = write_env(tmp_path / "experiment.env", demo, tmp_path / "out")
+    text = env_file.read_text().replace(f"ZK0_NODE_1_CAMERAS={demo['cameras']['node-1']}\n", "")
+    env_file.write_text(text)
+    code, output = supernode("--index", "1", "--env-file", str(env_file), "--superlink", f"127.0.0.1:{free_port()}")
+    assert code == 2 and "this SuperNode cannot start" in output and "not reachable" not in output, output
+    assert "node-1 (ZK0_NODE_1_DATASET=" in output and "ZK0_NODE_1_CAMERAS=laptop=camera1,phone=camera2" in output
+    address = f"127.0.0.1:{free_port()}"  # node 2's settings pass: only the SuperLink is missing
+    code, output = supernode("--index", "2", "--env-file", str(env_file), "--superlink", address,
+                             "--connect-tries", "1")
+    assert code == 3 and f"SuperLink {address} is not reachable" in output, output
+
+
+def test_a_nodes_own_variables_outrank_the_ones_every_node_gets(monkeypatch):
+    """compose.cpu.yaml gives every node ZK0_DEVICE=cpu; a node's ZK0_NODE_<i>_DEVICE still wins."""
+    from zk0.preflight import node_settings_from_env
+
+    monkeypatch.setenv("ZK0_DEVICE", "cpu")
+    # Empty means unset, as Compose passes every node's `${ZK0_NODE_<i>_NAME:-}` to every node.
+    env = {"ZK0_NODE_1_DATASET": "lab/a", "ZK0_NODE_1_DEVICE": "cuda:1", "ZK0_NODE_2_DATASET": "lab/b",
+           "ZK0_NODE_2_DEVICE": "", "ZK0_NODE_2_NAME": ""}
+    (one,), _, _ = node_settings_from_env(env, 1)
+    (two,), _, _ = node_settings_from_env(env, 2)
+    assert (one.device, one.name, two.device, two.name) == ("cuda:1", "node-1", "cpu", "node-2")
+    nodes, _, problems = node_settings_from_env({**env, "ZK0_NODE_2_HELDOUT_EPISODES": "-1"}, 2)
+    assert not nodes and "ZK0_NODE_2_HELDOUT_EPISODES (" in problems[0]
+    (missing,) = node_settings_from_env(env, 3)[2]  # no node 3 at all: its dataset variable is named
+    assert missing.startswith("node 3:") and "ZK0_NODE_3_DATASET (" in missing

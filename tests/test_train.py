@@ -89,6 +89,16 @@ def test_train_round_moves_weights_and_reports_metrics(demo, policy):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_non_finite_loss_fails_the_round_naming_its_step(demo, policy):
+    pre, _ = processors(demo, "node-0")
+    good = next(batch_stream(open_dataset(str(demo["datasets"]["node-0"]), policy.config), 2, seed=0))
+    bad = {**good, "action": torch.full_like(good["action"], float("nan"))}
+    plan = TrainPlan(steps=3, start_step=0, total_steps=3, learning_rate=1e-3, proximal_mu=0.0, log_every=5)
+    # Metrics are read once per log line: the check comes at the round's end here, and still names step 2.
+    with pytest.raises(FloatingPointError, match="loss became nan at local step 2"):
+        train_round(policy, pre, iter([good, bad, good]), plan)
+
+
 def test_mismatched_weights_are_refused(policy):
     state = trainable_state(policy)
     name = next(iter(state))

@@ -74,6 +74,14 @@ def test_worker_trains_as_a_fresh_process_does_and_stays_loaded(request_for, own
     evaluated = warm.call(request_for("evaluate"), owner.pid)
     assert evaluated["arrays"] is None and evaluated["metrics"]["warm"] == 1.0
     assert np.isfinite(evaluated["metrics"]["policy_loss"])
+    # ZK0_EVAL_MODE=in-train: a train message that first evaluates the weights it brings trains exactly as
+    # one that does not, and reports the evaluate message's figures.
+    both = warm.call(request_for(**{"evaluate-first": True}), owner.pid)
+    for name, array in fresh["arrays"].items():
+        assert np.array_equal(both["arrays"][name], array), name
+    assert both["metrics"]["loss"] == fresh["metrics"]["loss"] and "eval" not in fresh
+    keys = ("policy_loss", "action_mse", "num-samples")
+    assert {k: both["eval"][k] for k in keys} == {k: evaluated["metrics"][k] for k in keys}
     assert len(worker_pids(owner.pid)) == 1
 
 

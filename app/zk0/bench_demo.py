@@ -34,13 +34,21 @@ def run_demo(env_file: Path, out: Path, demo_dir: Path, timeout: float) -> float
     return wall
 
 
+def _eval_seconds(rec: dict, node: str) -> float:
+    return (rec["clients"].get(node, {}).get("eval") or {}).get("eval_seconds", 0.0)
+
+
 def round_split(prev: dict, rec: dict) -> dict:
     """One round's wall time (server clock) split along its critical path: the slowest node's work."""
-    clients = rec["clients"].values()
     wall = rec["elapsed_seconds"] - prev["elapsed_seconds"]
-    # Nodes run side by side, so the round waits for the slowest; their own clocks say what that was.
-    training = max((c["train"]["train_seconds"] for c in clients if "train" in c), default=0.0)
-    node_eval = max((c["eval"].get("eval_seconds", 0.0) for c in clients if "eval" in c), default=0.0)
+    # Nodes run side by side, so the round waits for the slowest; their own clocks say what that was. With
+    # ZK0_EVAL_MODE=in-train a node's train message first evaluated the previous round's model (recorded there).
+    in_train = prev.get("node_eval_in") == "train"
+    work = {node: (c["train"]["train_seconds"], _eval_seconds(prev, node) if in_train else 0.0)
+            for node, c in rec["clients"].items() if "train" in c}
+    training, node_eval = max(work.values(), key=sum, default=(0.0, 0.0))
+    if rec.get("node_eval_in", "evaluate") == "evaluate":  # an evaluate message after training (older runs: always)
+        node_eval += max((_eval_seconds(rec, node) for node in rec["clients"]), default=0.0)
     evaluation = node_eval + (rec["server_eval"] or {}).get("eval_seconds", 0.0)
     return {"round": rec["round"], "wall": wall, "training": training, "evaluation": evaluation,
             "overhead": wall - training - evaluation}

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import statistics
 import sys
 import time
 from functools import partial
@@ -28,6 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import bench_learning_report as rep
+from .bench_learning_report import (
+    COLUMNS, LOCAL_OWN, METRICS, NODES, PERSONAL, SERVER, UNION, mean_row, own_heldout_row,
+)
 from .cameras import full_key, parse_camera_map
 from .data import DatasetError, batch_stream, eval_batches, open_dataset
 from .evaluate import evaluate_policy
@@ -40,43 +45,37 @@ from .stats import from_json, merge_stats
 from .train import TrainPlan, train_round
 
 log = logging.getLogger("zk0")
-NODES = [f"node-{i}" for i in range(4)]
-UNION, SERVER = "union-heldout", "server-eval"
-COLUMNS = [*NODES, UNION, SERVER]
-METRICS = ("policy_loss", "action_mse")
 # Federated arms and how each differs from the experiment's settings. LoRA trains ~20x fewer weights
-# from B = 0 and, as usual for LoRA, at LORA_LR_SCALE times the full expert's learning rate.
+# from B = 0 and, as usual for LoRA, at LORA_LR_SCALE times the full expert's learning rate. FedAdam's
+# server rate: its first step is about 0.74 x eta x m/(sqrt(v)+tau), i.e. ~0.74 x the mean update when
+# that update is well below tau/(1-beta_1) = 0.01 per weight (Flower's default eta 0.1 would be ~7x it).
 LORA_LR_SCALE = 10.0
 ARMS = {
     "fedprox": {},
     "fedavg": {"proximal_mu": 0.0},
+    "fedadam": {"strategy": "fedadam", "server_learning_rate": 0.01},
+    "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.5},
+    "fedprox-adaptive": {"adaptive_mu": "loss"},
     "fedprox-lora": {"trainable": "lora", "lora_aggregation": "fedit"},
     "fedprox-lora-ffa": {"trainable": "lora", "lora_aggregation": "ffa"},
 }
-FEDERATED = tuple(ARMS)
-EXPERT_ARMS = ("fedprox", "fedavg")
+# What fits the 30-minute budget with 3 seeds on a 2-core host; --arms runs others (--arms all: every one).
+DEFAULT_ARMS = ("fedprox", "fedavg", "fedadam", "fedprox-adaptive")
 
 
-def arm_settings(s: ServerSettings, arm: str, out: Path) -> ServerSettings:
-    """The experiment's settings as `arm` runs them."""
+def arm_settings(s: ServerSettings, arm: str, out: Path, personalize_steps: int = 0) -> ServerSettings:
+    """The experiment's settings as `arm` runs them; the FedProx arm also personalises in its last round."""
     update = {**ARMS[arm], "output_dir": out / arm}
     if update.get("trainable") == "lora":
         update["learning_rate"] = s.learning_rate * LORA_LR_SCALE
+    if arm == rep.REFERENCE:
+        update["personalize_steps"] = personalize_steps
     return s.model_copy(update=update)
-DEFINITION = (
-    "Same optimizer steps per model: every trained model copy takes rounds x local_steps AdamW steps of "
-    "batch_size samples, in the federation's round structure (one warm-up+cosine LR schedule over all "
-    "rounds, optimizer state restarted each round, batch seed = seed + 1000 x round). Each federated node "
-    "does this per round before averaging; local-only is the same without averaging (mu = 0); centralized "
-    "is one model on the union of the four nodes' training episodes (each batch from one node, drawn in "
-    "proportion to its training frames), so it sees a quarter of the samples the four federated nodes see "
-    "together. Normalisation: federated and centralized use the statistics merged from the nodes' training "
-    "episodes, each local-only model its own node's, so policy_loss (in each model's normalised units) "
-    "compares local-only with the rest less directly than action_mse (in the dataset's units). Every set is "
-    "evaluated through its own camera map. The LoRA arms (ZK0_TRAINABLE=lora, LeRobot's SmolVLA targets, rank 8, "
-    "alpha 8) train only adapters, at 10x the learning rate; fedprox-lora averages A and B (FedIT), "
-    "fedprox-lora-ffa keeps A frozen and shared and averages B (FFA-LoRA)."
-)
+
+
+def personal_dirs(out: Path) -> dict[str, Path]:
+    """Where each node of a run keeps its personal model: beside the server's output folder, never in it."""
+    return {name: out.with_name(f"{out.name}.nodes") / name for name in NODES}
 
 
 def _has_cameras(root: Path, cameras) -> bool:
@@ -129,6 +128,8 @@ def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float) -> li
     values = {f"ZK0_{k.upper()}": v for k, v in s.model_dump(exclude_none=True).items()}
     values.update({f"ZK0_NODE_{i}_DATASET": demo["datasets"][name] for i, name in enumerate(NODES)})
     values.update({f"ZK0_NODE_{i}_CAMERAS": demo["cameras"][name] for i, name in enumerate(NODES)})
+    values.update({f"ZK0_NODE_{i}_PERSONAL_DIR": path for i, path in enumerate(personal_dirs(out).values())})
+    shutil.rmtree(out.with_name(f"{out.name}.nodes"), ignore_errors=True)
     env_file = out / "bench.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     # The shell outranks an env-file in `zk0 local`: drop ZK0_ variables so FedAvg really gets mu = 0.
@@ -229,87 +230,12 @@ def train_centralized(sessions: list[NodeSession], merged: dict, frames: list[in
     return policy, int(done), drawn
 
 
-def mean_row(rows: list[dict]) -> dict:
-    """Plain mean of several models' metrics on each evaluation set."""
-    return {
-        col: {**{m: sum(r[col][m] for r in rows) / len(rows) for m in METRICS}, "num-samples": rows[0][col]["num-samples"]}
-        for col in COLUMNS
-    }
-
-
 def reproduction_gap(history: list[dict], row: dict) -> float:
     """Largest relative gap between our evaluation of the final global model and the federation's own."""
     last = history[-1]
     pairs = [(last["server_eval"], row[SERVER])]
     pairs += [(c["eval"], row[c["name"]]) for c in last["clients"].values() if "eval" in c]
     return max(abs(a[m] - b[m]) / max(abs(a[m]), 1e-12) for a, b in pairs for m in METRICS)
-
-
-def _target(name: str, metric: str, margin: float, detail: str) -> dict:
-    return {"target": name, "metric": metric, "passed": margin > 0, "margin": margin, "detail": detail}
-
-
-def targets(rows: dict, histories: dict, metric: str) -> list[dict]:
-    """The issue's targets; margin is relative and positive when the target is met."""
-    out = []
-    for arm in histories:
-        curve = [r["server_eval"][metric] for r in histories[arm] if r["server_eval"]]
-        worst = max(curve[1:])
-        detail = f"{arm}: round 0 {curve[0]:.5g}, worst later round {worst:.5g}, final {curve[-1]:.5g}"
-        out.append(_target("(a) server eval below round 0 from round 1 on", metric, (curve[0] - worst) / curve[0], detail))
-    best = min(EXPERT_ARMS, key=lambda a: rows[a][UNION][metric])
-    fed, local, central = (rows[a][UNION][metric] for a in (best, "local-mean", "centralized"))
-    out.append(_target("(b) federated beats mean local-only on union held-out", metric, (local - fed) / local,
-                       f"{best} {fed:.5g} vs local-only mean {local:.5g}"))
-    out.append(_target("(c) federated within 10% of centralized on union held-out", metric, 0.10 - (fed / central - 1),
-                       f"{best} {fed:.5g} vs centralized {central:.5g} ({100 * (fed / central - 1):+.1f}%)"))
-    full = rows["fedprox"][UNION][metric]
-    for arm in (a for a in histories if ARMS[a].get("trainable") == "lora"):
-        lora = rows[arm][UNION][metric]
-        out.append(_target(f"(d) {arm} within 5% of full-expert fedprox on union held-out", metric, 0.05 - (lora / full - 1),
-                           f"{arm} {lora:.5g} vs fedprox {full:.5g} ({100 * (lora / full - 1):+.1f}%)"))
-    return out
-
-
-def plot(curves: dict, rows: dict, path: Path) -> None:
-    """Global model's server evaluation per round against centralized and mean local-only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 4))
-    for ax, metric in zip(axes, METRICS, strict=True):
-        for arm in curves:
-            rounds, values = [r["round"] for r in curves[arm]], [r[metric] for r in curves[arm]]
-            ax.plot(rounds, values, marker="o", label=f"{arm} (global model)")
-        ax.axhline(rows["centralized"][SERVER][metric], color="k", ls="--", label="centralized (final)")
-        ax.axhline(rows["local-mean"][SERVER][metric], color="tab:red", ls=":", label="local-only mean (final)")
-        ax.set(xlabel="round", ylabel=metric, title=f"server evaluation: {metric}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def report(result: dict) -> str:
-    """The tables and the targets as plain text."""
-    rows, lines = result["results"], [DEFINITION, ""]
-    width = max(len(a) for a in rows) + 2
-    for metric in METRICS:
-        lines.append(f"{metric:<{width}}" + "".join(f"{c:>15}" for c in COLUMNS))
-        lines += [f"{arm:<{width}}" + "".join(f"{row[c][metric]:>15.5g}" for c in COLUMNS) for arm, row in rows.items()]
-        lines.append("")
-    lines.append("targets (verdict on policy_loss; action_mse for reference):")
-    for t in result["targets"]:
-        verdict = "PASS" if t["passed"] else "MISS"
-        lines.append(f"  {verdict} {t['target']} [{t['metric']}] margin {100 * t['margin']:+.1f}%: {t['detail']}")
-    gaps = ", ".join(f"{a} {g:.1e}" for a, g in result["reproduction_gap"].items())
-    lines.append(f"re-evaluation vs the federation's own final evals (max relative gap): {gaps}")
-    lines.append("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings_s"].items()))
-    return "\n".join(lines)
 
 
 def _timed(timings: dict, key: str, fn, *args):
@@ -326,31 +252,46 @@ def federated_steps(history: list[dict]) -> list[int]:
     return [int(sum(c["train"]["steps"] for c in clients if c["name"] == n)) for n in NODES]
 
 
-def run_bench(s: ServerSettings, demo: dict, out: Path, run_timeout: float) -> dict:
-    """Train and evaluate every arm; the figures for the table, the JSON and the plot."""
+def run_seed(
+    s: ServerSettings, demo: dict, out: Path, run_timeout: float, arms: list[str], personalize: int, retries: int = 1,
+) -> dict:
+    """Train and evaluate every arm with one seed; the figures for the tables, the JSON and the plot."""
     timings, histories, rows, steps, started = {}, {}, {}, {}, time.perf_counter()
-    for arm in FEDERATED:
-        histories[arm] = _timed(timings, arm, run_federated, arm, arm_settings(s, arm, out), demo, run_timeout)
+    retried = []
+    for arm in arms:
+        run = arm_settings(s, arm, out, personalize)
+        for attempt in range(1 + retries):
+            try:
+                histories[arm] = _timed(timings, arm, run_federated, arm, run, demo, run_timeout)
+                break
+            except RuntimeError as err:
+                if attempt == retries:
+                    raise
+                # On a loaded host Flower's ClientApps can miss their 30 s start window and the run fails.
+                log.warning("%s: %s; running it again", arm, err)
+                retried.append(arm)
         steps[arm] = federated_steps(histories[arm])
     device, base = resolve_device(s.device), str(demo["base-policy"])
     base_policy = load_policy(base, device)
     sessions = node_sessions(demo, s, trainable_state(base_policy))
     score = partial(evaluate_model, sets=eval_sets(demo, sessions, base_policy.config, s), cameras=demo["cameras"], seed=s.seed)
-    for arm in FEDERATED:  # the checkpoint's processors hold the statistics the federation merged
+    for arm in arms:  # the checkpoint's processors hold the statistics the federation merged
         ckpt = str(out / arm / "checkpoints" / f"round-{s.num_rounds:03d}")
         rows[arm] = score(load_policy(ckpt, device), ckpt, None)
+    if personalize and rep.REFERENCE in arms:
+        rows[PERSONAL] = rep.personal_row(histories[rep.REFERENCE])
     own, frames = zip(*(stats_on_node(x) for x in sessions), strict=True)  # what each node sends the server
     merged = merge_stats([from_json(text) for text in own])
     steps["local-only"] = _timed(timings, "local-only", train_local_only, sessions, list(own), s)
     for name, x, stats in zip(NODES, sessions, own, strict=True):
         rows[f"local-{name}"] = score(x.policy, base, from_json(stats))
     rows["local-mean"] = mean_row([rows[f"local-{n}"] for n in NODES])
+    rows[LOCAL_OWN] = own_heldout_row({n: rows[f"local-{n}"][n] for n in NODES})
     policy, steps["centralized"], drawn = _timed(timings, "centralized", train_centralized, sessions, merged, list(frames), s)
     rows["centralized"] = score(policy, base, merged)
     timings["total"] = time.perf_counter() - started
     return {
-        "definition": DEFINITION,
-        "settings": s.model_dump(mode="json", exclude={"output_dir"}),
+        "seed": s.seed,
         "heldout_episodes": {n: x.heldout_episodes for n, x in zip(NODES, sessions, strict=True)},
         "training_frames": dict(zip(NODES, frames, strict=True)),
         "centralized_batches_per_node": dict(zip(NODES, drawn, strict=True)),
@@ -359,10 +300,40 @@ def run_bench(s: ServerSettings, demo: dict, out: Path, run_timeout: float) -> d
         "server_eval_history": {
             arm: [{"round": r["round"], **r["server_eval"]} for r in h if r["server_eval"]] for arm, h in histories.items()
         },
-        "targets": [t for m in METRICS for t in targets(rows, histories, m)],
-        "reproduction_gap": {a: reproduction_gap(histories[a], rows[a]) for a in FEDERATED},
-        "arms": {a: {**ARMS[a], "learning_rate": arm_settings(s, a, out).learning_rate} for a in FEDERATED},
+        "proximal_mu_per_round": {a: [r.get("proximal_mu") for r in h if r["round"] > 0] for a, h in histories.items()},
+        "reproduction_gap": {a: reproduction_gap(histories[a], rows[a]) for a in arms},
         "timings_s": timings,
+        "retried": retried,  # federated runs that failed (e.g. under load) and ran again
+    }
+
+
+def run_bench(s: ServerSettings, demo: dict, out: Path, args: argparse.Namespace, arms: list[str]) -> dict:
+    """Every arm over every seed; the per-seed figures, their mean ± std, comparisons and targets."""
+    load, started = [os.getloadavg()[0]], time.perf_counter()
+    seeds = []
+    for seed in range(s.seed, s.seed + args.seeds):
+        log.info("seed %d (%d of %d)", seed, seed - s.seed + 1, args.seeds)
+        seeds.append(run_seed(s.model_copy(update={"seed": seed}), demo, out / f"seed-{seed}", args.run_timeout, arms,
+                              args.personalize_steps, args.retries))
+        if args.json:  # every finished seed's figures survive a run stopped before the last
+            atomic_write_json(args.json.with_name(f"{args.json.stem}.seeds.json"), seeds)
+    load.append(os.getloadavg()[0])
+    summary = rep.summarise(seeds)
+    others = [a for a in arms if a != rep.REFERENCE] if rep.REFERENCE in arms else []
+    return {
+        "definition": rep.DEFINITION,
+        "settings": s.model_dump(mode="json", exclude={"output_dir", "seed"}),
+        "seed_values": [x["seed"] for x in seeds],
+        "federated_arms": arms,
+        "arms": {a: {**ARMS[a], "learning_rate": arm_settings(s, a, out).learning_rate} for a in arms},
+        "personalize_steps": args.personalize_steps,
+        "seeds": seeds,
+        "summary": summary,
+        "comparisons": [rep.compare(summary, a, UNION, m) for a in others for m in METRICS],
+        "targets": [t for m in METRICS for t in rep.targets(summary, seeds, arms, m)],
+        "timings_s": {"per_seed": statistics.fmean(x["timings_s"]["total"] for x in seeds),
+                      "total": time.perf_counter() - started},
+        "load_average": load,
     }
 
 
@@ -373,23 +344,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local-steps", type=int, help="optimizer steps per round (default 30, the demo's; smoke 2)")
     p.add_argument("--batch-size", type=int, help="batch size for training and evaluation (default 8)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: the demo's 1e-3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm, from --seed on (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"federated arms, comma-separated, or 'all' "
+                   f"(default {','.join(DEFAULT_ARMS)}; all: {','.join(ARMS)})")
+    p.add_argument("--personalize-steps", type=int, help="fedprox arm's personalisation steps (default: --local-steps)")
     p.add_argument("--demo-dir", type=Path, default=Path("demo-data"), help="offline demo; written when missing")
     p.add_argument("--out", type=Path, default=Path("outputs/bench-learning"), help="runs, checkpoints and the plot")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds before a federated run is stopped")
+    p.add_argument("--retries", type=int, default=1, help="times a failed federated run is run again (default 1)")
     p.add_argument("--smoke", action="store_true", help="2 rounds of 2 steps and one evaluation batch (tests)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.arms = list(ARMS) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
+    if unknown := [a for a in args.arms if a not in ARMS]:
+        p.error(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark, print the table and targets, write the plot and optional JSON."""
+    """Run the benchmark, print the tables and targets, write the plot and optional JSON."""
     args = parse_args(argv)
     setup_logging()
     rounds = args.rounds or (2 if args.smoke else 3)
+    local_steps = args.local_steps or (2 if args.smoke else 30)
+    args.personalize_steps = local_steps if args.personalize_steps is None else args.personalize_steps
     try:
         demo = demo_assets(args.demo_dir)
         s = ServerSettings.load(
-            num_rounds=rounds, local_steps=args.local_steps or (2 if args.smoke else 30),
+            num_rounds=rounds, local_steps=local_steps, seed=args.seed,
             batch_size=args.batch_size, learning_rate=args.learning_rate, eval_batches=1 if args.smoke else None,
             min_nodes=len(NODES), eval_every=1, checkpoint_every=rounds,  # only the final global model is needed
             base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]),
@@ -397,13 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         out = Path(args.out).resolve()
         with contextlib.redirect_stdout(sys.stderr):  # LeRobot prints while loading; stdout is for the table
-            result = run_bench(s, demo, out, args.run_timeout)
+            result = run_bench(s, demo, out, args, args.arms)
     except (SettingsError, DatasetError, RuntimeError) as err:  # RuntimeError: a federated run failed
         print(f"zk0 bench learning: {err}", file=sys.stderr)
         return 1 if isinstance(err, RuntimeError) else 2
     result["plot"] = str(out / "server-eval.png")
-    plot(result["server_eval_history"], result["results"], out / "server-eval.png")
-    print(report(result))
+    rep.plot(result, out / "server-eval.png")
+    print(rep.report(result))
     print(f"plot: {result['plot']}")
     if args.json:
         atomic_write_json(args.json, result)

@@ -21,6 +21,7 @@ from . import wire
 from .bench_cli import bench_cli
 from .bench_demo import bench_demo
 from .bench_scale import bench_scale
+from .bench_step import ARMS, bench_step
 from .bench_report import BenchError, as_record, report, target
 from .bench_wire import TRAIN_CONFIG, bench_aggregate, bench_wire
 from .records import atomic_write_json
@@ -158,89 +159,27 @@ def bench_overhead(args: argparse.Namespace) -> dict:
     }
 
 
-def bench_step(args: argparse.Namespace) -> dict:
-    """Steps/s of zk0's train_round against a plain LeRobot-style loop, interleaved in one process."""
-    from .bench_step import compare
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    policy, pre, batches = _step_inputs(args)
-    lora_policy = _step_inputs(args, lora=True)[0]
-    smoke = args.smoke
-    block = args.block or (2 if smoke else 30 if args.model == "tiny" else 3)
-    reps = 1 if smoke else args.reps or (6 if args.model == "tiny" else 1)
-    warmup = 0 if smoke or args.model == "full" else 1
-    seconds = compare(policy, pre, batches, block=block, reps=reps, warmup=warmup, lr=1e-4, mu=args.mu, lora_policy=lora_policy)
-    # Medians: a burst of load from other processes on a shared host hits single blocks.
-    rate = {arm: block / statistics.median(s) for arm, s in seconds.items()}
-    rows = [[arm, rate[arm], 1 / rate[arm], rate[arm] / rate["plain"]] for arm in seconds]
-    batch_size = len(batches[0]["action"])
-    return {
-        "benchmark": "step",
-        "settings": {"smoke": smoke, "model": args.model, "batch_size": batch_size, "block_steps": block, "reps": reps,
-                     "warmup_blocks": warmup, "mu": args.mu, "torch_threads": torch.get_num_threads()},
-        "seconds_per_block": seconds,
-        "steps_per_s": rate,
-        "ratio": rate["zk0"] / rate["plain"],
-        "tables": [{
-            "title": f"{args.model} model, batch {batch_size}: {reps} interleaved blocks of {block} steps per arm, median block "
-                     f"(zk0 = train_round with mu={args.mu}, a fresh round per block; zk0_lora = the same with "
-                     f"ZK0_TRAINABLE=lora at LeRobot's defaults, rank 8; {torch.get_num_threads()} torch threads)",
-            "headers": ["arm", "steps/s", "s/step", "vs plain"],
-            "rows": rows,
-        }],
-        "targets": [
-            target("zk0 steps/s over plain loop steps/s", rate["zk0"] / rate["plain"], 0.95, False),
-            target("LoRA step (zk0_lora) steps/s over the full-expert step (zk0)", rate["zk0_lora"] / rate["zk0"], 1.0, False),
-        ],
-    }
-
-
-def _step_inputs(args: argparse.Namespace, lora: bool = False):
-    """(policy, preprocessor, raw batches): the demo's base policy and data, or SmolVLA built from files.
-
-    `lora`: the same policy wrapped with LoRA adapters at LeRobot's defaults (ZK0_TRAINABLE=lora).
-    """
-    from .lora import Adapter, wrap
-
-    if args.model == "tiny":
-        from .bench_learning import demo_assets
-        from .data import batch_stream, open_dataset
-        from .cameras import parse_camera_map
-        from .model import load_policy, load_processors
-
-        demo = demo_assets(args.demo_dir)
-        policy = load_policy(str(demo["base-policy"]), "cpu", Adapter("lora" if lora else "expert"))
-        pre, _ = load_processors(str(demo["base-policy"]), "cpu", parse_camera_map(demo["cameras"]["node-0"]))
-        stream = batch_stream(open_dataset(str(demo["datasets"]["node-0"]), policy.config), args.batch_size or 8, seed=0)
-        return policy, pre, [next(stream) for _ in range(2 if args.smoke else 8)]
-    from .bench_models import build_policy, preprocessor_for, synthetic_batch
-
-    with tempfile.TemporaryDirectory() as tmp:  # the preprocessor reads its tokenizer from there
-        policy = build_policy(Path(tmp), full=not args.smoke)
-        pre = preprocessor_for(policy.config)
-    if lora:
-        policy = wrap(policy, "bench", Adapter("lora"), seed=0)
-    return policy, pre, [synthetic_batch(policy.config, args.batch_size or 1)]
-
-
 def bench_gpu(args: argparse.Namespace) -> dict:
     """Full-size SmolVLA rounds on CUDA with bf16 autocast: step time, samples/s, peak memory per batch size."""
     if not torch.cuda.is_available():
         raise BenchError("gpu: CUDA is not available here (torch.cuda.is_available() is False); run it on a GPU machine")
     from .bench_models import build_policy, preprocessor_for, synthetic_batch
-    from .bench_step import gpu_round
+    from .bench_step import cached_batches, gpu_round
 
     with tempfile.TemporaryDirectory() as tmp:
         policy = build_policy(Path(tmp), full=not args.smoke, device="cuda")
         pre = preprocessor_for(policy.config, "cuda")
     sizes = [2] if args.smoke else args.batch_sizes
     steps, results = (2 if args.smoke else args.steps), {}
-    for size in sizes:
+    fed = {key: key for key in policy.config.image_features}
+    for size, cached in ((size, cached) for size in sizes for cached in (False, True)):
+        label = f"{size} cached" if cached else size  # cached: on the frozen-feature cache (zk0.features), filled
         try:
-            results[size] = gpu_round(policy, pre, synthetic_batch(policy.config, size), steps=steps, warmup=2, lr=1e-4, mu=args.mu)
+            batch = synthetic_batch(policy.config, size)
+            batch = cached_batches(policy, [batch], fed)[0][0] if cached else batch
+            results[label] = gpu_round(policy, pre, batch, steps=steps, warmup=2, lr=1e-4, mu=args.mu)
         except torch.cuda.OutOfMemoryError as err:
-            results[size] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+            results[label] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
             policy.zero_grad(set_to_none=True)
         gc.collect()
         torch.cuda.empty_cache()
@@ -276,6 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cmds["step"].add_argument("--block", type=int, help="steps per timed block (default: 30 tiny, 3 full)")
     cmds["step"].add_argument("--reps", type=int, help="timed blocks per arm (default: 6 tiny, 1 full)")
     cmds["step"].add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    cmds["step"].add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS)} (default: all; plain always)")
     for name in ("step", "gpu"):
         cmds[name].add_argument("--mu", type=float, default=0.01, help="FedProx mu of the zk0 arm")
     cmds["aggregate"].add_argument("--fmt", choices=["fp16", "bf16"], default="bf16", help="wire format of the updates")

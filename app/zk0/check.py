@@ -1,8 +1,9 @@
 """Every dataset of an experiment against the base policy, before any process starts (JSON files only).
 
-`zk0 check`, `zk0 local`, `zk0 submit` and `zk0 supernode` run these checks and refuse to start with
-every problem listed at once; a node runs them again on the dataset it opens. Nothing here imports
-torch or LeRobot, so a refusal takes about a second.
+`zk0 check`, `zk0 local`, `zk0 submit` and `zk0 supernode` run these checks through zk0.preflight and
+refuse to start with every problem listed at once; a node runs them again on the dataset it opens.
+Nothing here imports torch or LeRobot, so a refusal takes about a second. `local_path` is the one rule
+for "local folder or Hub id".
 """
 
 from __future__ import annotations
@@ -22,15 +23,33 @@ KNOWN_LAYOUTS = {
 }
 
 
+def local_path(spec: str | None) -> Path | None:
+    """The folder a dataset or policy spec names, `~` expanded; None for a Hub id (owner/name).
+
+    The one rule every command follows, so a spec means the same to `zk0 check`, the node and the
+    server: a spec that starts like a path (/, ., ~) or exists on disk is a local folder.
+    """
+    if not spec:
+        return None
+    path = Path(spec).expanduser()
+    return path if spec.startswith(("/", ".", "~")) or path.exists() else None
+
+
 def is_local(spec: str) -> bool:
-    """A spec that looks like a path (or exists on disk) is a local folder; anything else is a Hub id."""
-    return spec.startswith(("/", ".", "~")) or Path(spec).expanduser().exists()
+    """Whether the spec names a local folder rather than a Hub id (see local_path)."""
+    return local_path(spec) is not None
+
+
+def absolute_spec(spec: str | None) -> str | None:
+    """A local spec as an absolute path, for a process in another working directory; a Hub id as it is."""
+    path = local_path(spec)
+    return str(path.resolve()) if path is not None else spec
 
 
 def read_json(spec: str, filename: str, repo_type: str) -> dict:
     """`filename` of a local folder or a Hub repo (through the Hub cache); OSError when it cannot be read."""
-    if is_local(spec):
-        return json.loads((Path(spec).expanduser() / filename).read_text())
+    if (path := local_path(spec)) is not None:
+        return json.loads((path / filename).read_text())
     from huggingface_hub import hf_hub_download
 
     try:
@@ -237,11 +256,3 @@ def check_experiment(settings, nodes: list, prefixes: list[str] | None = None) -
     problems += [p for r in rows for p in r.problems]
     warnings = [w for r in rows for w in r.warnings] + fps_warnings([r for r in rows if r.role != "eval"])
     return rows, problems, warnings
-
-
-def report(rows: list[DatasetCheck], problems: list[str], warnings: list[str], what: str, echo=print) -> None:
-    """Print the table and the warnings; raise CheckFailed listing every problem."""
-    echo(table(rows))
-    for warning in warnings:
-        echo(f"warning: {warning}")
-    raise_problems(problems, what)

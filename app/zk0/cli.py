@@ -25,9 +25,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .local import load_experiment
+    from .preflight import preflight
 
-    load_experiment(args.env_file)
+    preflight(args.env_file)
     print("zk0 check: every dataset can be used")
     return 0
 
@@ -39,12 +39,9 @@ def _local(args: argparse.Namespace) -> int:
 
 
 def _supernode(args: argparse.Namespace) -> int:
-    from .local import load_env_file, settings_from_env
-    from .settings import NodeSettings
     from .supernode import run_supernode
 
-    node = settings_from_env(NodeSettings, load_env_file(args.env_file))
-    return run_supernode(args, node)
+    return run_supernode(args)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -94,6 +91,11 @@ def _add_supernode_parser(sub) -> None:
     node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API address")
     node.add_argument("--env-file", type=Path, default=None, help="node settings (ZK0_DATASET, ...); the shell outranks it")
     node.add_argument(
+        "--index", type=int, default=None, metavar="N",
+        help="read this node's settings from ZK0_NODE_<N>_* (as `zk0 local` and the Compose services do; they "
+        "outrank ZK0_<FIELD>) instead of ZK0_DATASET, ZK0_NAME, ...",
+    )
+    node.add_argument(
         "--root-certificates", type=Path, default=None, metavar="CA_CRT",
         help="the federation's CA certificate (ca.crt from superlink/make-certs.sh): connect with TLS. "
         "Without it the node connects insecurely, with a warning",
@@ -107,6 +109,26 @@ def _add_supernode_parser(sub) -> None:
     node.add_argument("--host", default="127.0.0.1", help="host of this node's runtime API for its ClientApps (default 127.0.0.1)")
     node.add_argument("--port", type=int, default=9094, help="port of this node's runtime API (default 9094)")
     node.set_defaults(func=_supernode)
+
+
+def _add_submit_parser(sub) -> None:
+    submit = sub.add_parser(
+        "submit",
+        help="submit the experiment to a running SuperLink, stream its log, wait for the end",
+        description="Read the experiment's ZK0_ settings (environment, then --env-file), check them, wait for the "
+        "SuperLink (a bounded retry), `flwr run` the app with them as run config, stream the run's log and exit "
+        "0 only when the run completed (1 failed or stopped, 2 bad settings, 3 SuperLink unreachable).",
+    )
+    submit.add_argument("--superlink", required=True, metavar="HOST:PORT",
+                        help="the SuperLink's address, e.g. superlink:8000")
+    submit.add_argument("--env-file", type=Path, default=None, help="experiment settings; the environment outranks it")
+    submit.add_argument("--app", type=Path, default=None,
+                        help="the Flower App folder (default: this checkout's app/ or the image's)")
+    submit.add_argument("--root-certificates", type=Path, default=None, metavar="CA_CRT",
+                        help="CA certificate for a TLS SuperLink")
+    submit.add_argument("--connect-tries", type=int, default=30, help="attempts to reach the SuperLink (default 30)")
+    submit.add_argument("--connect-wait", type=float, default=2.0, help="seconds between attempts (default 2)")
+    submit.set_defaults(func=_submit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,20 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     local.set_defaults(func=_local)
     _add_supernode_parser(sub)
-    submit = sub.add_parser(
-        "submit",
-        help="submit the experiment to a running SuperLink, stream its log, wait for the end",
-        description="Read the experiment's ZK0_ settings (environment, then --env-file), check them, wait for the "
-        "SuperLink (a bounded retry), `flwr run` the app with them as run config, stream the run's log and exit "
-        "0 only when the run completed (1 failed or stopped, 2 bad settings, 3 SuperLink unreachable).",
-    )
-    submit.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address, e.g. superlink:8000")
-    submit.add_argument("--env-file", type=Path, default=None, help="experiment settings; the environment outranks it")
-    submit.add_argument("--app", type=Path, default=None, help="the Flower App folder (default: this checkout's app/ or the image's)")
-    submit.add_argument("--root-certificates", type=Path, default=None, metavar="CA_CRT", help="CA certificate for a TLS SuperLink")
-    submit.add_argument("--connect-tries", type=int, default=30, help="attempts to reach the SuperLink (default 30)")
-    submit.add_argument("--connect-wait", type=float, default=2.0, help="seconds between attempts (default 2)")
-    submit.set_defaults(func=_submit)
+    _add_submit_parser(sub)
     push = sub.add_parser("push", help="push a checkpoint directory to the Hugging Face Hub (uses HF_TOKEN)")
     push.add_argument("checkpoint", type=Path, help="e.g. outputs/demo/checkpoints/round-003")
     push.add_argument("--repo-id", required=True, help="owner/name on the Hub")

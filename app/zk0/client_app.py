@@ -84,6 +84,9 @@ def _run(op: str, msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in result["metrics"].items()})})
     if result["arrays"] is not None:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in result["arrays"].items()})
+    if "eval" in result:
+        # The received model's held-out metrics: a ConfigRecord, as Flower aggregates a train reply's one MetricRecord.
+        content["eval"] = ConfigRecord({k: float(v) for k, v in result["eval"].items()})
     node = {"name": name, "dataset": settings.dataset, "layout": result["layout"], **result.get("info", {})}
     if "stats" in result:
         node["stats"] = result["stats"]

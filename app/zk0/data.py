@@ -18,13 +18,13 @@ log = logging.getLogger("zk0")
 
 def resolve_dataset(spec: str, cache_dir: Path | None = None) -> tuple[str, Path | None]:
     """(repo id, local LeRobot v3.0 root) of a local folder or Hub id; v2.1 is converted once into the cache."""
-    from .check import is_local, read_json
+    from .check import local_path, read_json
     from .formats import ensure_v30
     from .settings import default_cache_dir
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if is_local(spec):
-        path = Path(spec).expanduser().resolve()
+    if (path := local_path(spec)) is not None:
+        path = path.resolve()
         if not (path / "meta" / "info.json").is_file():
             raise DatasetError(
                 f"dataset {spec!r}: no LeRobot dataset there (missing meta/info.json); "

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cameras import parse_camera_map
+from .cameras import match_cameras, parse_camera_map
 from .data import (
     BadSamples, batch_stream, check_opened, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes,
 )
 from .evaluate import evaluate_policy
+from .features import open_features
 from .lora import Adapter
 from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params, trainable_shapes
-from .settings import NodeSettings, resolve_device
+from .settings import NodeSettings, default_cache_dir, resolve_device
 from .stats import compute_stats, from_json, to_json, training_frames
 from .train import TrainPlan, train_round
 from .wire import DELTA, PACKED, down_format, layout_fingerprint, npy_bytes_view, pack, quantize_delta, unpack, views
@@ -42,6 +43,7 @@ class NodeSession:
     stats: str = ""  # the normalisation statistics the processors use (JSON); "" for the base policy's own
     datasets: dict = field(default_factory=dict)  # opened datasets by episode list, reused while the session lives
     adapter: Adapter = field(default_factory=Adapter)  # what trains: the full expert or LoRA adapters
+    features: dict = field(default_factory=dict)  # frozen-feature caches by episode list (None: off), zk0.features
     shapes: dict = field(init=False)  # trainable names and shapes: the layout packed weights follow
     layout: str = field(init=False)  # its fingerprint, checked against every message's
 
@@ -58,6 +60,21 @@ class NodeSession:
                 cache_dir=self.settings.cache_dir,
             )
         return self.datasets[key]
+
+    def image_features(self, episodes: list[int]):
+        """The frozen-feature cache of the dataset restricted to `episodes`, or None when it is off (logged once)."""
+        key = tuple(episodes)
+        if key not in self.features:
+            ds, s = self.dataset(episodes), self.settings
+            fed, _ = match_cameras(list(ds.meta.camera_keys), list(self.policy.config.image_features),
+                                   parse_camera_map(s.cameras))
+            self.features[key] = open_features(
+                self.policy, ds, fed, mode=s.feature_cache, max_gb=s.feature_cache_max_gb,
+                root=s.feature_cache_dir or (s.cache_dir or default_cache_dir()) / "features",
+                fingerprint=(self.fingerprint or frozen_fingerprint(self.policy)) if s.feature_cache != "off" else "",
+                video_backend=s.video_backend,
+            )
+        return self.features[key]
 
     def use_stats(self, stats: str) -> None:
         """Normalise with `stats` (JSON from the server; "" = the base policy's): processors rebuilt when they change."""
@@ -134,10 +151,13 @@ def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: 
         session.settings.display_name, plan.steps, len(session.train_episodes), len(ds), session.heldout_episodes,
     )
     bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
-    batches = batch_stream(ds, batch_size, seed, session.settings.num_workers, bad)
+    features = session.image_features(session.train_episodes)
+    batches = batch_stream(features.view if features else ds, batch_size, seed, session.settings.num_workers, bad)
+    batches = features.complete(batches, bad) if features else batches
     torch.manual_seed(seed)  # flow-matching noise and time: a rerun of a round reproduces it
     metrics = train_round(session.policy, session.preprocessor, batches, plan)
     metrics["skipped_samples"] = bad.count
+    metrics.update(features.report() if features else {})
     metrics["num-samples"] = metrics["samples"]
     metrics["setup_seconds"] = session.setup_seconds + (time.perf_counter() - started - metrics["train_seconds"])
     return trainable_params(session.policy), metrics
@@ -150,7 +170,9 @@ def evaluate_on_node(session: NodeSession, batch_size: int, max_batches: int, se
     started = time.perf_counter()
     ds = session.dataset(session.heldout_episodes)
     bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
-    batches = eval_batches(ds, batch_size, max_batches, bad)
+    features = session.image_features(session.heldout_episodes)
+    batches = eval_batches(features.view if features else ds, batch_size, max_batches, bad)
+    batches = list(features.complete(batches, bad)) if features else batches
     metrics = evaluate_policy(session.policy, session.preprocessor, session.postprocessor, batches, seed)
     return {
         **metrics, "skipped_samples": bad.count, "eval_seconds": time.perf_counter() - started,
@@ -207,7 +229,8 @@ class NodeWorker:
     def handle(self, request: dict) -> dict:
         """Train, evaluate or summarise (stats) on this node.
 
-        Returns {"metrics", "arrays": packed wire arrays or None, "layout", "info": fps/cameras/frames, "stats"}.
+        Returns {"metrics", "arrays": packed wire arrays or None, "layout", "info": fps/cameras/frames, "stats"}, and
+        for a train request whose config sets evaluate-first, "eval": the received weights' held-out metrics.
         """
         started = time.perf_counter()
         settings = NodeSettings.from_flower_config(request["node_config"])
@@ -224,9 +247,17 @@ class NodeWorker:
         session.setup_seconds = time.perf_counter() - started  # for a reused session: only receiving the weights
         layout = session.layout
         warm = {"warm": float(session is before)}  # 1: this message found the policy loaded
+        evaluated = None
+        # A train message may evaluate the weights it brings before training on them (ZK0_EVAL_MODE=in-train):
+        # the same evaluation as an evaluate message's, on a forked RNG, so training's draws are unchanged.
+        if op == "evaluate" or config.get("evaluate-first"):
+            evaluated = {**evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]),
+                                            int(config["seed"])), **warm}
         if op == "evaluate":
-            metrics = evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]), int(config["seed"]))
-            return {"metrics": {**metrics, **warm}, "arrays": None, "layout": layout, "info": session.info}
+            from .personal import personalise  # the last round's: a personal model, kept here (imports this module)
+
+            evaluated.update(personalise(session, config, evaluated))
+            return {"metrics": evaluated, "arrays": None, "layout": layout, "info": session.info}
         server_round, steps = int(config["server-round"]), int(config["local-steps"])
         plan = TrainPlan(
             steps=steps,
@@ -244,4 +275,5 @@ class NodeWorker:
             arrays = quantize_delta(pack(state, "fp32") - received.astype(np.float32))
         else:
             arrays = {PACKED: pack(state, fmt)}
-        return {"metrics": {**metrics, **warm}, "arrays": arrays, "layout": layout, "info": session.info}
+        reply = {"metrics": {**metrics, **warm}, "arrays": arrays, "layout": layout, "info": session.info}
+        return reply if evaluated is None else {**reply, "eval": evaluated}

@@ -42,11 +42,15 @@ def plot_client_loss(history: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     names = sorted({c.get("name", k) for r in history for k, c in r.get("clients", {}).items()})
     for name in names:
-        def pick(r, kind, n=name):
+        def pick(r, kind, n=name, key="policy_loss"):
             client = next((c for k, c in r.get("clients", {}).items() if c.get("name", k) == n), None)
-            return ((client or {}).get(kind) or {}).get("policy_loss")
+            return ((client or {}).get(kind) or {}).get(key)
         line, = ax.plot(*_series(history, lambda r: pick(r, "train")), marker="o", label=f"{name} train")
         ax.plot(*_series(history, lambda r: pick(r, "eval")), ls="--", color=line.get_color(), label=f"{name} held-out")
+        # The node's personal model (ZK0_PERSONALIZE_STEPS), scored on the same held-out batches after the last round.
+        personal = _series(history, lambda r: pick(r, "eval", key="personal_policy_loss"))
+        if personal[0]:
+            ax.plot(*personal, ls="", marker="*", ms=11, color=line.get_color(), label=f"{name} personal held-out")
     ax.set(title="node policy loss", xlabel="round")
     ax.grid(alpha=0.3)
     if names:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCardData
 
+from .check import local_path
+
 log = logging.getLogger("zk0")
 
 
 def _is_hub_id(spec: str | None) -> bool:
-    return bool(spec) and not Path(spec).exists() and not spec.startswith(("/", ".", "~")) and spec.count("/") == 1
+    return bool(spec) and local_path(spec) is None and spec.count("/") == 1
 
 
 def _eval_table(history: list[dict]) -> str:

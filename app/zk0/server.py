@@ -15,6 +15,7 @@ from .cameras import parse_camera_map
 from .data import check_opened, eval_batches, open_dataset
 from .errors import RunFailed
 from .evaluate import evaluate_policy
+from .features import precompute
 from .lora import Adapter, load_adapter
 from .model import (
     apply_trainable,
@@ -39,6 +40,7 @@ EXPERIMENT_FIELDS = {
     "num_rounds", "local_steps", "batch_size", "learning_rate", "proximal_mu", "base_policy", "eval_dataset", "seed",
     "stats", "trainable", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_aggregation",
     "strategy", "server_learning_rate", "server_momentum", "server_beta_1", "server_beta_2", "server_tau",
+    "adaptive_mu", "adaptive_mu_step", "adaptive_mu_patience", "adaptive_mu_max",
 }
 STATS_FILE = "norm-stats.json"
 
@@ -90,6 +92,8 @@ class ServerRuntime:
                          setting="ZK0_EVAL_DATASET", cameras_setting="ZK0_EVAL_CAMERAS")
             ds = open_dataset(settings.eval_dataset, self.policy.config, cache_dir=settings.cache_dir)
             self.batches = eval_batches(ds, settings.batch_size, settings.eval_batches)
+            if settings.eval_feature_cache:  # decoded once already; the frozen encoder then runs once too
+                self.batches = precompute(self.policy, ds, settings.eval_cameras, self.batches)
         self.stats = ""  # merged normalisation statistics (JSON); "" while the base policy's are used
         saved = self.out_dir / STATS_FILE
         if settings.stats == "federated" and saved.is_file():
@@ -187,6 +191,9 @@ class ServerRuntime:
             "seed": s.seed,
             "wire-format": s.wire_format,
             "norm-stats": self.stats,
+            # Read by the nodes in the last round's evaluate message (zk0.personal).
+            "personalize-steps": s.personalize_steps,
+            "personalize-mu": s.personalize_mu,
             **self.adapter.to_config(),
         }
 
@@ -211,6 +218,10 @@ class ServerRuntime:
             write_plots(history, self.out_dir)
         self.tracker.log_round(server_round, history[-1])
         return metrics
+
+    def log_round(self, server_round: int) -> None:
+        """Log a round's record to WandB again: nodes' in-train evaluations of its model arrive a round later."""
+        self.tracker.log_round(server_round, self.recorder.rounds[server_round])
 
     def history(self) -> list[dict]:
         """Round records so far, oldest first."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from .adaptive import mu_schedule
 from .errors import RunFailed
 from .logs import setup_logging
 from .node_watch import faults_file
@@ -67,11 +68,15 @@ def main(grid: Grid, context: Context) -> None:
         wire_format=settings.wire_format,
         layout_tag=runtime.adapter.tag(),
         faults=faults_file(settings.output_dir),
+        eval_in_train=settings.eval_mode == "in-train",
+        last_round=settings.num_rounds,
+        after_node_eval=runtime.log_round,
     )
     optimizer = server_optimizer(settings)  # None for ZK0_STRATEGY=fedprox: the mean is the server step
     strategy = Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)
 
     strategy.round_offset = runtime.start_round
+    strategy.mu_schedule = mu_schedule(settings)  # None unless ZK0_ADAPTIVE_MU is on
     first, last = runtime.start_round + 1, settings.num_rounds
     if 1 < first <= last:  # Flower's own log counts this run's rounds from 1
         span = f"round {first}" if first == last else f"rounds {first} to {last}"

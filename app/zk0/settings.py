@@ -124,6 +124,16 @@ class ServerSettings(_Zk0Settings):
     )
     min_nodes: int = Field(2, ge=1, description="Nodes that must reply before a round aggregates.")
     eval_every: int = Field(1, ge=1, description="Evaluate every N rounds (round 0 and the last always).")
+    eval_feature_cache: bool = Field(
+        True, description="Compute the evaluation set's frozen image features once, in memory (zk0.features), when "
+        "the image path is frozen; false runs SmolVLA's image path at every evaluation.",
+    )
+    # Each message exchange costs seconds of Flower polling: by default the train message first evaluates the
+    # global model it carries (the previous round's) and one evaluate message covers the last round's model.
+    eval_mode: Literal["in-train", "separate"] = Field(
+        "in-train", description="Where nodes evaluate the global model: in-train (in the next round's train "
+        "message, one final evaluate message) or separate (an evaluate message after every evaluated round).",
+    )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N rounds (the last always).")
     output_dir: Path = Field(Path("outputs"), description="Where rounds, history and checkpoints go.")
     base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id.")
@@ -164,6 +174,29 @@ class ServerSettings(_Zk0Settings):
         description="How adapters federate: fedit (A and B trained and averaged separately) or ffa (A frozen and "
         "shared, only B trained and sent: exact averaging, half the bytes).",
     )
+    # Personalisation (zk0.personal): after the last round each node fine-tunes the final global model on its own
+    # training episodes, with Ditto's proximal term toward it, and keeps the result; only metrics come back.
+    personalize_steps: int = Field(
+        0, ge=0, description="Optimizer steps each node fine-tunes the final global model on its own episodes and "
+        "keeps as its personal model (in the node's ZK0_NODE_<i>_PERSONAL_DIR); 0 = off, else at least 1.",
+    )
+    personalize_mu: float = Field(
+        0.01, ge=0, description="Ditto's lambda: weight of (lambda/2)*||v - w_global||^2 while personalising, >= 0.",
+    )
+    # Adaptive mu (zk0.adaptive): FedProx's heuristic (Li et al. 2020, Sec. 5.3) on the nodes' mean training loss.
+    adaptive_mu: Literal["off", "loss"] = Field(
+        "off", description="off (mu stays ZK0_PROXIMAL_MU) or loss (FedProx's rule: mu + step when the nodes' mean "
+        "training loss rose, mu - step after PATIENCE rounds in a row it fell; within [0, ZK0_ADAPTIVE_MU_MAX]).",
+    )
+    adaptive_mu_step: float = Field(
+        0.01, gt=0, description="ZK0_ADAPTIVE_MU=loss: how much mu moves per change, > 0."
+    )
+    adaptive_mu_patience: int = Field(
+        1, ge=1, description="ZK0_ADAPTIVE_MU=loss: rounds of falling loss in a row before mu decreases, >= 1.",
+    )
+    adaptive_mu_max: float = Field(
+        1.0, gt=0, description="ZK0_ADAPTIVE_MU=loss: largest mu, > 0 and >= ZK0_PROXIMAL_MU."
+    )
     wandb_project: str = Field("zk0", min_length=1, description="WandB project of the experiment's run.")
     hf_repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo to push checkpoints to (owner/name); needs HF_TOKEN.")
     hf_private: bool = Field(False, description="Create the Hub repo as private.")
@@ -192,6 +225,16 @@ class ServerSettings(_Zk0Settings):
             raise ValueError(
                 f"{', '.join(stray)}: not used by {ENV_PREFIX}STRATEGY={self.strategy} (it takes {allowed}); "
                 "unset it, or choose a strategy that uses it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adaptive_mu_bounds(self) -> Self:
+        if self.adaptive_mu != "off" and self.proximal_mu > self.adaptive_mu_max:
+            raise ValueError(
+                f"{ENV_PREFIX}PROXIMAL_MU={self.proximal_mu} is above "
+                f"{ENV_PREFIX}ADAPTIVE_MU_MAX={self.adaptive_mu_max}: the adaptive rule starts from mu and keeps it "
+                "within [0, max]; raise the max or lower mu"
             )
         return self
 
@@ -233,6 +276,19 @@ class NodeSettings(_Zk0Settings):
     )
     max_bad_samples: int = Field(
         10, ge=0, description="Unreadable samples (e.g. corrupt video frames) a node skips per round before it fails."
+    )
+    # Frozen-feature cache (zk0.features): with a frozen vision encoder each frame is decoded and encoded once.
+    feature_cache: Literal["disk", "memory", "off"] = Field(
+        "disk", description="Frozen image features: disk (memory-mapped in feature-cache-dir), memory, or off; "
+        "off on its own when the image path trains or is augmented.",
+    )
+    feature_cache_dir: Path | None = Field(None, description="Folder of the feature cache (default <cache dir>/features).")
+    feature_cache_max_gb: float = Field(
+        20.0, gt=0, description="Size bound of the feature cache folder in GiB; a dataset that needs more runs uncached."
+    )
+    personal_dir: Path | None = Field(
+        None, description="Where this node keeps its personalised model (ZK0_PERSONALIZE_STEPS), in LeRobot's format; "
+        "default <cache dir>/personal/<name>. It never leaves the node.",
     )
 
     _cameras = field_validator("cameras")(_camera_map)

@@ -10,7 +10,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
@@ -55,11 +55,21 @@ def error_reason(node_id: int, reply: Message, faults: Path | None = None) -> st
 class Zk0FedProx(FedProx):
     """FedProx that records every node's reply and drops updates that would poison the average."""
 
+    # ZK0_ADAPTIVE_MU (zk0.adaptive.mu_schedule): mu for the next round from the round records so far; None = fixed.
+    mu_schedule: Callable[[Iterable[dict]], float] | None = None
+
     def __init__(
         self, recorder: RunRecorder, is_eval_round: Callable[[int], bool], wire_format: str = "fp32", layout_tag: str = "",
-        faults: Path | None = None, **kwargs,
+        faults: Path | None = None, eval_in_train: bool = False, last_round: int = 0,
+        after_node_eval: Callable[[int], None] | None = None, **kwargs,
     ):
         super().__init__(**kwargs)
+        # ZK0_EVAL_MODE=in-train: round r's train message has nodes evaluate the model it brings (round r-1's)
+        # first, and only the last round (`last_round`) gets an evaluate message. `after_node_eval(round)` is
+        # told when an earlier round's record gained those evaluations (its WandB step is logged again).
+        self.eval_in_train = eval_in_train
+        self.last_round = last_round
+        self.after_node_eval = after_node_eval
         self.wire_format = wire_format
         self.layout_tag = layout_tag  # what the layout fingerprint covers beyond names and shapes (LoRA's settings)
         self.recorder = recorder
@@ -76,10 +86,14 @@ class Zk0FedProx(FedProx):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        config["evaluate-first"] = self.eval_in_train and self.is_eval_round(server_round - 1)
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         self._layout = layout_fingerprint(self._shapes, self.layout_tag)
         if self.wire_format == DELTA:
             self._base = pack(arrays.to_torch_state_dict(), "fp32")
+        if self.mu_schedule is not None:  # FedProx's configure_train sends self.proximal_mu as the round's mu
+            self.proximal_mu = self.mu_schedule(self.recorder.rounds.values())
+        self.recorder.set(server_round, proximal_mu=self.proximal_mu)
         arrays = self._to_wire(arrays, config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._outbox = [m.metadata for m in messages]
@@ -110,7 +124,7 @@ class Zk0FedProx(FedProx):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         started = time.perf_counter()
-        accepted, rejected, replied = [], {}, set()
+        accepted, rejected, replied, evaluated = [], {}, set(), []
         for msg in replies:
             node_id = replying_node(msg, self._outbox)
             replied.add(node_id)
@@ -119,6 +133,8 @@ class Zk0FedProx(FedProx):
                 log(WARNING, "Excluding node %s from aggregation: %s", node_id, rejected[str(node_id)])
                 continue
             reason = self._screen(msg)
+            if "eval" in msg.content:  # the model this round started from, evaluated before training
+                evaluated.append((node_id, {**_node_info(msg), **dict(msg.content["eval"])}))
             info = {**_node_info(msg), **dict(msg.content["metrics"])}
             self.recorder.client(server_round, node_id, "train", info)
             self.recorder.add_bytes(server_round, "received", _payload_bytes(msg.content["arrays"]) if "arrays" in msg.content else 0)
@@ -128,6 +144,8 @@ class Zk0FedProx(FedProx):
             else:
                 accepted.append(msg)
         rejected.update({str(n): "no reply within the round timeout" for n in sorted(self._sent - replied)})
+        if evaluated:
+            self._record_in_train_evals(server_round - 1, evaluated)
         if len(accepted) < self.min_train_nodes:
             # Aggregating fewer updates than the experiment requires (or none) would checkpoint a model
             # that did not learn from the federation: the run fails with every node's reason instead.
@@ -150,9 +168,28 @@ class Zk0FedProx(FedProx):
         )
         return arrays, metrics
 
+    def _record_in_train_evals(self, server_round: int, evaluated: list[tuple[int, dict]]) -> None:
+        """Record the nodes' held-out metrics of the global model after `server_round`, sent with their next
+        round's training, in that round's record as an evaluate message's would be."""
+        usable = []
+        # Nodes that trained the round under other ids (SuperNodes restarted with a resumed experiment) are the
+        # same labs: their entries, found by node name, take the evaluation.
+        entries = self.recorder.rounds.get(server_round, {}).get("clients", {}).values()
+        known = {c.get("name"): c["node_id"] for c in entries}
+        for node_id, info in evaluated:
+            self.recorder.client(server_round, known.get(info.get("name"), node_id), "eval", info)
+            metrics = {k: v for k, v in info.items() if k not in NODE_FIELDS}
+            if metrics.get(self.weighted_by_key, 0) > 0:
+                usable.append(RecordDict({"metrics": MetricRecord(metrics)}))
+        metrics = self.evaluate_metrics_aggr_fn(usable, self.weighted_by_key) if usable else None
+        self.recorder.set(server_round, eval_aggregate=dict(metrics) if metrics else None, node_eval_in="train")
+        if self.after_node_eval is not None:
+            self.after_node_eval(server_round)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        if not self.is_eval_round(server_round):
+        # In-train evaluation leaves only the final model to an evaluate message: no later train message brings it.
+        if not self.is_eval_round(server_round) or (self.eval_in_train and server_round != self.last_round):
             return []
         wire_arrays = self._to_wire(arrays, config)
         messages = list(super().configure_evaluate(server_round, wire_arrays, config, grid))
@@ -201,7 +238,8 @@ class Zk0FedProx(FedProx):
             if metrics.get(self.weighted_by_key, 0) > 0:
                 usable.append(msg)
         metrics = super().aggregate_evaluate(server_round, usable)
-        self.recorder.set(server_round, eval_aggregate=dict(metrics) if metrics else None)
+        where = {"node_eval_in": "evaluate"} if usable else {}  # in-train evaluations of this model come next round
+        self.recorder.set(server_round, eval_aggregate=dict(metrics) if metrics else None, **where)
         return metrics
 
 

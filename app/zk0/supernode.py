@@ -11,6 +11,8 @@ from pathlib import Path
 
 import tomli_w
 
+from .flwr_cli import bin_path
+from .preflight import preflight
 from .procs import start_guard
 from .settings import NodeSettings, SettingsError
 
@@ -24,12 +26,6 @@ TASK_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
 
 class UnreachableError(RuntimeError):
     """The SuperLink address does not answer; the message names it and what to do."""
-
-
-def bin_path(name: str) -> str:
-    """A console script next to this interpreter, whatever PATH says."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -60,22 +56,10 @@ def wait_reachable(address: str, tries: int, wait: float) -> None:
     )
 
 
-def check_node(node: NodeSettings, echo=print) -> None:
-    """zk0 check's dataset checks for this node before any process starts, every problem at once.
-
-    Without ZK0_BASE_POLICY the node trains the server's base policy, which it learns of only with the
-    first message: its dataset is checked against zk0's default, lerobot/smolvla_base's layout.
-    """
-    from .check import check_nodes, fps_warnings, report
-
-    rows, problems = check_nodes([node], node.base_policy or "lerobot/smolvla_base", ["ZK0_"])
-    report(rows, problems + [p for r in rows for p in r.problems], [w for r in rows for w in r.warnings] + fps_warnings(rows),
-           "this SuperNode", echo=echo)
-
-
 def node_config(node: NodeSettings) -> str:
     """The node's settings as Flower's --node-config (TOML values, space separated)."""
-    return " ".join(f"{key}={tomli_w.dumps({'v': value}).split('=', 1)[1].strip()}" for key, value in node.to_flower_config().items())
+    toml = {key: tomli_w.dumps({"v": value}).split("=", 1)[1].strip() for key, value in node.to_flower_config().items()}
+    return " ".join(f"{key}={value}" for key, value in toml.items())
 
 
 def supernode_command(
@@ -99,8 +83,11 @@ def supernode_command(
     return [*cmd, "--host", host, "--port", str(port)]
 
 
-def run_supernode(args, node: NodeSettings) -> int:
+def run_supernode(args) -> int:
     """Validate, check the address, then become flower-supernode (never returns on success).
+
+    The node's settings are ZK0_NODE_<args.index>_* with --index (as `zk0 local` and the Compose
+    services give them), else ZK0_<FIELD>; from the environment, then --env-file.
 
     This process becomes flower-supernode, so a signal to it reaches Flower directly; a guard
     (zk0.procs) ends its SuperExec, ClientApps and warm worker if it dies without stopping them.
@@ -110,9 +97,12 @@ def run_supernode(args, node: NodeSettings) -> int:
             raise SettingsError(f"{path} does not exist; make it with superlink/make-certs.sh on the SuperLink's host")
     if args.auth_key is not None and args.root_certificates is None:
         raise SettingsError("--auth-key needs --root-certificates: SuperNode authentication only works over TLS")
-    check_node(node)
+    # Without ZK0_BASE_POLICY the node trains the server's base policy, which it learns of only with the
+    # first message: its dataset is checked against zk0's default, lerobot/smolvla_base's layout.
+    (node,) = preflight(args.env_file, "node", args.index).nodes
     if args.root_certificates is None:
-        log.warning("no --root-certificates: connecting without TLS; use this only inside one trusted machine or network")
+        log.warning("no --root-certificates: connecting without TLS; use this only inside one trusted machine or "
+                    "network")
     wait_reachable(args.superlink, args.connect_tries, args.connect_wait)
     cmd = supernode_command(
         args.superlink, node, root_certificates=args.root_certificates, auth_key=args.auth_key,

@@ -60,6 +60,16 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
+METRICS = ("loss", "policy_loss", "proximal_loss", "grad_norm")  # averaged over a round's steps for the reply
+
+
+def _check_finite(rows: list[list[float]], first_step: int) -> None:
+    """Stop the round at the first step whose loss is NaN or infinite (`rows`: steps from `first_step` on)."""
+    for offset, row in enumerate(rows):
+        if not math.isfinite(row[0]):
+            raise FloatingPointError(f"training loss became {row[0]} at local step {first_step + offset + 1}")
+
+
 def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) -> dict[str, float]:
     """Run `plan.steps` optimizer steps; return averaged metrics for the reply."""
     device = next(policy.parameters()).device
@@ -67,7 +77,11 @@ def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) 
     params = [p for p in policy.parameters() if p.requires_grad]
     anchors = [p.detach().float().clone() for p in params]
     clip = policy.config.optimizer_grad_clip_norm
-    sums = {"loss": 0.0, "policy_loss": 0.0, "proximal_loss": 0.0, "grad_norm": 0.0}
+    no_prox = torch.zeros((), device=device)
+    # Each step's metrics stay on the device until a log line reads them: reading them every step makes the host
+    # wait for the device every step. In float64, the host's floats they become, so the averages are unchanged.
+    rows = torch.zeros(plan.steps, len(METRICS), dtype=torch.float64, device=device)
+    read: list[list[float]] = []
     samples, started, waited = 0, time.perf_counter(), 0.0
     policy.train()
     for step in range(plan.steps):
@@ -77,24 +91,27 @@ def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) 
         batch = preprocessor(raw)
         with _autocast(device):
             policy_loss, _ = policy.forward(batch)
-        prox = proximal_term(params, anchors, plan.proximal_mu) if plan.proximal_mu > 0 else torch.zeros(())
+        prox = proximal_term(params, anchors, plan.proximal_mu) if plan.proximal_mu > 0 else no_prox
         loss = policy_loss.float() + prox
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} at local step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
         optimizer.step()
         scheduler.step()
-        for key, value in (("loss", loss), ("policy_loss", policy_loss), ("proximal_loss", prox), ("grad_norm", grad_norm)):
-            sums[key] += float(value.detach()) if torch.is_tensor(value) else float(value)
+        rows[step] = torch.stack([v.detach().to(torch.float64) for v in (loss, policy_loss, prox, grad_norm)])
         samples += len(batch["action"])
         if (step + 1) % plan.log_every == 0 or step + 1 == plan.steps:
+            # A non-finite loss is found here, up to log_every - 1 steps late; the round fails all the same.
+            _check_finite(new := rows[len(read):step + 1].tolist(), len(read))
+            read += new
             log.info(
                 "step %d/%d (global %d): loss %.4f policy %.4f prox %.2e lr %.2e",
-                step + 1, plan.steps, plan.start_step + step + 1,
-                float(loss.detach()), float(policy_loss.detach()), float(prox.detach()), optimizer.param_groups[0]["lr"],
+                step + 1, plan.steps, plan.start_step + step + 1, *read[-1][:3], optimizer.param_groups[0]["lr"],
             )
+    sums = dict.fromkeys(METRICS, 0.0)
+    for row in read:  # in step order, as the reply's averages always were (sum() compensates, which differs)
+        for key, value in zip(METRICS, row, strict=True):
+            sums[key] += value
     metrics = {key: value / plan.steps for key, value in sums.items()}
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],

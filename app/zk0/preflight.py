@@ -1,0 +1,174 @@
+"""The one preflight of `zk0 check`, `zk0 local`, `zk0 submit` and `zk0 supernode`: the settings an
+env-file (under the environment) describes, read and checked before any process starts.
+
+Unknown variables, invalid values and unusable datasets are collected, each naming its variable and
+its env-file line, and refused at once in one SettingsError (exit 2). Nothing here imports torch,
+LeRobot or Flower, so a refusal takes about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dotenv import dotenv_values
+
+from .check import absolute_spec, check_experiment, check_nodes, fps_warnings, local_path, raise_problems, table
+from .settings import NODE_VAR, NodeSettings, ServerSettings, SettingsError, check_env_names
+
+# What a node trains when neither it nor the server has said yet (the server's base policy arrives
+# with the first message): its dataset is checked against this layout.
+DEFAULT_BASE = ServerSettings.model_fields["base_policy"].default
+Role = Literal["experiment", "server", "node"]
+
+
+def read_env_file(env_file: Path | None) -> dict[str, str]:
+    """The env-file's variables (none without a file)."""
+    if env_file is None:
+        return {}
+    if not env_file.is_file():
+        raise SettingsError(f"env-file {env_file} does not exist; pass a file such as experiments/demo.env")
+    return {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+
+
+def settings_from_env(cls, env: dict[str, str]):
+    """Build a settings class from a variables mapping rather than this process's environment."""
+    names = {f: f"ZK0_{f.upper()}" for f in cls.model_fields}
+    return cls.load(**{f: env[name] for f, name in names.items() if name in env})
+
+
+def node_settings_from_env(
+    env: dict[str, str], only: int | None = None
+) -> tuple[list[NodeSettings], list[str], list[str]]:
+    """(one NodeSettings per ZK0_NODE_<i>_* group, or group `only`; their variable prefixes; the problems).
+
+    A node's own variables outrank the generic ZK0_<FIELD> ones of this process's environment (what
+    compose.cpu.yaml sets for every node); a problem names the variable it came from.
+    """
+    groups: dict[int, dict[str, str]] = {} if only is None else {only: {}}
+    for name, value in env.items():
+        if (match := NODE_VAR.match(name)) and (only is None or int(match.group(1)) == only):
+            group = groups.setdefault(int(match.group(1)), {})
+            if value != "":  # empty means unset, as Compose passes `${ZK0_NODE_0_NAME:-}`
+                group[match.group(2).lower()] = value
+    if not groups:
+        return [], [], ["no nodes configured: set ZK0_NODE_0_DATASET (and _1, _2, ...) in the env-file"]
+    nodes, prefixes, problems = [], [], []
+    for index in sorted(groups):
+        try:
+            nodes.append(_home_expanded(NodeSettings.load(**{"name": f"node-{index}", **groups[index]})))
+            prefixes.append(f"ZK0_NODE_{index}_")
+        except SettingsError as err:  # it names ZK0_<FIELD>: name the node's own variable instead
+            text = str(err)
+            for name in NodeSettings.model_fields:
+                if name in groups[index] or f"ZK0_{name.upper()}" not in os.environ:
+                    text = text.replace(f"ZK0_{name.upper()} (", f"ZK0_NODE_{index}_{name.upper()} (")
+            problems.append(f"node {index}: {text}")
+    return nodes, prefixes, problems
+
+
+def _home_expanded(node: NodeSettings) -> NodeSettings:
+    """`~` expanded in the node's paths before they travel as --node-config; other specs as given."""
+    updates = {}
+    for name in ("dataset", "base_policy", "cache_dir"):
+        value = getattr(node, name)
+        if value is not None and str(value).startswith("~"):
+            updates[name] = type(value)(local_path(str(value)))
+    return node.model_copy(update=updates) if updates else node
+
+
+def absolute_paths(settings: ServerSettings) -> ServerSettings:
+    """The settings with local paths absolute: the ServerApp runs in another working directory."""
+    return settings.model_copy(update={
+        "base_policy": absolute_spec(settings.base_policy), "eval_dataset": absolute_spec(settings.eval_dataset),
+        "output_dir": settings.output_dir.expanduser().resolve(),
+    })
+
+
+def absolute_node_paths(node: NodeSettings) -> NodeSettings:
+    """The node with local paths absolute, for virtual nodes that run in the simulation's working directory."""
+    updates = {"dataset": absolute_spec(node.dataset), "base_policy": absolute_spec(node.base_policy)}
+    if node.cache_dir:
+        updates["cache_dir"] = node.cache_dir.expanduser().resolve()
+    return node.model_copy(update=updates)
+
+
+@dataclass
+class Experiment:
+    """What passed the preflight: the variables, the server's settings (not for a node), the nodes."""
+
+    env: dict[str, str]
+    settings: ServerSettings | None = None
+    nodes: list[NodeSettings] = field(default_factory=list)
+
+
+def preflight(env_file: Path | None, role: Role = "experiment", index: int | None = None, echo=print) -> Experiment:
+    """Read and check what `role` needs, print the check table; raise SettingsError listing every problem.
+
+    experiment (`zk0 check`, `zk0 local`): the server's settings and every ZK0_NODE_<i>_* node.
+    server (`zk0 submit`): the server's settings and its evaluation set.
+    node (`zk0 supernode`): one node, from ZK0_NODE_<index>_* or, without an index, ZK0_<FIELD>.
+    """
+    values = read_env_file(env_file)
+    problems: list[str] = []
+    try:
+        check_env_names(set(values) | {k for k in os.environ if k.startswith("ZK0_")})
+    except SettingsError as err:
+        problems.append(str(err))
+    env = {**values, **os.environ}
+    found = Experiment(env)
+    if role != "node":
+        try:
+            found.settings = absolute_paths(settings_from_env(ServerSettings, env))
+        except SettingsError as err:
+            problems.append(str(err))
+    found.nodes, prefixes, node_problems = _nodes(env, role, index)
+    problems += node_problems
+    rows, dataset_problems, warnings = _check(found, prefixes, role)
+    echo(table(rows))
+    for warning in warnings:
+        echo(f"warning: {warning}")
+    problems += [p for p in dataset_problems if p not in problems]
+    what = "this SuperNode" if role == "node" else "the experiment"
+    raise_problems([_with_lines(p, env_file, values) for p in problems], what, SettingsError)
+    return found
+
+
+def _nodes(env: dict[str, str], role: Role, index: int | None) -> tuple[list[NodeSettings], list[str], list[str]]:
+    if role == "experiment" or (role == "node" and index is not None):
+        return node_settings_from_env(env, index)
+    if role == "server":
+        return [], [], []
+    try:
+        return [_home_expanded(settings_from_env(NodeSettings, env))], ["ZK0_"], []
+    except SettingsError as err:
+        return [], [], [str(err)]
+
+
+def _check(found: Experiment, prefixes: list[str], role: Role):
+    """(rows, problems, warnings) of zk0 check for what the role runs."""
+    if found.settings is not None:
+        return check_experiment(found.settings, found.nodes, prefixes)
+    # No server settings (a node, or invalid ones): the nodes' datasets are still checked, against the
+    # base policy the env-file names or zk0's default.
+    base = found.env.get("ZK0_BASE_POLICY") if role == "experiment" else None
+    rows, problems = check_nodes(found.nodes, base or DEFAULT_BASE, prefixes)
+    problems += [p for r in rows for p in r.problems]
+    warnings = [w for r in rows for w in r.warnings] + fps_warnings(rows) if role == "node" else []
+    return rows, problems, warnings
+
+
+def _with_lines(problem: str, env_file: Path | None, values: dict[str, str]) -> str:
+    """The problem, with the env-file line of every variable it names."""
+    if env_file is None:
+        return problem
+    lines = {}
+    for number, line in enumerate(env_file.read_text().splitlines(), 1):
+        if (name := line.split("=", 1)[0].strip().removeprefix("export ").strip()) in values:
+            lines[name] = number
+    mentioned = set(re.findall(r"ZK0_[A-Z0-9_]+", problem.split("; known:")[0]))  # not the list of known names
+    named = [f"{env_file.name}:{lines[v]} ({v})" for v in sorted(mentioned & set(lines), key=lines.get)]
+    return f"[{', '.join(named)}] {problem}" if named else problem
