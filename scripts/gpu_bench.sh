@@ -21,6 +21,6 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled FLWR_TELEMETRY_ENABLED=0
 # A quick check that everything runs (small model, seconds), then the real figures.
-"$VENV/bin/python" -m zk0.bench_perf gpu --smoke --json "$OUT/gpu-smoke.json"
-"$VENV/bin/python" -m zk0.bench_perf gpu --batch-sizes 16 64 --steps "${STEPS:-20}" --json "$OUT/gpu.json"
+"$VENV/bin/python" -m zk0.bench.perf gpu --smoke --json "$OUT/gpu-smoke.json"
+"$VENV/bin/python" -m zk0.bench.perf gpu --batch-sizes 16 64 --steps "${STEPS:-20}" --json "$OUT/gpu.json"
 echo "gpu_bench: figures in $OUT/gpu.json"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tomli_w
 
-from zk0.local import free_port
+from zk0.deploy.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

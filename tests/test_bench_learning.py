@@ -14,7 +14,7 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-from zk0.bench_learning import COLUMNS, NODES, personal_dirs
+from zk0.bench.learning import COLUMNS, NODES, personal_dirs
 
 FEDERATED = ["fedprox", "fedadam"]
 OWN_ONLY = ["personalised", "local-own"]  # scored on each node's own held-out set (and their union) only
@@ -32,7 +32,7 @@ def smoke(demo, tmp_path_factory):
     args = ["--smoke", "--seeds", "2", "--arms", ",".join(FEDERATED), "--demo-dir", str(demo["root"]),
             "--out", str(out), "--json", str(report)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}
-    cmd = [sys.executable, "-m", "zk0.bench_learning", *args]
+    cmd = [sys.executable, "-m", "zk0.bench.learning", *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     result = json.loads(report.read_text()) if report.exists() else None
     return res, out, result, res.stdout

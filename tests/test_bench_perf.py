@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from zk0 import bench_perf
+from zk0.bench import perf as bench_perf
 
 
 def run(capsys, tmp_path, *argv, smoke: bool = True) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zk0.bench_scale_agg import aggregation_costs, fit_slope, loglog_plot
+from zk0.bench.scale_agg import aggregation_costs, fit_slope, loglog_plot
 from zk0.wire import PACKED
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from federation import ZK0
 from loopback import SuperLink, alive, pids_with, stub_app, wait_until
-from zk0.local import free_port
+from zk0.deploy.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -98,7 +98,8 @@ def test_tls_superlink_refuses_plaintext_at_the_handshake_and_strangers_at_authe
 # --- zk0 submit resubmits a run lost to a SuperLink restart ----------------------------------------
 
 def test_submit_resubmits_a_run_that_a_superlink_restart_failed(demo, tmp_path, monkeypatch, caplog):
-    from zk0 import flwr_cli, submit
+    from zk0.deploy import flwr_cli
+    from zk0.deploy import submit
 
     state = tmp_path / "state"
     state.mkdir()
@@ -137,13 +138,13 @@ def test_submit_resubmits_a_run_that_a_superlink_restart_failed(demo, tmp_path, 
 # --- the output folder's single writer ---------------------------------------------------------------
 
 LOCK_HOLDER = (
-    "import sys; from pathlib import Path; from zk0.server import lock_output; "
+    "import sys; from pathlib import Path; from zk0.server.runtime import lock_output; "
     "lock_output(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()"
 )
 
 
 def test_one_serverapp_writes_an_output_folder_and_the_next_waits_for_it(tmp_path):
-    from zk0 import server
+    from zk0.server import runtime as server
     from zk0.settings import SettingsError
 
     out = tmp_path / "out"
@@ -206,7 +207,7 @@ def rewrite(path: Path) -> None:
 
 
 def test_warm_worker_reloads_for_new_inputs_and_is_replaced_for_another_app(demo, owner, tmp_path, monkeypatch):
-    from zk0 import warm
+    from zk0.node import warm
 
     base = Path(shutil.copytree(demo["base-policy"], tmp_path / "base"))
     dataset = Path(shutil.copytree(demo["datasets"]["node-0"], tmp_path / "node-0"))

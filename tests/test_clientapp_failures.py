@@ -19,9 +19,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from federation import ZK0, write_env
 from zk0.errors import RunFailed
-from zk0.node_watch import FAULTS_FILE, GIVE_UP_AFTER, MAX_LINES, NO_APP_FOR, POLL, STARTED, NodeTracker
-from zk0.records import RunRecorder
-from zk0.strategy import Zk0FedProx
+from zk0.deploy.node_watch import FAULTS_FILE, GIVE_UP_AFTER, MAX_LINES, NO_APP_FOR, POLL, STARTED, NodeTracker
+from zk0.server.records import RunRecorder
+from zk0.server.strategy import Zk0FedProx
 
 # What a SuperNode logs (in colour: the watch strips it) while Flower restarts a starved ClientApp.
 ARRIVES = ["INFO :      SuperNode ID: 42", "INFO :      [RUN 7]", "INFO :      Receiving: train message (ID: ab)",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from zk0.local import free_port
+from zk0.deploy.local import free_port
 from zk0.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from zk0.evaluate import evaluate_policy
 from zk0.feature_store import make_room
 from zk0.features import FEATURE_PREFIX, open_features, precompute
 from zk0.model import frozen_fingerprint, load_policy, load_processors
-from zk0.node import evaluate_on_node, open_session, train_on_node
+from zk0.node.session import evaluate_on_node, open_session, train_on_node
 from zk0.settings import NodeSettings
 from zk0.train import TrainPlan
 

@@ -1,4 +1,4 @@
-"""zk0.flwr_cli against a real SuperLink on loopback: the connection file, `flwr run`, run status and the
+"""zk0.deploy.flwr_cli against a real SuperLink on loopback: the connection file, `flwr run`, run status and the
 one retry policy of `zk0 local` and `zk0 submit`. The runs are a stub app's (tests/loopback.py): seconds each."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import tomli_w
 
 from loopback import StubFederation, started_runs
-from zk0 import flwr_cli
-from zk0.flwr_cli import LOST, Flwr, bin_path, run_status, see_run_through, write_connection
-from zk0.local import free_port
+from zk0.deploy import flwr_cli
+from zk0.deploy.flwr_cli import LOST, Flwr, bin_path, run_status, see_run_through, write_connection
+from zk0.deploy.local import free_port
 
 
 @pytest.fixture(scope="module")

@@ -58,10 +58,10 @@ def test_nodes_stay_warm_and_their_workers_end_with_the_run(finished_run):
 
 
 def _warm_workers():
-    """(pid, environment) of every running `python -m zk0.warm` of this user."""
+    """(pid, environment) of every running `python -m zk0.node.warm` of this user."""
     for entry in Path("/proc").iterdir():
         try:
-            if b"zk0.warm" in (entry / "cmdline").read_bytes().split(b"\0"):
+            if b"zk0.node.warm" in (entry / "cmdline").read_bytes().split(b"\0"):
                 yield int(entry.name), (entry / "environ").read_bytes().decode(errors="replace")
         except (OSError, ValueError):
             continue

@@ -10,7 +10,7 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from zk0.data import DatasetError
 from zk0.model import frozen_fingerprint, load_policy, trainable_state
-from zk0.node import BaseMismatchError, open_session, train_on_node
+from zk0.node.session import BaseMismatchError, open_session, train_on_node
 from zk0.settings import NodeSettings
 from zk0.train import TrainPlan
 

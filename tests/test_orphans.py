@@ -90,7 +90,7 @@ def newest_checkpoint(out: Path) -> int:
 
 
 def test_kill_9_of_zk0_local_leaves_nothing_and_the_rerun_resumes(demo, tmp_path):
-    from zk0 import warm
+    from zk0.node import warm
 
     out = tmp_path / "out"
     env_file = write_env(tmp_path / "demo.env", demo, out, nodes=1, ZK0_NUM_ROUNDS=2, ZK0_LOCAL_STEPS=4,
@@ -119,7 +119,7 @@ def test_kill_9_of_zk0_local_leaves_nothing_and_the_rerun_resumes(demo, tmp_path
         run.wait()
         end_leftovers(mark)
     commands = " ".join(procs.values())
-    for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "zk0.warm"):
+    for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "zk0.node.warm"):
         assert name in commands, f"no {name} was running when zk0 local was killed"
     assert ended, f"outlived zk0 local: {left}"
     assert len(ports) >= 2 and not ports & set(listeners().values()), ports  # the SuperLink's and the SuperNode's
@@ -160,7 +160,7 @@ def test_sigterm_stops_zk0_local_in_order_and_leaves_nothing(demo, tmp_path):
 
 
 def test_kill_9_of_zk0_supernode_ends_its_superexec_and_warm_worker(demo, tmp_path, monkeypatch):
-    from zk0 import warm
+    from zk0.node import warm
 
     mark = uuid.uuid4().hex
     monkeypatch.setenv(MARK, mark)  # the warm worker started below inherits it too
@@ -188,7 +188,7 @@ def test_kill_9_of_zk0_supernode_ends_its_superexec_and_warm_worker(demo, tmp_pa
             node.wait()
             end_leftovers(mark)
     commands = " ".join(procs.values())
-    for name in ("flower-supernode", "flower-superexec", "zk0.warm", "zk0.procs"):
+    for name in ("flower-supernode", "flower-superexec", "zk0.node.warm", "zk0.deploy.procs"):
         assert name in commands, f"no {name} was running when the node was killed"
     assert ended, f"outlived the node: {left}"
     assert ports and not ports & set(listeners().values()), ports  # the SuperNode's runtime API

@@ -12,10 +12,10 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-from zk0.adaptive import next_mu, round_losses
+from zk0.server.adaptive import next_mu, round_losses
 from zk0.lora import Adapter
 from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
-from zk0.node import NodeWorker
+from zk0.node.session import NodeWorker
 from zk0.settings import ServerSettings, SettingsError
 from zk0.wire import PACKED, layout_fingerprint, pack
 
@@ -94,7 +94,7 @@ def test_strategy_sends_and_records_each_rounds_adaptive_mu(tmp_path, monkeypatc
     from flwr.supercore.task_identity import TaskIdentity
     from test_server_opt import _Fleet, grid_state, records, zk0_strategy
 
-    from zk0.adaptive import mu_schedule
+    from zk0.server.adaptive import mu_schedule
 
     for name in ("_run_id", "_node_id", "_task_id"):  # inside a ServerApp Flower sets the run messages belong to
         monkeypatch.setattr(TaskIdentity, name, 1, raising=False)

@@ -1,11 +1,11 @@
-"""zk0.plots: the PNGs a run leaves for readers without WandB, from histories as runs write them."""
+"""zk0.server.plots: the PNGs a run leaves for readers without WandB, from histories as runs write them."""
 
 from __future__ import annotations
 
 import struct
 
-from zk0 import plots
-from zk0.plots import write_plots
+from zk0.server import plots
+from zk0.server.plots import write_plots
 
 
 def png_size(path) -> tuple[int, int]:

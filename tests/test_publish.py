@@ -8,8 +8,8 @@ import pytest
 from huggingface_hub import constants
 
 from hub_standin import HubStandIn
-from zk0.publish import push_checkpoint
-from zk0.server import ServerRuntime
+from zk0.server.publish import push_checkpoint
+from zk0.server.runtime import ServerRuntime
 from zk0.settings import ServerSettings
 
 

@@ -1,10 +1,10 @@
-"""zk0.records: what the server writes per round, read back as a user (or a resumed server) reads it."""
+"""zk0.server.records: what the server writes per round, read back as a user (or a resumed server) reads it."""
 
 from __future__ import annotations
 
 import json
 
-from zk0.records import RunRecorder, atomic_write_json
+from zk0.server.records import RunRecorder, atomic_write_json
 
 
 def read(out, name: str):

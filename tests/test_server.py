@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from zk0.server import ServerRuntime
+from zk0.server.runtime import ServerRuntime
 from zk0.settings import ServerSettings, SettingsError
 
 

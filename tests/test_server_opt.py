@@ -10,10 +10,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYogi
 
-from zk0.bench_scale_agg import _Fleet
-from zk0.records import RunRecorder
+from zk0.bench.scale_agg import _Fleet
+from zk0.server.records import RunRecorder
 from zk0.settings import ServerSettings, SettingsError
-from zk0.strategy import Zk0FedProx, Zk0ServerOpt, server_optimizer
+from zk0.server.strategy import Zk0FedProx, Zk0ServerOpt, server_optimizer
 from zk0.wire import PACKED, layout_fingerprint, pack
 
 SHAPES = {"b": (3,), "w": (2, 3)}

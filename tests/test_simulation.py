@@ -7,7 +7,7 @@ from pathlib import Path
 
 from federation import run_zk0, write_env
 
-from zk0 import bench_perf
+from zk0.bench import perf as bench_perf
 
 
 def _alive(*names: str) -> list[str]:
@@ -40,7 +40,7 @@ def test_simulation_without_ray_is_refused_with_what_to_install(monkeypatch):
 
     import pytest
 
-    from zk0.local import check_simulation
+    from zk0.deploy.local import check_simulation
     from zk0.settings import ServerSettings, SettingsError
 
     real = importlib.util.find_spec

@@ -7,8 +7,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from zk0.records import RunRecorder
-from zk0.strategy import Zk0FedProx
+from zk0.server.records import RunRecorder
+from zk0.server.strategy import Zk0FedProx
 from zk0.wire import DELTA, PACKED, layout_fingerprint, pack, quantize_delta, unpack
 
 

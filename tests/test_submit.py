@@ -10,7 +10,7 @@ import pytest
 
 from federation import ZK0
 from loopback import StubFederation, started_runs
-from zk0.local import free_port
+from zk0.deploy.local import free_port
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_the_experiment_runs_with_its_settings_as_run_config_and_exit_0(link, tm
 
 
 def test_a_failed_run_exits_1(link, tmp_path, monkeypatch):
-    from zk0.submit import submit_and_wait
+    from zk0.deploy.submit import submit_and_wait
 
     monkeypatch.chdir(tmp_path)
     link.release(fail=True)

@@ -143,7 +143,7 @@ def test_with_index_a_node_reads_its_own_variables_of_an_experiment(demo, tmp_pa
 
 def test_a_nodes_own_variables_outrank_the_ones_every_node_gets(monkeypatch):
     """compose.cpu.yaml gives every node ZK0_DEVICE=cpu; a node's ZK0_NODE_<i>_DEVICE still wins."""
-    from zk0.preflight import node_settings_from_env
+    from zk0.deploy.preflight import node_settings_from_env
 
     monkeypatch.setenv("ZK0_DEVICE", "cpu")
     # Empty means unset, as Compose passes every node's `${ZK0_NODE_<i>_NAME:-}` to every node.

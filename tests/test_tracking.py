@@ -1,6 +1,6 @@
 """Tracking: WandB keys per round, no secrets in the config, never a crash without WandB."""
 
-from zk0.tracking import Tracker, public_config, round_metrics
+from zk0.server.tracking import Tracker, public_config, round_metrics
 
 RECORD = {
     "round": 2,
@@ -31,7 +31,7 @@ def test_config_never_holds_secrets():
 
 
 def test_no_key_and_no_mode_skips_with_one_line(monkeypatch, tmp_path):
-    import zk0.tracking
+    import zk0.server.tracking
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

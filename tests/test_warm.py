@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from zk0 import warm
+from zk0.node import warm
 from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
-from zk0.node import NodeWorker
+from zk0.node.session import NodeWorker
 from zk0.wire import DELTA, PACKED, SCALES, aggregate_deltas, layout_fingerprint, npy_bytes_view, pack
 
 
@@ -46,7 +46,7 @@ def worker_pids(owner_pid: int) -> list[int]:
             args = (entry / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"zk0.warm" in args and str(owner_pid).encode() in args and warm._alive(int(entry.name)):
+        if b"zk0.node.warm" in args and str(owner_pid).encode() in args and warm._alive(int(entry.name)):
             pids.append(int(entry.name))
     return pids
 
@@ -124,7 +124,7 @@ def test_worker_killed_mid_request_is_named_and_replaced(request_for, owner):
 
 
 def test_client_app_module_does_not_import_torch():
-    code = "import sys, zk0.client_app; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, zk0.node.client_app; sys.exit(1 if 'torch' in sys.modules else 0)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, "importing the ClientApp pulled in torch: the warm path would pay for it per message"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import DatasetError
 from .logs import setup_logging
 from .settings import SettingsError
-from .supernode import UnreachableError
+from .deploy.supernode import UnreachableError
 
 DEFAULT_DEMO_DIR = Path("demo-data")
 
@@ -25,7 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .preflight import preflight
+    from .deploy.preflight import preflight
 
     preflight(args.env_file)
     print("zk0 check: every dataset can be used")
@@ -33,19 +33,19 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _local(args: argparse.Namespace) -> int:
-    from .local import run_local
+    from .deploy.local import run_local
 
     return run_local(args.env_file, args.tls, args.simulation)
 
 
 def _supernode(args: argparse.Namespace) -> int:
-    from .supernode import run_supernode
+    from .deploy.supernode import run_supernode
 
     return run_supernode(args)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from .submit import submit_and_wait
+    from .deploy.submit import submit_and_wait
 
     return submit_and_wait(
         args.superlink, args.env_file, args.app, args.root_certificates, args.connect_tries, args.connect_wait
@@ -55,7 +55,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     import os
 
-    from .publish import push_checkpoint
+    from .server.publish import push_checkpoint
 
     if not (args.checkpoint / "config.json").is_file():
         raise SettingsError(f"{args.checkpoint} is not a checkpoint directory (no config.json)")
@@ -68,10 +68,10 @@ def _push(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.name == "learning":
-        from .bench_learning import main as bench_main
+        from .bench.learning import main as bench_main
 
         return bench_main(args.rest)
-    from .bench_perf import main as bench_main
+    from .bench.perf import main as bench_main
 
     return bench_main([args.name, *args.rest])
 

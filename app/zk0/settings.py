@@ -174,7 +174,7 @@ class ServerSettings(_Zk0Settings):
         description="How adapters federate: fedit (A and B trained and averaged separately) or ffa (A frozen and "
         "shared, only B trained and sent: exact averaging, half the bytes).",
     )
-    # Personalisation (zk0.personal): after the last round each node fine-tunes the final global model on its own
+    # Personalisation (zk0.node.personal): after the last round each node fine-tunes the final global model on its own
     # training episodes, with Ditto's proximal term toward it, and keeps the result; only metrics come back.
     personalize_steps: int = Field(
         0, ge=0, description="Optimizer steps each node fine-tunes the final global model on its own episodes and "
@@ -183,7 +183,7 @@ class ServerSettings(_Zk0Settings):
     personalize_mu: float = Field(
         0.01, ge=0, description="Ditto's lambda: weight of (lambda/2)*||v - w_global||^2 while personalising, >= 0.",
     )
-    # Adaptive mu (zk0.adaptive): FedProx's heuristic (Li et al. 2020, Sec. 5.3) on the nodes' mean training loss.
+    # Adaptive mu (zk0.server.adaptive): FedProx's heuristic (Li et al. 2020, Sec. 5.3) on the nodes' mean training loss.
     adaptive_mu: Literal["off", "loss"] = Field(
         "off", description="off (mu stays ZK0_PROXIMAL_MU) or loss (FedProx's rule: mu + step when the nodes' mean "
         "training loss rose, mu - step after PATIENCE rounds in a row it fell; within [0, ZK0_ADAPTIVE_MU_MAX]).",

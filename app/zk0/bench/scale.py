@@ -5,7 +5,7 @@ SuperNodes (the same ServerApp and ClientApp; virtual node k trains on the demo'
 From the run: round wall time, the server's aggregation seconds and peak memory (the strategy
 records both), payload bytes through the SuperLink, the SuperLink database's size and growth per
 round (`--database`, sampled as each round's record appears) and the records' size. Beside it, the
-full-size aggregation of N synthetic updates through the real strategy (zk0.bench_scale_agg). Each
+full-size aggregation of N synthetic updates through the real strategy (zk0.bench.scale_agg). Each
 cost is fitted against N on log-log axes: a slope of 1 is linear growth.
 """
 
@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from .bench_report import MIB, BenchError, target
-from .procs import die_with_parent
+from .report import MIB, BenchError, target
+from ..deploy.procs import die_with_parent
 
 
 def _db_bytes(workdir: Path) -> int:
@@ -100,7 +100,7 @@ def simulated_run(env_file: Path, nodes: int, out: Path, timeout: float) -> dict
 
 def scale_env(path: Path, demo_dir: Path) -> Path:
     """The demo as a two-round, two-step tiny federation with base statistics (no per-node stats query)."""
-    from .bench_demo import smoke_env
+    from .demo import smoke_env
 
     smoke_env(path, demo_dir)
     path.write_text(path.read_text() + "ZK0_STATS=base\nZK0_BATCH_SIZE=2\nZK0_EVAL_EVERY=1\n")
@@ -118,7 +118,7 @@ COSTS = {  # key in a run's figures -> (label, what its slope is held to)
 
 def bench_scale(args: argparse.Namespace) -> dict:
     """Round costs for 4 to 64 labs (Flower's simulation runtime), fitted against N."""
-    from .bench_scale_agg import aggregation_costs, fit_slope, loglog_plot
+    from .scale_agg import aggregation_costs, fit_slope, loglog_plot
 
     nodes = [4, 8] if args.smoke else [int(n) for n in args.nodes.split(",")]
     out = Path(args.out).resolve()

@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cameras import match_cameras, parse_camera_map
-from .data import (
+from ..cameras import match_cameras, parse_camera_map
+from ..data import (
     BadSamples, batch_stream, check_opened, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes,
 )
-from .evaluate import evaluate_policy
-from .features import open_features
-from .lora import Adapter
-from .model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params, trainable_shapes
-from .settings import NodeSettings, default_cache_dir, resolve_device
-from .stats import compute_stats, from_json, to_json, training_frames
-from .train import TrainPlan, train_round
-from .wire import DELTA, PACKED, down_format, layout_fingerprint, npy_bytes_view, pack, quantize_delta, unpack, views
+from ..evaluate import evaluate_policy
+from ..features import open_features
+from ..lora import Adapter
+from ..model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params, trainable_shapes
+from ..settings import NodeSettings, default_cache_dir, resolve_device
+from ..stats import compute_stats, from_json, to_json, training_frames
+from ..train import TrainPlan, train_round
+from ..wire import DELTA, PACKED, down_format, layout_fingerprint, npy_bytes_view, pack, quantize_delta, unpack, views
 
 log = logging.getLogger("zk0")
 
@@ -267,7 +267,7 @@ class NodeWorker:
             proximal_mu=float(config["proximal-mu"]),
             log_every=settings.log_every,
         )
-        # Virtual nodes that share a dataset under simulation draw different batches (zk0.client_app).
+        # Virtual nodes that share a dataset under simulation draw different batches (zk0.node.client_app).
         seed = int(config["seed"]) + 1000 * server_round + 1_000_003 * int(config.get("batch-seed-offset", 0))
         state, metrics = train_on_node(session, plan, int(config["batch-size"]), seed)
         fmt = str(config["wire-format"])

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_report import BenchError, target
+from .report import BenchError, target
 
 # One mistake of each kind, each in its own variable (the refusal must name all five).
 MISTAKES = {
@@ -27,7 +27,7 @@ MISTAKES = {
 
 def bad_env(path: Path, demo_dir: Path) -> Path:
     """The demo's smoke env-file with the five mistakes."""
-    from .bench_demo import smoke_env
+    from .demo import smoke_env
 
     smoke_env(path, demo_dir)
     lines = [line for line in path.read_text().splitlines() if line.split("=", 1)[0] not in MISTAKES]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCardData
 
-from .check import local_path
+from ..deploy.check import local_path
 
 log = logging.getLogger("zk0")
 

@@ -10,11 +10,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 
 from .adaptive import mu_schedule
-from .errors import RunFailed
-from .logs import setup_logging
-from .node_watch import faults_file
-from .server import ServerRuntime
-from .settings import ServerSettings
+from ..errors import RunFailed
+from ..logs import setup_logging
+from ..deploy.node_watch import faults_file
+from .runtime import ServerRuntime
+from ..settings import ServerSettings
 from .strategy import Zk0FedProx, Zk0ServerOpt, error_reason, replying_node, server_optimizer
 
 app = ServerApp()

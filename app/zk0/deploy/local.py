@@ -21,7 +21,7 @@ from .flwr_cli import LOST, MAX_RETRIES, Flwr, bin_path, see_run_through, write_
 from .node_watch import NodeWatch
 from .preflight import absolute_node_paths, preflight
 from .procs import MARK, end_marked, popen_owned, start_guard
-from .settings import NodeSettings, ServerSettings, SettingsError
+from ..settings import NodeSettings, ServerSettings, SettingsError
 from .supernode import TASK_POLL, supernode_command
 
 log = logging.getLogger("zk0")
@@ -70,7 +70,7 @@ class TlsFiles:
 class LocalDeployment:
     """Processes started for one local run; `stop()` ends every one of them.
 
-    Each dies with `zk0 local` however it ends (zk0.procs): the direct children by their parent-death
+    Each dies with `zk0 local` however it ends (zk0.deploy.procs): the direct children by their parent-death
     signal, everything below them by the guard that `env`'s mark belongs to.
     """
 
@@ -241,7 +241,7 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: in
     dep = LocalDeployment(workdir, _process_env(experiment.env, workdir / "flwr-home"), tls,
                           simulation=simulation or 0, sim_nodes=sim_nodes)
     write_connection(workdir / "flwr-home", f"127.0.0.1:{dep.port}", tls and tls.ca, name="local")
-    # A node whose ClientApp keeps failing to start is reported, then given up on (zk0.node_watch).
+    # A node whose ClientApp keeps failing to start is reported, then given up on (zk0.deploy.node_watch).
     watch = NodeWatch(workdir, [] if simulation else [node.display_name for node in nodes])
     started = time.monotonic()
     try:
@@ -255,7 +255,7 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: in
 
 
 def _process_env(env: dict[str, str], flwr_home: Path) -> dict[str, str]:
-    """The environment of every process `zk0 local` starts, carrying the guard's mark (zk0.procs)."""
+    """The environment of every process `zk0 local` starts, carrying the guard's mark (zk0.deploy.procs)."""
     # Flower spawns flower-superexec by name: the interpreter's bin directory must be on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return start_guard({**TASK_POLL, **env, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",

@@ -16,7 +16,7 @@ import tomli_w
 
 from .flwr_cli import Flwr, see_run_through, write_connection
 from .preflight import preflight
-from .settings import SettingsError
+from ..settings import SettingsError
 from .supernode import wait_reachable
 
 log = logging.getLogger("zk0")

@@ -16,11 +16,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from flwr.supercore import log
 
-from .errors import RunFailed
-from .node_watch import read_faults
+from ..errors import RunFailed
+from ..deploy.node_watch import read_faults
 from .records import NODE_FIELDS, RunRecorder
-from .settings import ServerSettings
-from .wire import (
+from ..settings import ServerSettings
+from ..wire import (
     DELTA, DELTA_BLOCK, PACKED, SCALES, aggregate, aggregate_deltas, down_format, is_finite, layout_fingerprint, npy_view, pack,
     unpack,
 )
@@ -55,7 +55,7 @@ def error_reason(node_id: int, reply: Message, faults: Path | None = None) -> st
 class Zk0FedProx(FedProx):
     """FedProx that records every node's reply and drops updates that would poison the average."""
 
-    # ZK0_ADAPTIVE_MU (zk0.adaptive.mu_schedule): mu for the next round from the round records so far; None = fixed.
+    # ZK0_ADAPTIVE_MU (zk0.server.adaptive.mu_schedule): mu for the next round from the round records so far; None = fixed.
     mu_schedule: Callable[[Iterable[dict]], float] | None = None
 
     def __init__(
@@ -80,7 +80,7 @@ class Zk0FedProx(FedProx):
         self._sent: set[int] = set()  # nodes asked to train this round
         # This round's messages' metadata (not their weights): Flower's push gives them their ids.
         self._outbox: list[Metadata] = []
-        self.faults = faults  # zk0 local's notes on the nodes it gave up on (zk0.node_watch)
+        self.faults = faults  # zk0 local's notes on the nodes it gave up on (zk0.deploy.node_watch)
         # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
         self.round_offset = 0
 

@@ -17,20 +17,20 @@ from pathlib import Path
 
 import torch
 
-from . import wire
-from .bench_cli import bench_cli
-from .bench_demo import bench_demo
-from .bench_scale import bench_scale
-from .bench_step import ARMS, bench_step
-from .bench_report import BenchError, as_record, report, target
-from .bench_wire import TRAIN_CONFIG, bench_aggregate, bench_wire
-from .records import atomic_write_json
+from .. import wire
+from .cli import bench_cli
+from .demo import bench_demo
+from .scale import bench_scale
+from .step import ARMS, bench_step
+from .report import BenchError, as_record, report, target
+from .wire import TRAIN_CONFIG, bench_aggregate, bench_wire
+from ..server.records import atomic_write_json
 
 
 def _dataset_stats(spec: str) -> str:
     """Normalisation statistics of all of a dataset's frames (JSON), as a server merges and sends them."""
-    from .data import open_metadata, resolve_dataset
-    from .stats import compute_stats, to_json, training_frames
+    from ..data import open_metadata, resolve_dataset
+    from ..stats import compute_stats, to_json, training_frames
 
     episodes = list(range(open_metadata(spec).total_episodes))
     return to_json(compute_stats(training_frames(resolve_dataset(spec)[1], episodes)))
@@ -41,8 +41,8 @@ def _write_message(path: Path, base: str, fmt: str, steps: int, batch_size: int,
     from flwr.app import ConfigRecord, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from .bench_models import message
-    from .model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
+    from .models import message
+    from ..model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
 
     policy = load_policy(base, "cpu")
     config = {**TRAIN_CONFIG, "base-policy": base, "base-fingerprint": frozen_fingerprint(policy), "local-steps": steps,
@@ -57,7 +57,7 @@ def _write_message(path: Path, base: str, fmt: str, steps: int, batch_size: int,
 def _run_client(message_path: Path, node_config: dict, warm: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}
     env.update(HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "zk0.perf_client", "--message", str(message_path), "--node-config", json.dumps(node_config)]
+    cmd = [sys.executable, "-m", "zk0.bench.perf_client", "--message", str(message_path), "--node-config", json.dumps(node_config)]
     # Files, not pipes: a worker the message starts inherits them and lives on, so a pipe never ends.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         spawned, started, children = time.time(), time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -96,7 +96,7 @@ def _summary(runs: list[dict], phases: list[str]) -> dict:
 
 def bench_overhead(args: argparse.Namespace) -> dict:
     """Where one ClientApp train message spends its wall time: in a fresh process, and with a warm worker."""
-    from .bench_learning import demo_assets
+    from .learning import demo_assets
 
     demo, full = demo_assets(args.demo_dir), args.model == "full"
     steps = 2 if args.smoke else args.steps or (2 if full else 30)
@@ -109,7 +109,7 @@ def bench_overhead(args: argparse.Namespace) -> dict:
     node_config = {"dataset": dataset, "cameras": demo["cameras"]["node-0"], "torch-threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
         if full:
-            from .bench_models import save_base_policy
+            from .models import save_base_policy
 
             base = str(save_base_policy(Path(tmp), full=not args.smoke))
         else:
@@ -163,8 +163,8 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     """Full-size SmolVLA rounds on CUDA with bf16 autocast: step time, samples/s, peak memory per batch size."""
     if not torch.cuda.is_available():
         raise BenchError("gpu: CUDA is not available here (torch.cuda.is_available() is False); run it on a GPU machine")
-    from .bench_models import build_policy, preprocessor_for, synthetic_batch
-    from .bench_step import cached_batches, gpu_round
+    from .models import build_policy, preprocessor_for, synthetic_batch
+    from .step import cached_batches, gpu_round
 
     with tempfile.TemporaryDirectory() as tmp:
         policy = build_policy(Path(tmp), full=not args.smoke, device="cuda")

@@ -14,7 +14,7 @@ import tomli_w
 from .flwr_cli import bin_path
 from .preflight import preflight
 from .procs import start_guard
-from .settings import NodeSettings, SettingsError
+from ..settings import NodeSettings, SettingsError
 
 log = logging.getLogger("zk0")
 
@@ -90,7 +90,7 @@ def run_supernode(args) -> int:
     services give them), else ZK0_<FIELD>; from the environment, then --env-file.
 
     This process becomes flower-supernode, so a signal to it reaches Flower directly; a guard
-    (zk0.procs) ends its SuperExec, ClientApps and warm worker if it dies without stopping them.
+    (zk0.deploy.procs) ends its SuperExec, ClientApps and warm worker if it dies without stopping them.
     """
     for path in (args.root_certificates, args.auth_key):
         if path is not None and not path.is_file():

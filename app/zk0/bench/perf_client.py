@@ -1,6 +1,6 @@
 """One ClientApp training message in a fresh process, timed phase by phase (for `zk0 bench overhead`).
 
-Run as `python -m zk0.perf_client --message FILE ...`; prints one JSON line of phase seconds. It does
+Run as `python -m zk0.bench.perf_client --message FILE ...`; prints one JSON line of phase seconds. It does
 what a Flower ClientApp process does for a train message, in order: import Flower's runtime,
 inflate the message, import the app (torch, transformers, LeRobot, zk0), open the session (policy,
 fingerprint, split, processors with the node's camera map), switch its processors to the statistics
@@ -41,7 +41,7 @@ def run_warm(args: argparse.Namespace) -> dict:
         message_id, contents = pickle.load(f)
     msg = inflate_object_from_contents(message_id, contents)
     clock.mark("inflate_message")
-    from zk0 import client_app
+    from zk0.node import client_app
 
     clock.mark("import_zk0_app")
     context = Context(run_id=1, node_id=1, node_config=json.loads(args.node_config), state=RecordDict(), run_config={})
@@ -84,10 +84,10 @@ def run(args: argparse.Namespace) -> dict:
     clock.mark("import_transformers_lerobot")
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-    from zk0 import client_app  # noqa: F401  the app module, with everything it imports
+    from zk0.node import client_app  # noqa: F401  the app module, with everything it imports
     from zk0.data import batch_stream
     from zk0.model import trainable_params
-    from zk0.node import open_session, receive_weights
+    from zk0.node.session import open_session, receive_weights
     from zk0.settings import NodeSettings
     from zk0.train import TrainPlan, train_round
     from zk0.wire import PACKED, pack
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, run the message, print the timings as one JSON line."""
-    p = argparse.ArgumentParser(prog="python -m zk0.perf_client")
+    p = argparse.ArgumentParser(prog="python -m zk0.bench.perf_client")
     p.add_argument("--message", required=True, help="pickled (message id, object contents) of a train message")
     p.add_argument("--node-config", required=True, help="the SuperNode's node config as JSON (kebab-case keys)")
     p.add_argument("--warm", action="store_true", help="hand the message to the warm worker of this process's parent")

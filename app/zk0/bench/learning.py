@@ -29,20 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bench_learning_report as rep
-from .bench_learning_report import (
+from . import learning_report as rep
+from .learning_report import (
     COLUMNS, LOCAL_OWN, METRICS, NODES, PERSONAL, SERVER, UNION, mean_row, own_heldout_row,
 )
-from .cameras import full_key, parse_camera_map
-from .data import DatasetError, batch_stream, eval_batches, open_dataset
-from .evaluate import evaluate_policy
-from .logs import setup_logging
-from .model import load_policy, load_processors, trainable_state
-from .node import NodeSession, open_session, stats_on_node, train_on_node
-from .records import atomic_write_json
-from .settings import NodeSettings, ServerSettings, SettingsError, resolve_device
-from .stats import from_json, merge_stats
-from .train import TrainPlan, train_round
+from ..cameras import full_key, parse_camera_map
+from ..data import DatasetError, batch_stream, eval_batches, open_dataset
+from ..evaluate import evaluate_policy
+from ..logs import setup_logging
+from ..model import load_policy, load_processors, trainable_state
+from ..node.session import NodeSession, open_session, stats_on_node, train_on_node
+from ..server.records import atomic_write_json
+from ..settings import NodeSettings, ServerSettings, SettingsError, resolve_device
+from ..stats import from_json, merge_stats
+from ..train import TrainPlan, train_round
 
 log = logging.getLogger("zk0")
 # Federated arms and how each differs from the experiment's settings. LoRA trains ~20x fewer weights
@@ -86,7 +86,7 @@ def _has_cameras(root: Path, cameras) -> bool:
 
 def demo_assets(demo_dir: Path) -> dict:
     """Paths and camera maps of the offline demo in demo_dir, written there first when missing or outdated."""
-    from .demo import DEMO_SETS, write_demo
+    from ..demo import DEMO_SETS, write_demo
 
     demo_dir = Path(demo_dir).resolve()
     datasets = {name: demo_dir / "datasets" / name for name in [*NODES, SERVER]}

@@ -15,8 +15,8 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from transformers import SmolVLMConfig, SmolVLMProcessor
 from transformers.models.smolvlm import SmolVLMImageProcessor, SmolVLMVideoProcessor
 
-from .demo import JOINTS, NODE_TASKS, POLICY_CAMERAS
-from .tiny_vlm import NAMED_TOKENS, _train_tokenizer, build_tiny_vlm
+from ..demo import JOINTS, NODE_TASKS, POLICY_CAMERAS
+from ..tiny_vlm import NAMED_TOKENS, _train_tokenizer, build_tiny_vlm
 
 # SmolVLM2-500M, the backbone of lerobot/smolvla_base (REFERENCE.md); SmolVLA keeps 16 of its 32
 # text layers by default. The vocabulary only sizes the embedding: our local tokenizer's ids fit in it.

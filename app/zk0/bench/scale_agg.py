@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from .bench_report import BenchError, as_record
-from .bench_wire import REPLY_METRICS, _random_update, measure
-from .records import RunRecorder
-from .strategy import Zk0FedProx
-from .wire import DELTA, FORMATS, PACKED, layout_fingerprint, npy_view, quantize_delta
+from .report import BenchError, as_record
+from .wire import REPLY_METRICS, _random_update, measure
+from ..server.records import RunRecorder
+from ..server.strategy import Zk0FedProx
+from ..wire import DELTA, FORMATS, PACKED, layout_fingerprint, npy_view, quantize_delta
 
 DISTINCT_LIMIT = 6 * 2**30  # most memory the replies may take when each has its own bytes (not shared)
 GIB = 2**30
@@ -71,7 +71,7 @@ def _server_identity() -> Iterator[None]:
 
 def trainable_shapes(full: bool) -> dict[str, tuple]:
     """Names and shapes of SmolVLA's trainable weights: the full-size action expert, or the tiny demo policy's."""
-    from .bench_models import build_policy
+    from .models import build_policy
 
     with tempfile.TemporaryDirectory() as tmp:
         meta = build_policy(Path(tmp), full=full, meta=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .records import atomic_write_json
+from ..server.records import atomic_write_json
 
 log = logging.getLogger("zk0")
 

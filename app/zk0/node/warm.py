@@ -93,7 +93,7 @@ def _spawn(address: Path, owner_pid: int, idle_timeout: float) -> subprocess.Pop
     with os.fdopen(fd, "wb") as key:
         key.write(secrets.token_bytes(32))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "zk0.warm", "--address", str(address), "--owner-pid", str(owner_pid),
+    cmd = [sys.executable, "-m", "zk0.node.warm", "--address", str(address), "--owner-pid", str(owner_pid),
            "--idle-timeout", str(idle_timeout)]
     # Its own session: Flower stops a ClientApp's process group when the message is done.
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -189,8 +189,8 @@ def serve(address: Path, owner_pid: int, idle_timeout: float) -> int:
     listener = Listener(str(address), family="AF_UNIX", authkey=_key(address))  # listen first: importing torch takes seconds
     watch = _Watch(address, owner_pid, idle_timeout)
     watch.start()
-    from .logs import setup_logging
-    from .node import NodeWorker
+    from ..logs import setup_logging
+    from .session import NodeWorker
 
     setup_logging()
     worker = NodeWorker()
@@ -224,8 +224,8 @@ def serve(address: Path, owner_pid: int, idle_timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m zk0.warm --address SOCKET --owner-pid PID: run a worker (started by connect())."""
-    p = argparse.ArgumentParser(prog="python -m zk0.warm")
+    """python -m zk0.node.warm --address SOCKET --owner-pid PID: run a worker (started by connect())."""
+    p = argparse.ArgumentParser(prog="python -m zk0.node.warm")
     p.add_argument("--address", type=Path, required=True)
     p.add_argument("--owner-pid", type=int, required=True)
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .bench_report import target
-from .train import TrainPlan, train_round
+from .report import target
+from ..train import TrainPlan, train_round
 
 ARMS = ("plain", "zk0", "zk0_mu0", "zk0_lora", "zk0_cached")
 
@@ -90,7 +90,7 @@ def cached_batches(policy, batches: list[dict], fed: dict[str, str]) -> tuple[li
     The fill is SmolVLA's own image path over every (frame, camera) once: its seconds per frame-camera are
     what a node pays the first time it meets a frame; bytes per frame-camera are what the cache stores.
     """
-    from .features import install, with_features
+    from ..features import install, with_features
 
     install(policy)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -179,13 +179,13 @@ def _step_inputs(args: argparse.Namespace, lora: bool = False):
 
     `lora`: the same policy wrapped with LoRA adapters at LeRobot's defaults (ZK0_TRAINABLE=lora).
     """
-    from .lora import Adapter, wrap
+    from ..lora import Adapter, wrap
 
     if args.model == "tiny":
-        from .bench_learning import demo_assets
-        from .cameras import parse_camera_map
-        from .data import batch_stream, open_dataset
-        from .model import load_policy, load_processors
+        from .learning import demo_assets
+        from ..cameras import parse_camera_map
+        from ..data import batch_stream, open_dataset
+        from ..model import load_policy, load_processors
 
         demo = demo_assets(args.demo_dir)
         rename = parse_camera_map(demo["cameras"]["node-0"])
@@ -194,7 +194,7 @@ def _step_inputs(args: argparse.Namespace, lora: bool = False):
         dataset = open_dataset(str(demo["datasets"]["node-0"]), policy.config)
         stream = batch_stream(dataset, args.batch_size or 8, seed=0)
         return policy, pre, [next(stream) for _ in range(2 if args.smoke else 8)], rename
-    from .bench_models import build_policy, preprocessor_for, synthetic_batch
+    from .models import build_policy, preprocessor_for, synthetic_batch
 
     with tempfile.TemporaryDirectory() as tmp:  # the preprocessor reads its tokenizer from there
         policy = build_policy(Path(tmp), full=not args.smoke)

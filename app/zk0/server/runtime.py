@@ -11,13 +11,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from .cameras import parse_camera_map
-from .data import check_opened, eval_batches, open_dataset
-from .errors import RunFailed
-from .evaluate import evaluate_policy
-from .features import precompute
-from .lora import Adapter, load_adapter
-from .model import (
+from ..cameras import parse_camera_map
+from ..data import check_opened, eval_batches, open_dataset
+from ..errors import RunFailed
+from ..evaluate import evaluate_policy
+from ..features import precompute
+from ..lora import Adapter, load_adapter
+from ..model import (
     apply_trainable,
     frozen_fingerprint,
     latest_checkpoint,
@@ -30,8 +30,8 @@ from .model import (
 from .plots import write_plots
 from .publish import Publisher, model_card
 from .records import RunRecorder, atomic_write_json
-from .settings import ServerSettings, SettingsError, resolve_device
-from .stats import from_json, merge_stats, to_json
+from ..settings import ServerSettings, SettingsError, resolve_device
+from ..stats import from_json, merge_stats, to_json
 from .tracking import Tracker
 
 log = logging.getLogger("zk0")
@@ -191,7 +191,7 @@ class ServerRuntime:
             "seed": s.seed,
             "wire-format": s.wire_format,
             "norm-stats": self.stats,
-            # Read by the nodes in the last round's evaluate message (zk0.personal).
+            # Read by the nodes in the last round's evaluate message (zk0.node.personal).
             "personalize-steps": s.personalize_steps,
             "personalize-mu": s.personalize_mu,
             **self.adapter.to_config(),

@@ -1,6 +1,6 @@
 """Every dataset of an experiment against the base policy, before any process starts (JSON files only).
 
-`zk0 check`, `zk0 local`, `zk0 submit` and `zk0 supernode` run these checks through zk0.preflight and
+`zk0 check`, `zk0 local`, `zk0 submit` and `zk0 supernode` run these checks through zk0.deploy.preflight and
 refuse to start with every problem listed at once; a node runs them again on the dataset it opens.
 Nothing here imports torch or LeRobot, so a refusal takes about a second. `local_path` is the one rule
 for "local folder or Hub id".
@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cameras import IMAGE_PREFIX, match_cameras, parse_camera_map, short_name, suggest_map
-from .errors import DatasetError
+from ..cameras import IMAGE_PREFIX, match_cameras, parse_camera_map, short_name, suggest_map
+from ..errors import DatasetError
 
 SUPPORTED = "v3.0"
 CONVERTIBLE = "v2.1"

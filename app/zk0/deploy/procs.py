@@ -68,7 +68,7 @@ def start_guard(env: dict[str, str]) -> dict[str, str]:
     guard_env = {k: v for k, v in env.items() if k != MARK}
     guard_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_ROOT), env.get("PYTHONPATH")]))
     # Its own session, no parent-death signal: it must outlive this process to clean up after it.
-    subprocess.Popen([sys.executable, "-m", "zk0.procs", "--owner", str(os.getpid()), "--mark", token],
+    subprocess.Popen([sys.executable, "-m", "zk0.deploy.procs", "--owner", str(os.getpid()), "--mark", token],
                      env=guard_env, stdin=subprocess.DEVNULL, start_new_session=True)
     return {**env, MARK: token}
 
@@ -124,8 +124,8 @@ def guard(owner: int, token: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m zk0.procs --owner PID --mark TOKEN: the guard start_guard() starts."""
-    p = argparse.ArgumentParser(prog="python -m zk0.procs")
+    """python -m zk0.deploy.procs --owner PID --mark TOKEN: the guard start_guard() starts."""
+    p = argparse.ArgumentParser(prog="python -m zk0.deploy.procs")
     p.add_argument("--owner", type=int, required=True)
     p.add_argument("--mark", required=True)
     args = p.parse_args(argv)

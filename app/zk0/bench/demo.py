@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_report import BenchError, target
+from .report import BenchError, target
 
 SPLIT = ["training", "evaluation", "overhead"]
 
 
 def run_demo(env_file: Path, out: Path, demo_dir: Path, timeout: float) -> float:
     """Run `zk0 local` on env_file with its results in out; the wall time of the whole command."""
-    from .bench_learning import demo_assets
+    from .learning import demo_assets
 
     demo_assets(demo_dir)  # experiments/demo.env reads demo-data/: write it when missing
     shutil.rmtree(out, ignore_errors=True)  # a previous run's checkpoint would be resumed, not rerun
@@ -93,7 +93,7 @@ def demo_breakdown(out: Path, wall: float | None) -> dict:
 
 def smoke_env(path: Path, demo_dir: Path) -> Path:
     """A two-round, two-step version of experiments/demo.env on the demo in demo_dir."""
-    from .bench_learning import NODES, SERVER, demo_assets
+    from .learning import NODES, SERVER, demo_assets
 
     demo = demo_assets(demo_dir)
     values = {"ZK0_BASE_POLICY": demo["base-policy"], "ZK0_EVAL_DATASET": demo["datasets"][SERVER],

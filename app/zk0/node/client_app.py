@@ -1,6 +1,6 @@
 """Flower ClientApp: unpack the message, have zk0's node code run it, pack the reply.
 
-The work runs in the node's warm worker (zk0.warm) unless the node sets `warm = false`; then it runs
+The work runs in the node's warm worker (zk0.node.warm) unless the node sets `warm = false`; then it runs
 here, in Flower's per-message process. Either way it is the same NodeWorker.handle. This module
 imports neither torch nor LeRobot, so the per-message process stays light when a worker does the work.
 
@@ -18,9 +18,9 @@ import json
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .logs import setup_logging
-from .node_watch import STARTED
-from .settings import NodeSettings
+from ..logs import setup_logging
+from ..deploy.node_watch import STARTED
+from ..settings import NodeSettings
 
 app = ClientApp()
 # Simulation: NodeWorkers kept per process (a Ray actor serves many virtual nodes), one per env-file
@@ -43,7 +43,7 @@ def node_settings(context: Context) -> tuple[NodeSettings, str, tuple[int, int] 
 
 def _sim_run(index: int, template: int, request: dict) -> dict:
     """Virtual node `index`'s request, in this process: its env-file node's session, its own batches."""
-    from .node import NodeWorker
+    from .session import NodeWorker
 
     worker = _sim_workers.setdefault(template, NodeWorker())
     # Virtual nodes on one dataset split it the same way; each draws its own batches from the training episodes.
@@ -67,7 +67,7 @@ def _request(op: str, msg: Message, context: Context) -> dict:
 def _run(op: str, msg: Message, context: Context) -> Message:
     log = setup_logging()
     settings, name, virtual = node_settings(context)
-    # Flower has started this ClientApp: `zk0 local`'s watch (zk0.node_watch) stops timing its start-up here.
+    # Flower has started this ClientApp: `zk0 local`'s watch (zk0.deploy.node_watch) stops timing its start-up here.
     log.info("%s: %s %s message", name, STARTED, msg.metadata.message_type)
     request = _request(op, msg, context)
     if virtual is not None:
@@ -78,7 +78,7 @@ def _run(op: str, msg: Message, context: Context) -> Message:
 
         result = call(request)
     else:
-        from .node import NodeWorker
+        from .session import NodeWorker
 
         result = NodeWorker().handle(request)
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in result["metrics"].items()})})

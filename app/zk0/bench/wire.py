@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import wire
-from .bench_report import MIB, as_record, target
-from .wire import npy_view
+from .. import wire
+from .report import MIB, as_record, target
+from ..wire import npy_view
 
 NODE_WEIGHTS = [160.0, 240.0, 200.0, 80.0]  # samples trained by four nodes: unequal on purpose
 # What the server's train message carries besides the weights (ServerRuntime.train_config + Flower's keys).
@@ -76,7 +76,7 @@ def exchange_bytes(record, fmt: str, with_proto: bool = True) -> dict:
     """Serialized bytes of one node's round: the server's train message (down) and the node's reply (up)."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    from .bench_models import message
+    from .models import message
 
     down = message(RecordDict({"arrays": record, "config": ConfigRecord({**TRAIN_CONFIG, "wire-format": fmt})}))
     node = ConfigRecord({"name": "node-0", "dataset": "someone/so100_dataset"})
@@ -116,8 +116,8 @@ LORA_LABELS = {"fedit": "lora fedit r8", "ffa": "lora ffa r8"}
 
 def lora_states(policy) -> dict[str, dict[str, torch.Tensor]]:
     """The adapters that travel with ZK0_TRAINABLE=lora at LeRobot's default targets, rank 8 (wraps `policy` in place)."""
-    from .lora import Adapter, wrap
-    from .model import trainable_state
+    from ..lora import Adapter, wrap
+    from ..model import trainable_state
 
     adapters = trainable_state(wrap(policy, "bench", Adapter("lora"), seed=0))
     return {LORA_LABELS["fedit"]: adapters, LORA_LABELS["ffa"]: {k: v for k, v in adapters.items() if ".lora_B." in k}}
@@ -125,8 +125,8 @@ def lora_states(policy) -> dict[str, dict[str, torch.Tensor]]:
 
 def bench_wire(args: argparse.Namespace) -> dict:
     """Bytes per node per direction per round for the full state dict and the trainable weights per format."""
-    from .bench_models import build_policy
-    from .model import trainable_state
+    from .models import build_policy
+    from ..model import trainable_state
 
     with tempfile.TemporaryDirectory() as tmp:
         policy = build_policy(Path(tmp), full=not args.smoke)
@@ -293,7 +293,7 @@ def measure(fn: Callable[[], object], repeats: int) -> dict:
 
 def bench_aggregate(args: argparse.Namespace) -> dict:
     """Decode and weighted-average four trainable updates in fp32 on the server: time and peak memory."""
-    from .bench_models import build_policy
+    from .models import build_policy
 
     with tempfile.TemporaryDirectory() as tmp:
         meta = build_policy(Path(tmp), full=not args.smoke, meta=True)

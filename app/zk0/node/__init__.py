@@ -1,0 +1,1 @@
+"""The node: the ClientApp, its per-node session, the warm worker and personalisation."""
