@@ -101,8 +101,8 @@ def test_the_cli_and_every_check_answer_without_the_training_stack():
 def test_a_home_relative_path_names_the_same_folder_for_every_command(demo, tmp_path, monkeypatch):
     """`~/policy` and `~/so100` pass `zk0 check` and reach the server, the nodes and the model card as the same
     folders: each command decides "local folder or Hub id" by one rule (zk0.deploy.check.local_path)."""
-    from zk0.deploy.check import local_path
     from zk0.data import resolve_dataset
+    from zk0.deploy.check import local_path
     from zk0.deploy.preflight import preflight
     from zk0.server.publish import _is_hub_id
 

@@ -18,9 +18,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from federation import ZK0
 from loopback import SuperLink, alive, pids_with, stub_app, wait_until
+
 from zk0.deploy.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +98,7 @@ def test_tls_superlink_refuses_plaintext_at_the_handshake_and_strangers_at_authe
 # --- zk0 submit resubmits a run lost to a SuperLink restart ----------------------------------------
 
 def test_submit_resubmits_a_run_that_a_superlink_restart_failed(demo, tmp_path, monkeypatch, caplog):
-    from zk0.deploy import flwr_cli
-    from zk0.deploy import submit
+    from zk0.deploy import flwr_cli, submit
 
     state = tmp_path / "state"
     state.mkdir()

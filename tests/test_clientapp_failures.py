@@ -13,13 +13,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from federation import ZK0, write_env
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation import ZK0, write_env
-from zk0.errors import RunFailed
 from zk0.deploy.node_watch import FAULTS_FILE, GIVE_UP_AFTER, MAX_LINES, NO_APP_FOR, POLL, STARTED, NodeTracker
+from zk0.errors import RunFailed
 from zk0.server.records import RunRecorder
 from zk0.server.strategy import Zk0FedProx
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-
 from loopback import StubFederation, started_runs
+
 from zk0.deploy import flwr_cli
 from zk0.deploy.flwr_cli import LOST, Flwr, bin_path, run_status, see_run_through, write_connection
 from zk0.deploy.local import free_port

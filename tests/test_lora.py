@@ -7,7 +7,14 @@ import torch
 from federation import run_zk0, write_env
 
 from zk0.lora import Adapter, load_adapter
-from zk0.model import apply_trainable, frozen_fingerprint, load_policy, load_processors, save_checkpoint, trainable_state
+from zk0.model import (
+    apply_trainable,
+    frozen_fingerprint,
+    load_policy,
+    load_processors,
+    save_checkpoint,
+    trainable_state,
+)
 from zk0.settings import ServerSettings, SettingsError
 from zk0.wire import layout_fingerprint
 

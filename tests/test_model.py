@@ -22,8 +22,9 @@ def test_load_policy_equals_lerobots_own_loading(demo, caplog):
 
 
 def test_load_policy_falls_back_when_the_file_lacks_weights(demo, tmp_path, caplog):
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     path = tmp_path / "partial"
     shutil.copytree(demo["base-policy"], path)

@@ -12,10 +12,10 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-from zk0.server.adaptive import next_mu, round_losses
 from zk0.lora import Adapter
 from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
 from zk0.node.session import NodeWorker
+from zk0.server.adaptive import next_mu, round_losses
 from zk0.settings import ServerSettings, SettingsError
 from zk0.wire import PACKED, layout_fingerprint, pack
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from hub_standin import HubStandIn
 from huggingface_hub import constants
 
-from hub_standin import HubStandIn
 from zk0.server.publish import push_checkpoint
 from zk0.server.runtime import ServerRuntime
 from zk0.settings import ServerSettings

@@ -12,8 +12,8 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYo
 
 from zk0.bench.scale_agg import _Fleet
 from zk0.server.records import RunRecorder
-from zk0.settings import ServerSettings, SettingsError
 from zk0.server.strategy import Zk0FedProx, Zk0ServerOpt, server_optimizer
+from zk0.settings import ServerSettings, SettingsError
 from zk0.wire import PACKED, layout_fingerprint, pack
 
 SHAPES = {"b": (3,), "w": (2, 3)}

@@ -7,9 +7,9 @@ import os
 import subprocess
 
 import pytest
-
 from federation import ZK0
 from loopback import StubFederation, started_runs
+
 from zk0.deploy.local import free_port
 
 

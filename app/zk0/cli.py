@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from .deploy.supernode import UnreachableError
 from .errors import DatasetError
 from .logs import setup_logging
 from .settings import SettingsError
-from .deploy.supernode import UnreachableError
 
 DEFAULT_DEMO_DIR = Path("demo-data")
 

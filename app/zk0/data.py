@@ -79,8 +79,9 @@ def split_episodes(episodes: list[int], heldout: int, seed: int, spec: str = "")
 
 def partition_episodes(episodes: list[int], partition_id: int, num_partitions: int) -> list[int]:
     """This node's share when one dataset is split across nodes, by flwr-datasets' IID partitioner."""
-    from datasets import Dataset
     from flwr_datasets.partitioner import IidPartitioner
+
+    from datasets import Dataset
 
     partitioner = IidPartitioner(num_partitions=num_partitions)
     partitioner.dataset = Dataset.from_dict({"episode_index": episodes})

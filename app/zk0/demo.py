@@ -20,8 +20,8 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.utils.feature_utils import dataset_to_policy_features
 
-from .v21_writer import V21Writer
 from .tiny_vlm import IMAGE_SIZE, TEXT_LAYERS, build_tiny_vlm
+from .v21_writer import V21Writer
 
 __all__ = ["build_tiny_vlm", "make_synthetic_dataset", "build_base_policy", "write_demo"]
 

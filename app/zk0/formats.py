@@ -143,8 +143,9 @@ def _quiet(conv):
     """Silence the converter's progress bars and chatter while it runs: zk0 logs one line instead."""
     import types
 
-    import datasets
     import tqdm
+
+    import datasets
 
     loggers = [logging.getLogger(), logging.getLogger("lerobot.datasets.utils")]
     bars = datasets.is_progress_bar_enabled()

@@ -19,8 +19,8 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 from functools import partial
@@ -29,10 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import learning_report as rep
-from .learning_report import (
-    COLUMNS, LOCAL_OWN, METRICS, NODES, PERSONAL, SERVER, UNION, mean_row, own_heldout_row,
-)
 from ..cameras import full_key, parse_camera_map
 from ..data import DatasetError, batch_stream, eval_batches, open_dataset
 from ..evaluate import evaluate_policy
@@ -43,6 +39,18 @@ from ..server.records import atomic_write_json
 from ..settings import NodeSettings, ServerSettings, SettingsError, resolve_device
 from ..stats import from_json, merge_stats
 from ..train import TrainPlan, train_round
+from . import learning_report as rep
+from .learning_report import (
+    COLUMNS,
+    LOCAL_OWN,
+    METRICS,
+    NODES,
+    PERSONAL,
+    SERVER,
+    UNION,
+    mean_row,
+    own_heldout_row,
+)
 
 log = logging.getLogger("zk0")
 # Federated arms and how each differs from the experiment's settings. LoRA trains ~20x fewer weights

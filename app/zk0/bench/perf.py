@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from .. import wire
+from ..server.records import atomic_write_json
 from .cli import bench_cli
 from .demo import bench_demo
+from .report import BenchError, as_record, report, target
 from .scale import bench_scale
 from .step import ARMS, bench_step
-from .report import BenchError, as_record, report, target
 from .wire import TRAIN_CONFIG, bench_aggregate, bench_wire
-from ..server.records import atomic_write_json
 
 
 def _dataset_stats(spec: str) -> str:
@@ -41,8 +41,8 @@ def _write_message(path: Path, base: str, fmt: str, steps: int, batch_size: int,
     from flwr.app import ConfigRecord, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from .models import message
     from ..model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
+    from .models import message
 
     policy = load_policy(base, "cpu")
     config = {**TRAIN_CONFIG, "base-policy": base, "base-fingerprint": frozen_fingerprint(policy), "local-steps": steps,

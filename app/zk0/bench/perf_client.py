@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> dict:
     clock.mark("import_transformers_lerobot")
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-    from zk0.node import client_app  # noqa: F401  the app module, with everything it imports
     from zk0.data import batch_stream
     from zk0.model import trainable_params
+    from zk0.node import client_app  # noqa: F401  the app module, with everything it imports
     from zk0.node.session import open_session, receive_weights
     from zk0.settings import NodeSettings
     from zk0.train import TrainPlan, train_round

@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from .report import MIB, BenchError, target
 from ..deploy.procs import die_with_parent
+from .report import MIB, BenchError, target
 
 
 def _db_bytes(workdir: Path) -> int:

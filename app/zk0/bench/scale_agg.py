@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from .report import BenchError, as_record
-from .wire import REPLY_METRICS, _random_update, measure
 from ..server.records import RunRecorder
 from ..server.strategy import Zk0FedProx
 from ..wire import DELTA, FORMATS, PACKED, layout_fingerprint, npy_view, quantize_delta
+from .report import BenchError, as_record
+from .wire import REPLY_METRICS, _random_update, measure
 
 DISTINCT_LIMIT = 6 * 2**30  # most memory the replies may take when each has its own bytes (not shared)
 GIB = 2**30

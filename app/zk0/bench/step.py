@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .report import target
 from ..train import TrainPlan, train_round
+from .report import target
 
 ARMS = ("plain", "zk0", "zk0_mu0", "zk0_lora", "zk0_cached")
 
@@ -182,10 +182,10 @@ def _step_inputs(args: argparse.Namespace, lora: bool = False):
     from ..lora import Adapter, wrap
 
     if args.model == "tiny":
-        from .learning import demo_assets
         from ..cameras import parse_camera_map
         from ..data import batch_stream, open_dataset
         from ..model import load_policy, load_processors
+        from .learning import demo_assets
 
         demo = demo_assets(args.demo_dir)
         rename = parse_camera_map(demo["cameras"]["node-0"])

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from .. import wire
-from .report import MIB, as_record, target
 from ..wire import npy_view
+from .report import MIB, as_record, target
 
 NODE_WEIGHTS = [160.0, 240.0, 200.0, 80.0]  # samples trained by four nodes: unequal on purpose
 # What the server's train message carries besides the weights (ServerRuntime.train_config + Flower's keys).
@@ -45,7 +45,11 @@ def fleet_bytes(msg, direction: str) -> int:
     from flwr.proto.fleet_pb2 import PullMessagesResponse, PushMessagesRequest
     from flwr.proto.message_pb2 import PullObjectResponse, PushObjectRequest
     from flwr.proto.node_pb2 import Node
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree, no_object_id_recompute
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+        no_object_id_recompute,
+    )
 
     node, session = Node(node_id=msg.metadata.src_node_id or 2**62), "s" * 36
     with no_object_id_recompute():  # hash each object once, not once per ancestor
@@ -64,7 +68,6 @@ def fleet_bytes(msg, direction: str) -> int:
 def message_bytes(msg, direction: str, with_proto: bool) -> dict:
     """Serialized bytes of a message: Flower 1.42's transport, and message_to_proto's single protobuf."""
     from flwr.common.serde import message_to_proto
-
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     # message_to_proto copies the payload several times over; skipped for the 1.7 GB state dict.
@@ -125,8 +128,8 @@ def lora_states(policy) -> dict[str, dict[str, torch.Tensor]]:
 
 def bench_wire(args: argparse.Namespace) -> dict:
     """Bytes per node per direction per round for the full state dict and the trainable weights per format."""
-    from .models import build_policy
     from ..model import trainable_state
+    from .models import build_policy
 
     with tempfile.TemporaryDirectory() as tmp:
         policy = build_policy(Path(tmp), full=not args.smoke)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import tomli_w
 
+from ..settings import NodeSettings, ServerSettings, SettingsError
 from .check import raise_problems
 from .flwr_cli import LOST, MAX_RETRIES, Flwr, bin_path, see_run_through, write_connection
 from .node_watch import NodeWatch
 from .preflight import absolute_node_paths, preflight
 from .procs import MARK, end_marked, popen_owned, start_guard
-from ..settings import NodeSettings, ServerSettings, SettingsError
 from .supernode import TASK_POLL, supernode_command
 
 log = logging.getLogger("zk0")

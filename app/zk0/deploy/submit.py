@@ -14,9 +14,9 @@ from pathlib import Path
 
 import tomli_w
 
+from ..settings import SettingsError
 from .flwr_cli import Flwr, see_run_through, write_connection
 from .preflight import preflight
-from ..settings import SettingsError
 from .supernode import wait_reachable
 
 log = logging.getLogger("zk0")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import tomli_w
 
+from ..settings import NodeSettings, SettingsError
 from .flwr_cli import bin_path
 from .preflight import preflight
 from .procs import start_guard
-from ..settings import NodeSettings, SettingsError
 
 log = logging.getLogger("zk0")
 

@@ -18,8 +18,8 @@ import json
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..logs import setup_logging
 from ..deploy.node_watch import STARTED
+from ..logs import setup_logging
 from ..settings import NodeSettings
 
 app = ClientApp()

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from ..model import apply_trainable, save_checkpoint, trainable_state
-from .session import NodeSession, evaluate_on_node, train_on_node
 from ..settings import default_cache_dir
 from ..train import TrainPlan
+from .session import NodeSession, evaluate_on_node, train_on_node
 
 log = logging.getLogger("zk0")
 PREFIX = "personal_"  # reply metrics of the personal model, beside the global model's own

@@ -12,12 +12,26 @@ import torch
 
 from ..cameras import match_cameras, parse_camera_map
 from ..data import (
-    BadSamples, batch_stream, check_opened, eval_batches, open_dataset, open_metadata, partition_episodes, split_episodes,
+    BadSamples,
+    batch_stream,
+    check_opened,
+    eval_batches,
+    open_dataset,
+    open_metadata,
+    partition_episodes,
+    split_episodes,
 )
 from ..evaluate import evaluate_policy
 from ..features import open_features
 from ..lora import Adapter
-from ..model import apply_trainable, frozen_fingerprint, load_policy, load_processors, trainable_params, trainable_shapes
+from ..model import (
+    apply_trainable,
+    frozen_fingerprint,
+    load_policy,
+    load_processors,
+    trainable_params,
+    trainable_shapes,
+)
 from ..settings import NodeSettings, default_cache_dir, resolve_device
 from ..stats import compute_stats, from_json, to_json, training_frames
 from ..train import TrainPlan, train_round

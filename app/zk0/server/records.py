@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 # What describes a node rather than measures it: kept beside its train/eval metrics, not among them.
 NODE_FIELDS = ("name", "dataset", "fps", "cameras", "frames")
 

@@ -27,11 +27,11 @@ from ..model import (
     trainable_names,
     trainable_state,
 )
+from ..settings import ServerSettings, SettingsError, resolve_device
+from ..stats import from_json, merge_stats, to_json
 from .plots import write_plots
 from .publish import Publisher, model_card
 from .records import RunRecorder, atomic_write_json
-from ..settings import ServerSettings, SettingsError, resolve_device
-from ..stats import from_json, merge_stats, to_json
 from .tracking import Tracker
 
 log = logging.getLogger("zk0")

@@ -9,12 +9,12 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .adaptive import mu_schedule
+from ..deploy.node_watch import faults_file
 from ..errors import RunFailed
 from ..logs import setup_logging
-from ..deploy.node_watch import faults_file
-from .runtime import ServerRuntime
 from ..settings import ServerSettings
+from .adaptive import mu_schedule
+from .runtime import ServerRuntime
 from .strategy import Zk0FedProx, Zk0ServerOpt, error_reason, replying_node, server_optimizer
 
 app = ServerApp()

@@ -16,14 +16,24 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from flwr.supercore import log
 
-from ..errors import RunFailed
 from ..deploy.node_watch import read_faults
-from .records import NODE_FIELDS, RunRecorder
+from ..errors import RunFailed
 from ..settings import ServerSettings
 from ..wire import (
-    DELTA, DELTA_BLOCK, PACKED, SCALES, aggregate, aggregate_deltas, down_format, is_finite, layout_fingerprint, npy_view, pack,
+    DELTA,
+    DELTA_BLOCK,
+    PACKED,
+    SCALES,
+    aggregate,
+    aggregate_deltas,
+    down_format,
+    is_finite,
+    layout_fingerprint,
+    npy_view,
+    pack,
     unpack,
 )
+from .records import NODE_FIELDS, RunRecorder
 
 
 def _payload_bytes(arrays: ArrayRecord) -> int:
