@@ -11,6 +11,11 @@ if ! ./scripts/docker-setup.sh; then
     [[ "${REQUIRE_DOCKER:-0}" == 1 ]] && { echo "test.sh: Docker is required (REQUIRE_DOCKER=1) but could not be set up" >&2; exit 1; }
     echo "test.sh: Docker not available; the Compose tests will be skipped" >&2
 fi
+# Lint before the (long) tests: the rules and the 120-character lines are configured in app/pyproject.toml.
+if ! .venv/bin/ruff check --config app/pyproject.toml app tests; then
+    echo "test.sh: ruff check failed (see the findings above); fix them or add a '# noqa: RULE' with a reason" >&2
+    exit 1
+fi
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled FLWR_TELEMETRY_ENABLED=0
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 .venv/bin/python -m pytest tests -q -rs --durations=15 "$@"

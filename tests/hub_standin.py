@@ -70,131 +70,147 @@ class HubStandIn:
         """What a signed upload href carries instead of the token (the Hub's are presigned storage URLs)."""
         return hmac.new(self._secret, oid.encode(), hashlib.sha256).hexdigest()
 
-    def _handler(self):
-        hub = self
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        """A handler class bound to this stand-in (the server makes one handler object per request)."""
+        return type("Handler", (_HubHandler,), {"hub": self})
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output clean
-                pass
 
-            def _send(self, status: int, body: dict | None = None):
-                data = json.dumps(body or {}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if status >= 400:
-                    self.send_header("X-Error-Message", (body or {}).get("error", "stand-in refused the request"))
-                self.end_headers()
-                self.wfile.write(data)
+class _HubHandler(BaseHTTPRequestHandler):
+    """Serves one request against `hub`, the stand-in's recorded state."""
 
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
-                    return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                data = b""
-                while size := int(self.rfile.readline().split(b";")[0], 16):
-                    data += self.rfile.read(size)
-                    self.rfile.readline()
-                self.rfile.readline()
-                return data
+    hub: HubStandIn
 
-            def _authorized(self) -> bool:
-                if self.headers.get("Authorization") == f"Bearer {hub.token}":
-                    return True
-                hub.refused.append(f"{self.command} {self.path}")
-                self._send(401, {"error": "Invalid credentials in Authorization header"})
-                return False
+    def log_message(self, *args):  # keep test output clean
+        pass
 
-            def do_PUT(self):
-                url = urlsplit(self.path)
-                body = self._body()
-                hub.requests.append(f"PUT {url.path}")
-                parts = url.path.strip("/").split("/")
-                if parts[0] != "lfs-upload" or len(parts) != 2:
-                    return self._send(404, {"error": f"stand-in does not serve PUT {url.path}"})
-                oid = parts[1]
-                if not hmac.compare_digest(parse_qs(url.query).get("sig", [""])[0], hub.signature(oid)):
-                    hub.refused.append(f"PUT {url.path}")
-                    return self._send(403, {"error": "upload URL signature does not match"})
-                if hashlib.sha256(body).hexdigest() != oid:
-                    return self._send(400, {"error": "content does not match its sha256"})
-                hub.lfs_objects[oid] = body
-                return self._send(200, {})
+    def _send(self, status: int, body: dict | None = None):
+        data = json.dumps(body or {}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status >= 400:
+            self.send_header("X-Error-Message", (body or {}).get("error", "stand-in refused the request"))
+        self.end_headers()
+        self.wfile.write(data)
 
-            def do_POST(self):
-                body = self._body()
-                hub.requests.append(f"POST {self.path}")
-                if not self._authorized():
-                    return None
-                if hub.fail_with:
-                    return self._send(hub.fail_with, {"error": "forbidden by the stand-in"})
-                parts = self.path.split("?")[0].strip("/").split("/")
-                if parts[:2] == ["api", "validate-yaml"]:
-                    return self._validate_yaml(json.loads(body)["content"])
-                if parts[:3] == ["api", "repos", "create"]:
-                    payload = json.loads(body)
-                    repo = f"{payload.get('organization') or 'user'}/{payload['name']}"
-                    hub.repos.add(repo)
-                    return self._send(200, {"url": f"{hub.endpoint}/{repo}", "name": repo, "id": repo})
-                if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
-                    return self._lfs_batch("/".join(parts[:2]), json.loads(body))
-                if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "verify"]:
-                    item = json.loads(body)
-                    stored = hub.lfs_objects.get(item["oid"])
-                    return self._send(200 if stored is not None and len(stored) == item["size"] else 404, {})
-                if len(parts) >= 6 and parts[0] == "api" and parts[1] == "models":
-                    repo, action = f"{parts[2]}/{parts[3]}", parts[4]
-                    if action == "preupload":
-                        return self._send(200, {"files": [{
-                            "path": f["path"], "shouldIgnore": False,
-                            "uploadMode": "lfs" if wants_lfs(f["path"], f["size"], base64.b64decode(f["sample"])) else "regular",
-                        } for f in json.loads(body)["files"]]})
-                    if action == "commit":
-                        return self._commit(repo, body)
-                    if action == "tag":
-                        tag = json.loads(body)["tag"]
-                        hub.tags.setdefault(repo, {})[tag] = parts[5]
-                        return self._send(200, {})
-                return self._send(404, {"error": f"stand-in does not serve {self.path}"})
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        data = b""
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            data += self.rfile.read(size)
+            self.rfile.readline()
+        self.rfile.readline()
+        return data
 
-            def _lfs_batch(self, repo_git: str, request: dict):
-                # Git LFS batch API, basic transfer: an upload href per object not held yet, and a verify step.
-                objects = []
-                for obj in request["objects"]:
-                    item = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-                    if obj["oid"] not in hub.lfs_objects:
-                        item["actions"] = {
-                            "upload": {"href": f"{hub.endpoint}/lfs-upload/{obj['oid']}?sig={hub.signature(obj['oid'])}"},
-                            "verify": {"href": f"{hub.endpoint}/{repo_git}/info/lfs/objects/verify"},
-                        }
-                    objects.append(item)
-                return self._send(200, {"transfer": "basic", "objects": objects})
+    def _authorized(self) -> bool:
+        if self.headers.get("Authorization") == f"Bearer {self.hub.token}":
+            return True
+        self.hub.refused.append(f"{self.command} {self.path}")
+        self._send(401, {"error": "Invalid credentials in Authorization header"})
+        return False
 
-            def _validate_yaml(self, content: str):
-                # Like the Hub: the card's front matter must be YAML with known metadata fields.
-                meta = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
-                if not isinstance(meta, dict) or "library_name" not in meta:
-                    return self._send(400, {"errors": [{"message": "metadata must be YAML with library_name"}]})
-                hub.card_metadata.append(meta)
-                return self._send(200, {"warnings": []})
+    def do_PUT(self):
+        hub = self.hub
+        url = urlsplit(self.path)
+        body = self._body()
+        hub.requests.append(f"PUT {url.path}")
+        parts = url.path.strip("/").split("/")
+        if parts[0] != "lfs-upload" or len(parts) != 2:
+            return self._send(404, {"error": f"stand-in does not serve PUT {url.path}"})
+        oid = parts[1]
+        if not hmac.compare_digest(parse_qs(url.query).get("sig", [""])[0], hub.signature(oid)):
+            hub.refused.append(f"PUT {url.path}")
+            return self._send(403, {"error": "upload URL signature does not match"})
+        if hashlib.sha256(body).hexdigest() != oid:
+            return self._send(400, {"error": "content does not match its sha256"})
+        hub.lfs_objects[oid] = body
+        return self._send(200, {})
 
-            def _commit(self, repo: str, body: bytes):
-                files, added = {}, set()
-                for line in body.decode().splitlines():
-                    item = json.loads(line)
-                    if item["key"] == "file":
-                        files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-                    elif item["key"] == "lfsFile":
-                        value = item["value"]
-                        if value["oid"] not in hub.lfs_objects:  # the Hub refuses a pointer to content it never got
-                            return self._send(400, {"error": f"LFS object {value['oid']} of {value['path']} was never uploaded"})
-                        files[value["path"]] = hub.lfs_objects[value["oid"]]
-                        added.add(value["path"])
-                hub.files.setdefault(repo, {}).update(files)
-                lfs = hub.lfs_files.setdefault(repo, set())
-                lfs.difference_update(files)
-                lfs.update(added)
-                oid = hashlib.sha1(body).hexdigest()
-                hub.commits.append((repo, oid))
-                return self._send(200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{oid}", "commitOid": oid})
+    def do_POST(self):
+        hub = self.hub
+        body = self._body()
+        hub.requests.append(f"POST {self.path}")
+        if not self._authorized():
+            return None
+        if hub.fail_with:
+            return self._send(hub.fail_with, {"error": "forbidden by the stand-in"})
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if parts[:2] == ["api", "validate-yaml"]:
+            return self._validate_yaml(json.loads(body)["content"])
+        if parts[:3] == ["api", "repos", "create"]:
+            payload = json.loads(body)
+            repo = f"{payload.get('organization') or 'user'}/{payload['name']}"
+            hub.repos.add(repo)
+            return self._send(200, {"url": f"{hub.endpoint}/{repo}", "name": repo, "id": repo})
+        if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+            return self._lfs_batch("/".join(parts[:2]), json.loads(body))
+        if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "verify"]:
+            item = json.loads(body)
+            stored = hub.lfs_objects.get(item["oid"])
+            return self._send(200 if stored is not None and len(stored) == item["size"] else 404, {})
+        if len(parts) >= 6 and parts[0] == "api" and parts[1] == "models":
+            handled = self._model_call(parts, body)
+            if handled is not None:
+                return handled
+        return self._send(404, {"error": f"stand-in does not serve {self.path}"})
 
-        return Handler
+    def _model_call(self, parts: list[str], body: bytes):
+        """/api/models/<owner>/<name>/<action>/...: preupload, commit and tag; None for any other action."""
+        repo, action = f"{parts[2]}/{parts[3]}", parts[4]
+        if action == "preupload":
+            return self._send(200, {"files": [{
+                "path": f["path"], "shouldIgnore": False,
+                "uploadMode": "lfs" if wants_lfs(f["path"], f["size"], base64.b64decode(f["sample"])) else "regular",
+            } for f in json.loads(body)["files"]]})
+        if action == "commit":
+            return self._commit(repo, body)
+        if action == "tag":
+            tag = json.loads(body)["tag"]
+            self.hub.tags.setdefault(repo, {})[tag] = parts[5]
+            return self._send(200, {})
+        return None
+
+    def _lfs_batch(self, repo_git: str, request: dict):
+        # Git LFS batch API, basic transfer: an upload href per object not held yet, and a verify step.
+        hub = self.hub
+        objects = []
+        for obj in request["objects"]:
+            item = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in hub.lfs_objects:
+                item["actions"] = {
+                    "upload": {"href": f"{hub.endpoint}/lfs-upload/{obj['oid']}?sig={hub.signature(obj['oid'])}"},
+                    "verify": {"href": f"{hub.endpoint}/{repo_git}/info/lfs/objects/verify"},
+                }
+            objects.append(item)
+        return self._send(200, {"transfer": "basic", "objects": objects})
+
+    def _validate_yaml(self, content: str):
+        # Like the Hub: the card's front matter must be YAML with known metadata fields.
+        meta = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
+        if not isinstance(meta, dict) or "library_name" not in meta:
+            return self._send(400, {"errors": [{"message": "metadata must be YAML with library_name"}]})
+        self.hub.card_metadata.append(meta)
+        return self._send(200, {"warnings": []})
+
+    def _commit(self, repo: str, body: bytes):
+        hub = self.hub
+        files, added = {}, set()
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] == "lfsFile":
+                value = item["value"]
+                if value["oid"] not in hub.lfs_objects:  # the Hub refuses a pointer to content it never got
+                    error = f"LFS object {value['oid']} of {value['path']} was never uploaded"
+                    return self._send(400, {"error": error})
+                files[value["path"]] = hub.lfs_objects[value["oid"]]
+                added.add(value["path"])
+        hub.files.setdefault(repo, {}).update(files)
+        lfs = hub.lfs_files.setdefault(repo, set())
+        lfs.difference_update(files)
+        lfs.update(added)
+        oid = hashlib.sha1(body).hexdigest()
+        hub.commits.append((repo, oid))
+        return self._send(200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{oid}", "commitOid": oid})

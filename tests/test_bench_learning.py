@@ -104,13 +104,22 @@ def test_personal_models_stay_on_the_nodes_and_load_with_plain_lerobot(smoke):
             SmolVLAPolicy.from_pretrained(str(path), config=config)
             make_pre_post_processors(config, pretrained_path=str(path))
             reported = result["seeds"][seed]["results"]["personalised"][name]["policy_loss"]
-            assert json.loads((path / "zk0.json").read_text())["heldout"]["personal"]["policy_loss"] == reported
+            info = json.loads((path / "zk0.json").read_text())
+            assert info["heldout"]["personal"]["policy_loss"] == reported
+            # What the node kept, chosen on validation episodes from its training episodes, never its held-out ones.
+            choice = result["seeds"][seed]["personal_choices"][name]
+            assert info["kept"] == ("personal" if choice["kept"] else "global")
+            assert choice["steps"] in ((1, 2) if choice["kept"] else (0,)) and info["chosen_steps"] == choice["steps"]
+            assert info["validation_episodes"] and not set(info["validation_episodes"]) & set(info["heldout_episodes"])
         # Only metrics reached the server: no weights besides its own checkpoints in its folder or records.
         weights = [p for p in server.rglob("*.safetensors") if "checkpoints" not in p.parts]
         assert not weights and "personal" not in (server / "checkpoints" / "round-002" / "zk0.json").read_text()
         history = json.loads((server / "history.json").read_text())
         personal = [c["name"] for c in history[-1]["clients"].values() if "personal_policy_loss" in c.get("eval", {})]
         assert sorted(personal) == NODES
+        for client in history[-1]["clients"].values():  # a node that kept the global model reports its figures
+            ev = client["eval"]
+            assert ev["personal_kept"] or ev["personal_policy_loss"] == ev["policy_loss"]
 
 
 def test_table_and_targets_are_printed(smoke):
@@ -118,7 +127,8 @@ def test_table_and_targets_are_printed(smoke):
     lines = stdout.splitlines()
     for arm in ARMS:
         assert sum(line.split()[:1] == [arm] and "±" in line for line in lines) == 2, arm  # a row per metric table
-    assert sum("±" in line for line in lines) == 2 * (len(ARMS) + 1)  # the rows and each table's title
+    # The rows and each table's title, and a line per node of what its personalisation kept.
+    assert sum("±" in line for line in lines) == 2 * (len(ARMS) + 1) + len(NODES)
     verdicts = [line for line in lines if line.strip().startswith(("PASS ", "MISS "))]
     # (a) per arm, (b), (c), and (e) personalised against local-only and global per node; two metrics.
     assert len(verdicts) == len(result["targets"]) == 2 * (2 + 1 + 1 + 2 * len(NODES))

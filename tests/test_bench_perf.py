@@ -27,7 +27,8 @@ def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     payloads = result["payloads"]
     per_tensor, delta = "trainable fp16, one array per tensor (before packing)", "trainable int8-delta (up: update)"
     lora = {name for name in payloads if name.startswith("lora ")}
-    assert set(payloads) - lora == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16", per_tensor, delta}
+    assert set(payloads) - lora == {"full state dict fp32", "trainable fp32", "trainable fp16", "trainable bf16",
+                                    per_tensor, delta}
     assert lora == {f"lora {how} r8 {fmt}" for how in ("fedit", "ffa") for fmt in ("fp32", "fp16", "int8-delta (up)")}
     # Packed, a message is a handful of objects (one Fleet call each); per tensor it was dozens.
     assert payloads["trainable fp16"]["down"]["objects"] <= 8 < 40 < payloads[per_tensor]["down"]["objects"]
@@ -46,25 +47,29 @@ def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     assert 0 < payloads["trainable fp16"]["max_abs_error"] < payloads["trainable bf16"]["max_abs_error"] < 1e-2
     # int8 updates plus one fp32 scale per 4096 values: just over half of fp16, within about 1% of the update.
     assert 0.5 < payloads[delta]["values_bytes"] / payloads["trainable fp16"]["values_bytes"] < 0.51
-    assert payloads[delta]["down"] == payloads["trainable fp16"]["down"] and 0 < result["int8_delta_update_rms_error"] < 0.02
+    assert payloads[delta]["down"] == payloads["trainable fp16"]["down"]
+    assert 0 < result["int8_delta_update_rms_error"] < 0.02
     # LoRA adapters are a small part of the expert; ffa sends only B of fedit's A and B.
     for how in ("fedit", "ffa"):
         assert payloads[f"lora {how} r8 fp16"]["values_bytes"] * 2 == payloads[f"lora {how} r8 fp32"]["values_bytes"]
-    assert payloads["lora ffa r8 fp16"]["values_bytes"] < payloads["lora fedit r8 fp16"]["values_bytes"] < payloads["trainable fp16"]["values_bytes"] / 10
+    ffa, fedit = payloads["lora ffa r8 fp16"]["values_bytes"], payloads["lora fedit r8 fp16"]["values_bytes"]
+    assert ffa < fedit < payloads["trainable fp16"]["values_bytes"] / 10
 
 
 @pytest.mark.parametrize("model", ["tiny", "full"])  # full --smoke: the file-built architecture, scaled down
 def test_step_times_every_arm_in_interleaved_blocks(capsys, tmp_path, demo, model):
     result = run(capsys, tmp_path, "step", "--model", model, "--demo-dir", str(demo["root"]))
     rates, blocks, settings = result["steps_per_s"], result["seconds_per_block"], result["settings"]
-    assert set(rates) == set(blocks) == {"plain", "zk0", "zk0_mu0", "zk0_lora", "zk0_cached"} and settings["model"] == model
+    assert set(rates) == set(blocks) == {"plain", "zk0", "zk0_mu0", "zk0_lora", "zk0_cached"}
+    assert settings["model"] == model
     for arm, seconds in blocks.items():
         assert len(seconds) == settings["reps"] and all(s > 0 for s in seconds), arm
         assert rates[arm] == pytest.approx(settings["block_steps"] / statistics.median(seconds)), arm
     assert result["ratio"] == pytest.approx(rates["zk0"] / rates["plain"])
     assert result["cached_ratio"] == pytest.approx(rates["zk0_cached"] / rates["plain"])
     cache = result["cache"]  # the cached step's loss is the plain step's; features of 2 slots, 4 bytes per value
-    assert cache["loss_rel_diff"] <= 1e-5 and cache["fill_s_per_frame_camera"] > 0 and cache["bytes_per_frame_camera"] % 4 == 0
+    assert cache["loss_rel_diff"] <= 1e-5 and cache["fill_s_per_frame_camera"] > 0
+    assert cache["bytes_per_frame_camera"] % 4 == 0
     values = {t["target"]: t["value"] for t in result["targets"]}
     expected = {"zk0 steps/s over plain loop steps/s": rates["zk0"] / rates["plain"],
                 "LoRA step (zk0_lora) steps/s over the full-expert step (zk0)": rates["zk0_lora"] / rates["zk0"],
@@ -105,14 +110,20 @@ def test_demo_splits_every_round_of_a_finished_run(capsys, tmp_path, finished_ru
     _, out = finished_run
     result = run(capsys, tmp_path, "demo", "--from-dir", str(out), smoke=False)
     history = json.loads((out / "history.json").read_text())
-    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
-    for r, rec in zip(result["rounds"], history[1:]):
-        assert r["wall"] == pytest.approx(rec["elapsed_seconds"] - history[rec["round"] - 1]["elapsed_seconds"])
+    # In-train evaluation: the last round's train exchange, then the final model's evaluate message, split apart.
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3, "3 final evaluation"]
+    *rounds, final = result["rounds"]
+    for r, rec in zip(rounds, history[1:], strict=True):
+        end = rec["trained_seconds"] if rec is history[-1] else rec["elapsed_seconds"]
+        assert r["wall"] == pytest.approx(end - history[rec["round"] - 1]["elapsed_seconds"])
         assert 0 < r["training"] < r["wall"] and 0 < r["evaluation"] < r["wall"]
-        # Node evaluation is timed on the node, so it counts as evaluation rather than overhead.
-        assert r["evaluation"] > rec["server_eval"]["eval_seconds"]
         assert r["training"] + r["evaluation"] + r["overhead"] == pytest.approx(r["wall"])
-    assert result["totals_s"]["wall"] == pytest.approx(sum(r["wall"] for r in result["rounds"]))
+    # Node evaluation is timed on the node, so it counts as evaluation rather than overhead: each round's train
+    # messages evaluate the model they receive; the final row holds the last model's node and server evaluations.
+    assert final["training"] == 0
+    assert final["evaluation"] > history[-1]["server_eval"]["eval_seconds"]
+    assert final["wall"] == pytest.approx(history[-1]["elapsed_seconds"] - history[-1]["trained_seconds"])
+    assert result["totals_s"]["wall"] == pytest.approx(history[-1]["elapsed_seconds"] - history[0]["elapsed_seconds"])
     assert result["wall_s"] is None  # nothing was launched, so the command's wall time is unknown
 
 
@@ -132,7 +143,9 @@ def test_npy_view_reads_what_array_numpy_reads():
 
     from zk0.wire import npy_view
 
-    for value in (np.arange(12, dtype=np.int16).reshape(3, 4), np.array(2.5, dtype=np.float16), np.asfortranarray(np.eye(3, 5))):
+    values = (np.arange(12, dtype=np.int16).reshape(3, 4), np.array(2.5, dtype=np.float16),
+              np.asfortranarray(np.eye(3, 5)))
+    for value in values:
         array = Array(value)
         view = npy_view(array)
         assert view.dtype == value.dtype and view.shape == value.shape and not view.flags.writeable

@@ -1,4 +1,5 @@
-"""Camera maps and `zk0 check`: datasets as labs have them, checked against the policy's slots before anything starts."""
+"""Camera maps and `zk0 check`: datasets as labs have them, checked against the policy's slots before anything
+starts."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_every_refusal_names_the_setting_the_cameras_and_the_fix(demo, tmp_path)
     unmapped = check_dataset("node-0", node0, "ZK0_NODE_0_DATASET", "ZK0_NODE_0_CAMERAS", None, POLICY)
     assert len(unmapped.problems) == 1 and unmapped.verdict == "FAIL (1)"
     text = unmapped.problems[0]
-    assert "ZK0_NODE_0_DATASET=" in text and "dataset cameras: top, wrist" in text and "policy slots: camera1, camera2, camera3" in text
+    assert "ZK0_NODE_0_DATASET=" in text and "dataset cameras: top, wrist" in text
+    assert "policy slots: camera1, camera2, camera3" in text
     assert "ZK0_NODE_0_CAMERAS=top=camera1,wrist=camera2" in text  # ready to paste
 
     lacking = check_dataset("n", node0, "D", "C", "top=camera1,left=camera2", POLICY).problems
@@ -68,8 +70,10 @@ def test_every_refusal_names_the_setting_the_cameras_and_the_fix(demo, tmp_path)
     refused = check_dataset("n", str(old), "D", "C", "top=camera1", POLICY).problems
     assert "format v1.6" in refused[0] and "older LeRobot release" in refused[0]
     seven = rewrite_info(demo["datasets"]["node-0"], tmp_path / "seven", state_shape=[7])
-    assert "state has 7 values, the policy expects 6" in check_dataset("n", str(seven), "D", "C", "top=camera1", POLICY).problems[0]
-    held = check_dataset("n", node0, "D", "C", "top=camera1", POLICY, heldout=6, heldout_setting="ZK0_NODE_0_HELDOUT_EPISODES")
+    seven_row = check_dataset("n", str(seven), "D", "C", "top=camera1", POLICY)
+    assert "state has 7 values, the policy expects 6" in seven_row.problems[0]
+    held = check_dataset("n", node0, "D", "C", "top=camera1", POLICY, heldout=6,
+                         heldout_setting="ZK0_NODE_0_HELDOUT_EPISODES")
     assert "holding out 6 of its 6 episodes" in held.problems[0] and "ZK0_NODE_0_HELDOUT_EPISODES" in held.problems[0]
 
     v21 = check_dataset("node-3", node3, "D", "C", demo["cameras"]["node-3"], POLICY)
@@ -93,9 +97,11 @@ def test_the_cli_and_every_check_answer_without_the_training_stack():
     import subprocess
     import sys
 
-    code = ("import sys, zk0.cli, zk0.deploy.local, zk0.deploy.check, zk0.deploy.preflight, zk0.deploy.flwr_cli, zk0.deploy.submit, zk0.deploy.supernode; "
+    code = ("import sys, zk0.cli, zk0.deploy.local, zk0.deploy.check, zk0.deploy.preflight, zk0.deploy.flwr_cli, "
+            "zk0.deploy.submit, zk0.deploy.supernode; "
             "print(sorted({'torch', 'lerobot', 'flwr', 'transformers'} & {m.split('.')[0] for m in sys.modules}))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
 
 
 def test_a_home_relative_path_names_the_same_folder_for_every_command(demo, tmp_path, monkeypatch):

@@ -47,13 +47,15 @@ def test_make_certs_reruns_keep_files_add_nodes_and_reissue_only_for_new_names(t
     make_certs("-n", "2", str(certs), "superlink.lab.example", "10.0.0.7")  # a new name for the SuperLink
     now = {name: (certs / name).read_bytes() for name in names}
     assert now["superlink.crt"] != first["superlink.crt"]
-    assert {n: v for n, v in now.items() if not n.startswith("superlink")} == {n: v for n, v in first.items() if not n.startswith("superlink")}
+    others_now = {n: v for n, v in now.items() if not n.startswith("superlink")}
+    assert others_now == {n: v for n, v in first.items() if not n.startswith("superlink")}
     assert (certs / "supernodes" / "node-1.pub").read_bytes() == added
     text = subprocess.run(["openssl", "x509", "-in", str(certs / "superlink.crt"), "-noout", "-ext", "subjectAltName"],
                           capture_output=True, text=True, check=True).stdout
     assert "DNS:superlink.lab.example" in text and "IP Address:10.0.0.7" in text
     # Still signed by the CA the nodes were given.
-    subprocess.run(["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "superlink.crt")], check=True, capture_output=True)
+    subprocess.run(["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "superlink.crt")], check=True,
+                   capture_output=True)
 
 
 # --- a real SuperLink on loopback --------------------------------------------------------------------
@@ -105,7 +107,8 @@ def test_submit_resubmits_a_run_that_a_superlink_restart_failed(demo, tmp_path, 
     app = stub_app(tmp_path / "app")
     env_file = tmp_path / "experiment.env"
     env_file.write_text(f"ZK0_BASE_POLICY={demo['base-policy']}\nZK0_OUTPUT_DIR={tmp_path / 'out'}\n")
-    statuses: list[str] = []  # what `zk0 submit` saw, in order: the test restarts the SuperLink only once it saw it gone
+    # What `zk0 submit` saw, in order: the test restarts the SuperLink only once it saw it gone.
+    statuses: list[str] = []
     real_status = flwr_cli.run_status
     monkeypatch.setattr(flwr_cli, "run_status", lambda *a: statuses.append(real_status(*a)) or statuses[-1])
     monkeypatch.setattr(logging.getLogger("zk0"), "propagate", True)  # to caplog, whatever set up logging before
@@ -115,8 +118,11 @@ def test_submit_resubmits_a_run_that_a_superlink_restart_failed(demo, tmp_path, 
 
     with SuperLink(tmp_path, STUB_STATE=str(state)) as link, caplog.at_level("INFO", logger="zk0"):
         result = {}
-        follower = threading.Thread(target=lambda: result.update(code=submit.submit_and_wait(link.address, env_file, app, poll=0.5)),
-                                    daemon=True)  # a failed test must not leave pytest waiting for it
+
+        def follow():
+            result.update(code=submit.submit_and_wait(link.address, env_file, app, poll=0.5))
+
+        follower = threading.Thread(target=follow, daemon=True)  # a failed test must not leave pytest waiting for it
         follower.start()
         try:
             (first,) = wait_until(started, 300, "the first run's ServerApp")
@@ -148,7 +154,8 @@ def test_one_serverapp_writes_an_output_folder_and_the_next_waits_for_it(tmp_pat
 
     out = tmp_path / "out"
     assert inspect.signature(server.lock_output).parameters["timeout"].default == 300  # "waits up to 5 minutes"
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     acquired = threading.Event()
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -175,7 +182,8 @@ def test_one_serverapp_writes_an_output_folder_and_the_next_waits_for_it(tmp_pat
 def test_runs_without_tls_say_so(finished_run, demo):
     res, out = finished_run  # `zk0 local` without --tls
     assert "no --tls: SuperLink and SuperNodes talk without TLS or node authentication" in res.stderr
-    assert tomllib.loads((out / "local" / "flwr-home" / "config.toml").read_text())["superlink"]["local"]["insecure"] is True
+    config = tomllib.loads((out / "local" / "flwr-home" / "config.toml").read_text())
+    assert config["superlink"]["local"]["insecure"] is True
     env = {**os.environ, "ZK0_DATASET": str(demo["datasets"]["node-0"]), "ZK0_CAMERAS": demo["cameras"]["node-0"]}
     done = subprocess.run([*ZK0, "supernode", "--superlink", f"127.0.0.1:{free_port()}", "--connect-tries", "1"],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -185,19 +193,19 @@ def test_runs_without_tls_say_so(finished_run, demo):
 # --- the warm worker follows the app, the base policy, the dataset files and the settings ---------------
 
 
-def evaluate_request(base: str, dataset: str, cameras: str, heldout: int = 2) -> dict:
+def evaluate_request(base: str, dataset: str, cameras: str, heldout: int = 2):
     """An evaluate request as zk0's ClientApp hands it to the worker."""
     from flwr.app import Array
 
     from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
+    from zk0.node.messages import NodeRequest
     from zk0.wire import PACKED, layout_fingerprint, pack
 
     policy = load_policy(base, "cpu")
     config = {"wire-format": "fp16", "base-policy": base, "seed": 0, "base-fingerprint": frozen_fingerprint(policy),
               "weights-layout": layout_fingerprint(trainable_shapes(policy)), "batch-size": 4, "eval-batches": 1}
     node = {"dataset": dataset, "cameras": cameras, "heldout-episodes": heldout, "torch-threads": 1}
-    return {"op": "evaluate", "node_config": node, "config": config,
-            "arrays": {PACKED: Array(pack(trainable_state(policy), "fp16")).data}}
+    return NodeRequest("evaluate", node, config, {PACKED: Array(pack(trainable_state(policy), "fp16")).data})
 
 
 def rewrite(path: Path) -> None:
@@ -211,30 +219,30 @@ def test_warm_worker_reloads_for_new_inputs_and_is_replaced_for_another_app(demo
     base = Path(shutil.copytree(demo["base-policy"], tmp_path / "base"))
     dataset = Path(shutil.copytree(demo["datasets"]["node-0"], tmp_path / "node-0"))
     cameras = demo["cameras"]["node-0"]
-    request = evaluate_request(str(base), str(dataset), cameras)
+    requests = [evaluate_request(str(base), str(dataset), cameras)]  # the last is the one sent
 
-    def warm_flag(req: dict) -> float:
-        return warm.call(req, owner.pid)["metrics"]["warm"]
+    def warm_flag() -> float:
+        return warm.call(requests[-1], owner.pid).metrics["warm"]
 
-    assert (warm_flag(request), warm_flag(request)) == (0.0, 1.0)  # started, then found loaded
+    assert (warm_flag(), warm_flag()) == (0.0, 1.0)  # started, then found loaded
     (worker,) = pids_with(f"--owner-pid\0{owner.pid}\0".encode(), "cmdline")
     changes = {
-        "node settings": lambda: request["node_config"].update({"heldout-episodes": 1}),
+        "node settings": lambda: requests[-1].node_config.update({"heldout-episodes": 1}),
         "dataset files": lambda: rewrite(dataset / "meta" / "info.json"),
         "base policy files": lambda: rewrite(base / "model.safetensors"),
-        "base policy": lambda: request.update(evaluate_request(str(shutil.copytree(base, tmp_path / "base-2")), str(dataset),
-                                                               cameras, heldout=1)),
+        "base policy": lambda: requests.append(evaluate_request(str(shutil.copytree(base, tmp_path / "base-2")),
+                                                                str(dataset), cameras, heldout=1)),
     }
     for what, change in changes.items():
         change()
-        assert (warm_flag(request), warm_flag(request)) == (0.0, 1.0), what  # reloaded once, then warm again
+        assert (warm_flag(), warm_flag()) == (0.0, 1.0), what  # reloaded once, then warm again
     assert pids_with(f"--owner-pid\0{owner.pid}\0".encode(), "cmdline") == [worker]  # one process did all that
     # Another version of the app (Flower installs each in its own folder) gets a worker of its own,
     # and the old worker leaves so that only one holds a policy in memory.
     app = tmp_path / "app-v2"
     shutil.copytree(warm.APP_ROOT / "zk0", app / "zk0", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(warm, "APP_ROOT", app)
-    assert warm_flag(request) == 0.0
+    assert warm_flag() == 0.0
     wait_until(lambda: not alive(worker), 60, "the old app's worker to exit")
     (replacement,) = pids_with(f"--owner-pid\0{owner.pid}\0".encode(), "cmdline")
     assert replacement != worker and f"PYTHONPATH={app}".encode() in Path(f"/proc/{replacement}/environ").read_bytes()

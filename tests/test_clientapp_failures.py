@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,7 +28,8 @@ from zk0.server.strategy import Zk0FedProx
 ARRIVES = ["INFO :      SuperNode ID: 42", "INFO :      [RUN 7]", "INFO :      Receiving: train message (ID: ab)",
            "INFO :      Received successfully", "INFO :      Start `flwr-clientapp` process"]
 TOKEN_401 = [
-    "\x1b[91mERROR \x1b[0m:     [/v1/runtime/send-task-heartbeat][ApiError:1008] Runtime task-token authentication failed.",
+    "\x1b[91mERROR \x1b[0m:     [/v1/runtime/send-task-heartbeat][ApiError:1008] "
+    "Runtime task-token authentication failed.",
     "ERROR :     [/v1/runtime/pull-task-input][ApiError:1008] Runtime task-token authentication failed.",
     "INFO :      Task stopped.",
 ]
@@ -72,7 +74,8 @@ def test_a_clientapp_that_dies_silently_or_hangs_is_seen_in_the_process_table():
     assert died.report(1 + NO_APP_FOR - 0.1) == []
     died.observe(0, " (the last one was killed by SIGKILL)", 1 + NO_APP_FOR)
     (line,) = died.report(1 + NO_APP_FOR)
-    assert line.endswith(f"no ClientApp process has run for it for {NO_APP_FOR:.0f} s (the last one was killed by SIGKILL)"
+    assert line.endswith(f"no ClientApp process has run for it for {NO_APP_FOR:.0f} s "
+                         "(the last one was killed by SIGKILL)"
                          f"; Flower keeps retrying, zk0 gives up on node-1 if it has not started {GIVE_UP_AFTER:.0f} s "
                          "after the message arrived")
     hung = tracker_after(ARRIVES)
@@ -86,7 +89,8 @@ def test_the_server_names_a_node_given_up_on_and_why(tmp_path, monkeypatch):
     node it answers for, with zk0 local's reason rather than Flower's generic one."""
     for name in ("_run_id", "_node_id", "_task_id"):  # set by Flower inside a ServerApp
         monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
-    sent = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train") for node in (11, 22)]
+    sent = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+            for node in (11, 22)]
     for msg in sent:  # what Flower's push does
         msg.metadata.__dict__["_message_id"] = msg.object_id
     (tmp_path / FAULTS_FILE).write_text(json.dumps({"22": "node-1 (SuperNode 22) given up on by zk0 local: 401"}))
@@ -162,10 +166,8 @@ class Starver(threading.Thread):
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _at(stamp: str) -> datetime:
@@ -196,7 +198,8 @@ def test_a_node_whose_clientapp_cannot_start_is_reported_and_given_up_on(demo, t
     assert int(reports[0][3]) < 60
     assert any("Runtime task-token authentication failed" in r[4] for r in reports), reports
     (give_up,) = re.findall(r"^(\d\d:\d\d:\d\d) zk0 WARNING: node-1 \(SuperNode (\d+)\): giving up on the node: its "
-                            r"ClientApp has failed to start for (\d+) s since its (\w+) message arrived", res.stderr, re.M)
+                            r"ClientApp has failed to start for (\d+) s since its (\w+) message arrived",
+                            res.stderr, re.M)
     node_id = reports[0][1]
     assert give_up[1] == node_id and give_up[3] == reports[0][2]
     assert GIVE_UP_AFTER <= int(give_up[2]) <= GIVE_UP_AFTER + 2 * POLL + 1
@@ -206,7 +209,8 @@ def test_a_node_whose_clientapp_cannot_start_is_reported_and_given_up_on(demo, t
     assert "node-0" not in "".join(line for line in res.stderr.splitlines() if "failed to start" in line)
 
     # The ServerApp's log (streamed to stdout) names the node and why, and the round went on without it.
-    named = [line for line in res.stdout.splitlines() if f"node {node_id}" in line and "given up on by zk0 local" in line]
+    named = [line for line in res.stdout.splitlines()
+             if f"node {node_id}" in line and "given up on by zk0 local" in line]
     assert named and "node-1" in named[0] and "Runtime task-token authentication failed" in named[0], res.stdout[-3000:]
     elapsed = float(re.search(r"finished:completed after ([\d.]+)s", res.stderr).group(1))
     assert elapsed < 1800 / 2, "the run waited on ZK0_ROUND_TIMEOUT"

@@ -7,53 +7,36 @@ they fail instead, so CI can never pass them silently.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
+from compose_stack import (
+    CPU,
+    DEMO_ENV,
+    IMAGE,
+    ROOT,
+    Stack,
+    clean_env,
+    compose,
+    config,
+    dump_logs,
+    normal_priority,
+    outputs,
+    robot_dataset,
+    tls_files,
+)
 
-from zk0.deploy.local import free_port
 from zk0.settings import ServerSettings
-
-ROOT = Path(__file__).resolve().parents[1]
-IMAGE = os.environ.get("ZK0_IMAGE", "zk0:latest")
-CPU = ["-f", "compose.yaml", "-f", "compose.cpu.yaml"]
-DEMO_ENV = ["--env-file", "experiments/demo.env"]
 
 
 def _unavailable(reason: str):
     if os.environ.get("REQUIRE_DOCKER") == "1":
         pytest.fail(f"REQUIRE_DOCKER=1 but {reason}")
     pytest.skip(reason)
-
-
-def normal_priority() -> None:
-    """Run a child at normal priority. Under a realtime policy (seen here: the suite's process at
-    SCHED_FIFO 99) the Go programs docker and docker-compose livelock on two cores, spinning forever
-    and starving the test process whose timeout would stop them."""
-    if os.sched_getscheduler(0) != os.SCHED_OTHER:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-
-
-def compose(*args: str, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(["docker", "compose", *args], cwd=ROOT, env=env or _clean_env(), capture_output=True,
-                         text=True, timeout=timeout, preexec_fn=normal_priority)
-    if check and res.returncode != 0:
-        raise AssertionError(f"docker compose {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    # The developer's own ZK0_ / compose variables must not leak into what the test checks.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZK0_", "COMPOSE_", "WANDB_", "SUPERLINK_"))}
-    return {**env, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +48,6 @@ def compose_cli():
         _unavailable(f"no Docker Compose v2 plugin: {res.stderr.strip()}")
 
 
-def config(*args: str, env: dict | None = None) -> dict:
-    return json.loads(compose(*args, "config", "--format", "json", env=env).stdout)
-
-
 def test_gpu_variant_pins_four_distinct_gpus(compose_cli):
     cfg = config(*DEMO_ENV)
     ids = []
@@ -78,7 +57,7 @@ def test_gpu_variant_pins_four_distinct_gpus(compose_cli):
         ids += devices[0]["device_ids"]
     assert ids == ["0", "1", "2", "3"]
     # Each node's GPU comes from its own variable.
-    cfg = config(*DEMO_ENV, env=_clean_env(ZK0_NODE_2_GPU="7"))
+    cfg = config(*DEMO_ENV, env=clean_env(ZK0_NODE_2_GPU="7"))
     assert cfg["services"]["supernode-2"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["7"]
 
 
@@ -97,7 +76,9 @@ def test_tls_overlay_secures_every_connection(compose_cli):
     cfg = config(*DEMO_ENV, *CPU, "-f", "compose.tls.yaml")["services"]
     link = cfg["superlink"]["command"]
     assert "--insecure" not in link and "--enable-supernode-auth" in link
-    assert {"--ssl-ca-certfile=/tls/ca.crt", "--ssl-certfile=/tls/superlink.crt", "--ssl-keyfile=/tls/superlink.key"} <= set(link)
+    tls_args = {"--ssl-ca-certfile=/tls/ca.crt", "--ssl-certfile=/tls/superlink.crt",
+                "--ssl-keyfile=/tls/superlink.key"}
+    assert tls_args <= set(link)
     keys = set()
     for i in range(4):
         cmd = cfg[f"supernode-{i}"]["command"]
@@ -105,7 +86,8 @@ def test_tls_overlay_secures_every_connection(compose_cli):
         keys.add(cmd[cmd.index("--auth-key") + 1])
         assert cfg[f"supernode-{i}"]["depends_on"]["register"]["condition"] == "service_completed_successfully"
     assert len(keys) == 4  # one key pair per node
-    assert "--insecure" not in cfg["serverapp"]["command"] and "--root-certificates=/tls/ca.crt" in cfg["serverapp"]["command"]
+    serverapp = cfg["serverapp"]["command"]
+    assert "--insecure" not in serverapp and "--root-certificates=/tls/ca.crt" in serverapp
     assert "--root-certificates" in cfg["submit"]["command"]
     assert "register-keys.sh" in " ".join(cfg["register"]["entrypoint"])
 
@@ -123,7 +105,7 @@ def test_every_variable_has_a_default_or_a_message():
 
 
 def test_missing_dataset_variable_is_named(compose_cli):
-    res = compose("--env-file", "/dev/null", "config", env=_clean_env(), check=False)  # nothing set
+    res = compose("--env-file", "/dev/null", "config", env=clean_env(), check=False)  # nothing set
     assert res.returncode != 0
     assert re.search(r"ZK0_NODE_\d_DATASET", res.stderr) and "LeRobot dataset" in res.stderr, res.stderr
 
@@ -132,7 +114,7 @@ def test_submit_service_carries_every_server_setting(compose_cli):
     env = config(*DEMO_ENV, *CPU)["services"]["submit"]["environment"]
     assert ServerSettings.env_names() <= set(env)
     assert env["ZK0_PROXIMAL_MU"] == "0.01" and env["ZK0_OUTPUT_DIR"] == "outputs/demo"
-    serverapp = config(*DEMO_ENV, *CPU, env=_clean_env(WANDB_RUN_ID="abc123", HF_TOKEN="hf_x"))["services"]["serverapp"]
+    serverapp = config(*DEMO_ENV, *CPU, env=clean_env(WANDB_RUN_ID="abc123", HF_TOKEN="hf_x"))["services"]["serverapp"]
     assert serverapp["environment"]["WANDB_RUN_ID"] == "abc123" and serverapp["environment"]["HF_TOKEN"] == "hf_x"
 
 
@@ -151,57 +133,13 @@ def test_env_example_documents_every_variable():
 # --- a real Docker engine from here on -------------------------------------------------------------
 
 
-class Stack:
-    """One Compose project of the CPU variant with the demo env-file; torn down with its volumes."""
-
-    def __init__(self, project: str):
-        self.project = project
-        self.port = free_port()
-        self.base = ["-p", project, *DEMO_ENV, *CPU]
-
-    def env(self, **settings: str) -> dict[str, str]:
-        return _clean_env(SUPERLINK_PORT=str(self.port), ZK0_IMAGE=IMAGE, **settings)
-
-    def __call__(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-        return compose(*self.base, *args, env=env or self.env(), **kw)
-
-    def overlay(self, *files: str) -> Stack:
-        """The same project with more Compose files on top (e.g. compose.tls.yaml)."""
-        other = copy.copy(self)
-        other.base = [*self.base, *(arg for f in files for arg in ("-f", f))]
-        return other
-
-    def run(self, env: dict, timeout: float = 1500) -> tuple[int, float]:
-        """`up -d`, then wait for the submit service; its exit code and the wall time from `up`."""
-        started = time.monotonic()
-        self("up", "-d", env=env, timeout=900)
-        res = self("wait", "submit", env=env, timeout=timeout, check=False)
-        # Compose prints the exit code alone, or 'container "ID" exited with status code N' (2.26).
-        found = re.search(r"(\d+)\s*$", res.stdout.strip())
-        code = int(found.group(1)) if found else -1
-        return code, time.monotonic() - started
-
-    def logs(self, service: str) -> str:
-        return self("logs", "--no-log-prefix", "--no-color", service, check=False).stdout
-
-    def read_outputs(self, script: str) -> dict:
-        """Run a Python script in the image with the outputs volume mounted; its stdout as JSON."""
-        res = subprocess.run(
-            ["docker", "run", "--rm", "-v", f"{self.project}_outputs:/work/outputs:ro",
-             "-v", f"{self.project}_demo-data:/work/demo-data:ro", "-e", "HF_HUB_OFFLINE=1", IMAGE, "python", "-c", script],
-            capture_output=True, text=True, timeout=600, preexec_fn=normal_priority,
-        )
-        assert res.returncode == 0, res.stderr[-3000:]
-        return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def stack(compose_cli):
     docker = pytest.importorskip("docker")
     try:
         client = docker.from_env()
         client.ping()
-    except Exception as err:  # no daemon socket, permission denied, ...
+    except Exception as err:  # noqa: BLE001 - no daemon socket, permission denied, ...: reported as the reason
         _unavailable(f"no Docker engine reachable: {err}")
     try:
         client.images.get(IMAGE)
@@ -215,61 +153,27 @@ def stack(compose_cli):
     s("down", "-v", "--remove-orphans", "--timeout", "5", check=False, timeout=300)
 
 
-def dump_logs(stack: Stack, services=("submit", "serverapp", "supernode-0", "superlink")) -> str:
-    return "\n".join(f"--- {s} ---\n{stack.logs(s)[-2500:]}" for s in services)
-
-
-OUTPUTS_SCRIPT = """
-import json, pathlib
-out = pathlib.Path("/work/outputs/{name}")
-history = json.loads((out / "history.json").read_text())
-ckpt = out / "checkpoints" / "round-{last:03d}"
-from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-from lerobot.policies.factory import make_pre_post_processors
-policy = SmolVLAPolicy.from_pretrained(str(ckpt))
-pre, post = make_pre_post_processors(policy.config, pretrained_path=str(ckpt))
-print(json.dumps({{
-    "rounds": [r["round"] for r in history],
-    "contributors": {{r["round"]: sorted(c["name"] for c in r["clients"].values() if "train" in c) for r in history}},
-    "server_loss": {{r["round"]: r["server_eval"]["policy_loss"] for r in history if r.get("server_eval")}},
-    "files": sorted(str(p.relative_to(out)) for p in out.glob("*.json")),
-    "checkpoints": sorted(p.name for p in (out / "checkpoints").iterdir()),
-    "parameters": sum(p.numel() for p in policy.parameters()),
-}}))
-"""
-
-
-def outputs(stack: Stack, name: str, last: int) -> dict:
-    return stack.read_outputs(OUTPUTS_SCRIPT.format(name=name, last=last))
-
-
-def tls_files(directory: Path) -> Path:
-    """compose.tls.yaml's files for the four nodes (SAN `superlink`, the name they dial), and a fifth key
-    pair kept out of supernodes/*.pub so that the `register` service never registers it."""
-    subprocess.run([str(ROOT / "superlink" / "make-certs.sh"), "-n", "5", str(directory), "superlink"], check=True,
-                   capture_output=True, timeout=120)
-    (directory / "supernodes" / "node-4.pub").rename(directory / "stranger.pub")
-    subprocess.run(["chown", "-R", "1000:1000", str(directory)], check=True)  # the image's zk0 user reads them
-    return directory
-
-
 def test_compose_demo_runs_two_rounds_on_cpu_with_tls_and_node_auth(stack, tmp_path):
     """The CPU demo behind compose.tls.yaml: node keys registered, two rounds, a stranger's key refused.
     The stack without TLS runs whole in the tests below."""
     tls = stack.overlay("compose.tls.yaml")
-    env = stack.env(ZK0_NUM_ROUNDS="2", ZK0_LOCAL_STEPS="5", ZK0_OUTPUT_DIR="outputs/two-rounds", ZK0_ROUND_TIMEOUT="900",
+    env = stack.env(ZK0_NUM_ROUNDS="2", ZK0_LOCAL_STEPS="5", ZK0_OUTPUT_DIR="outputs/two-rounds",
+                    ZK0_ROUND_TIMEOUT="900",
                     ZK0_TLS_DIR=str(tls_files(tmp_path / "certs")))
     code, wall = tls.run(env)
     print(f"docker compose up -> two-round demo with TLS finished: {wall:.0f}s")
     assert code == 0, dump_logs(tls, ("register", "submit", "serverapp", "supernode-0", "superlink"))
     assert "finished:completed" in tls.logs("submit")
-    assert sorted(re.findall(r"registered /tls/supernodes/(node-\d)\.pub", tls.logs("register"))) == [f"node-{i}" for i in range(4)]
+    registered = re.findall(r"registered /tls/supernodes/(node-\d)\.pub", tls.logs("register"))
+    assert sorted(registered) == [f"node-{i}" for i in range(4)]
     # A SuperNode whose key was never registered reaches the TLS SuperLink and is refused by node auth.
     stranger = tls("run", "--rm", "--no-deps", "-T", "supernode-3", "zk0", "supernode", "--index", "3",
                    "--superlink", "superlink:8000",
-                   "--root-certificates", "/tls/ca.crt", "--auth-key", "/tls/supernodes/node-4", "--connect-tries", "10",
+                   "--root-certificates", "/tls/ca.crt", "--auth-key", "/tls/supernodes/node-4",
+                   "--connect-tries", "10",
                    env=env, timeout=300, check=False)
-    assert stranger.returncode != 0 and "Failed to activate SuperNode" in stranger.stdout + stranger.stderr, stranger.stderr[-3000:]
+    refused = "Failed to activate SuperNode" in stranger.stdout + stranger.stderr
+    assert stranger.returncode != 0 and refused, stranger.stderr[-3000:]
     got = outputs(stack, "two-rounds", 2)
     assert got["rounds"] == [0, 1, 2]
     assert {"history.json", "round-000.json", "round-001.json", "round-002.json"} <= set(got["files"])
@@ -280,23 +184,13 @@ def test_compose_demo_runs_two_rounds_on_cpu_with_tls_and_node_auth(stack, tmp_p
     assert set(got["server_loss"]) == {"0", "1", "2"}
 
 
-def _robot_dataset(stack: Stack) -> Path:
-    """A SO-100 dataset on this host's disk, as a robot host has one: node-1's, copied out of the volume."""
-    host_dir = Path(tempfile.mkdtemp(prefix="zk0-robot-"))
-    stack.client.containers.run(
-        IMAGE, ["sh", "-c", "cp -r /work/demo-data/datasets/node-1/. /robot/"], remove=True, user="0",
-        volumes={f"{stack.project}_demo-data": {"bind": "/work/demo-data", "mode": "ro"}, str(host_dir): {"bind": "/robot", "mode": "rw"}},
-    )
-    subprocess.run(["chmod", "-R", "a+rX", str(host_dir)], check=True)
-    return host_dir
-
-
 def test_a_remote_host_joins_with_docker_run(stack):
     """A fifth SuperNode started with plain `docker run` of the same image, as on a robot's host."""
-    env = stack.env(ZK0_NUM_ROUNDS="1", ZK0_LOCAL_STEPS="3", ZK0_MIN_NODES="5", ZK0_OUTPUT_DIR="outputs/remote-host", ZK0_ROUND_TIMEOUT="900")
+    env = stack.env(ZK0_NUM_ROUNDS="1", ZK0_LOCAL_STEPS="3", ZK0_MIN_NODES="5", ZK0_OUTPUT_DIR="outputs/remote-host",
+                    ZK0_ROUND_TIMEOUT="900")
     stack("up", "-d", "superlink", env=env, timeout=900)
     stack("up", "demo", env=env, timeout=900)  # attached: returns once the one-shot demo service exited
-    data = _robot_dataset(stack)
+    data = robot_dataset(stack)
     try:
         # supernodes/join.sh: one plain `docker run` of the image. Host networking and the SuperLink's
         # published port: the robot host reaches the workstation by address.
@@ -307,7 +201,7 @@ def test_a_remote_host_joins_with_docker_run(stack):
              "--network", "host", "--label", f"zk0test={stack.project}", "-e", "ZK0_TORCH_THREADS=1",
              # the base policy, as a robot host has it (from the Hub in real life)
              "-v", f"{stack.project}_demo-data:/work/demo-data:ro"],
-            env=_clean_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120, preexec_fn=normal_priority,
+            env=clean_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120, preexec_fn=normal_priority,
         )
         assert join.returncode == 0, join.stderr
         robot = stack.client.containers.get(f"{stack.project}-robot")
@@ -322,7 +216,8 @@ def test_a_remote_host_joins_with_docker_run(stack):
 
 def test_killed_supernode_container_rejoins(stack):
     """`docker kill` one SuperNode mid-round, `docker compose up -d` it again: nothing is lost."""
-    env = stack.env(ZK0_NUM_ROUNDS="3", ZK0_LOCAL_STEPS="20", ZK0_MIN_NODES="3", ZK0_OUTPUT_DIR="outputs/kill-node", ZK0_ROUND_TIMEOUT="900")
+    env = stack.env(ZK0_NUM_ROUNDS="3", ZK0_LOCAL_STEPS="20", ZK0_MIN_NODES="3", ZK0_OUTPUT_DIR="outputs/kill-node",
+                    ZK0_ROUND_TIMEOUT="900")
     for c in stack.client.containers.list(all=True, filters={"label": f"zk0test={stack.project}"}):
         c.stop(timeout=30)  # only the four compose nodes in this scenario
         c.remove(force=True)

@@ -79,7 +79,8 @@ def test_dataset_format(assets, name):
 def test_the_demo_looks_like_the_real_thing(assets):
     import json
 
-    versions = {n: json.loads((p / "meta" / "info.json").read_text())["codebase_version"] for n, p in assets["datasets"].items()}
+    versions = {n: json.loads((p / "meta" / "info.json").read_text())["codebase_version"]
+                for n, p in assets["datasets"].items()}
     assert versions["node-3"] == "v2.1" and versions["node-0"] == "v3.0"
     assert {DEMO_SETS[n].fps for n in assets["datasets"]} == {15, 30}
     assert min(len(s.cameras) for s in DEMO_SETS.values()) == 1

@@ -33,6 +33,18 @@ def wait_until(predicate, timeout: float, what: str):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def popen_logged(cmd: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+    """Start `cmd` with stdout and stderr to `log_path` (the child keeps its own copy of the file)."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+
+
+def superlink_port(out: Path) -> int:
+    """The port of the SuperLink that `zk0 local` started for OUTPUT_DIR `out`."""
+    config = tomllib.loads((out / "local" / "flwr-home" / "config.toml").read_text())
+    return int(config["superlink"]["local"]["address"].rsplit(":", 1)[1])
+
+
 def supernode_pid(port: int, name: str) -> int | None:
     """The pid of this test's SuperNode called `name` (matched on the SuperLink port it uses)."""
     for proc in Path("/proc").iterdir():
@@ -52,23 +64,20 @@ def test_killed_node_is_left_out_then_rejoins(demo, tmp_path):
     out = tmp_path / "out"
     env_file = write_env(tmp_path / "faults.env", demo, out, ZK0_MIN_NODES=3, ZK0_LOCAL_STEPS=20)
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-    run = subprocess.Popen([*ZK0, "local", "--env-file", str(env_file)], env=env,
-                           stdout=open(tmp_path / "zk0.log", "wb"), stderr=subprocess.STDOUT)
+    run = popen_logged([*ZK0, "local", "--env-file", str(env_file)], tmp_path / "zk0.log", env=env)
     restarted = None
     try:
         log = out / "local" / "logs" / "supernode-2.log"
         wait_until(lambda: log.exists() and "step 5/20" in log.read_text(), 600, "node-2 training round 1")
-        config = tomllib.loads((out / "local" / "flwr-home" / "config.toml").read_text())
-        port = int(config["superlink"]["local"]["address"].rsplit(":", 1)[1])
-        pid = supernode_pid(port, "node-2")
+        pid = supernode_pid(superlink_port(out), "node-2")
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-        node_env = dict(line.split(b"=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in line)
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        node_env = dict(line.split(b"=", 1) for line in environ if b"=" in line)
         os.killpg(pid, signal.SIGKILL)  # the robot host loses power: the node and its app process
         # Only once the process has ended are its ports free again (an exit can take seconds under load).
         wait_until(lambda: not _running(pid), 60, "the killed SuperNode to end")
         # The host comes back and starts the same SuperNode again.
-        restarted = subprocess.Popen(cmdline, env=node_env, start_new_session=True,
-                                     stdout=open(tmp_path / "node-2-again.log", "wb"), stderr=subprocess.STDOUT)
+        restarted = popen_logged(cmdline, tmp_path / "node-2-again.log", env=node_env, start_new_session=True)
         assert run.wait(timeout=900) == 0, (tmp_path / "zk0.log").read_text()[-3000:]
     finally:
         for proc in (run, restarted):
@@ -100,37 +109,23 @@ def serverapp_pid(port: int) -> int | None:
     return find_pid("flwr-serverapp", f"127.0.0.1:{port} ")
 
 
-def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp_path):
-    from safetensors.torch import load_file
-    from wandb_reader import read_offline_run
-
-    out = tmp_path / "out"
-    env_file = write_env(tmp_path / "resume.env", demo, out)  # the same experiment as `finished_run`
-    # No WANDB_RUN_ID: the restarted ServerApp must find the run's id in OUTPUT_DIR by itself.
-    env_file.write_text("".join(line for line in env_file.read_text().splitlines(True) if not line.startswith("WANDB_RUN_ID=")))
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_RUN_ID")}
-    first = subprocess.Popen([*ZK0, "local", "--env-file", str(env_file)], env=env,
-                             stdout=open(tmp_path / "first.log", "wb"), stderr=subprocess.STDOUT)
+def _kill_serverapp_in_round_2(env_file: Path, env: dict[str, str], out: Path, log_path: Path) -> None:
+    """Run the experiment and SIGKILL its ServerApp once round 2 has started; the run must report failure."""
+    first = popen_logged([*ZK0, "local", "--env-file", str(env_file)], log_path, env=env)
     try:
         wait_until(lambda: (out / "round-002.json").exists(), 600, "round 2 to start")
-        config = tomllib.loads((out / "local" / "flwr-home" / "config.toml").read_text())
-        port = int(config["superlink"]["local"]["address"].rsplit(":", 1)[1])
+        port = superlink_port(out)
         os.kill(wait_until(lambda: serverapp_pid(port), 60, "the ServerApp process"), signal.SIGKILL)
         assert first.wait(timeout=300) != 0  # the run is reported failed, not completed
     finally:
         if first.poll() is None:
             first.kill()
-    # What the killed run left: the restart must take up after its newest checkpoint (round 1 at least).
-    done = max(int(p.name.removeprefix("round-")) for p in (out / "checkpoints").glob("round-*"))
-    run_id = (out / "wandb-run-id.txt").read_text().strip()
-    second = subprocess.run([*ZK0, "local", "--env-file", str(env_file)], env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    output = second.stdout + second.stderr  # ServerApp lines come through `flwr log`
-    assert done >= 1 and f"resuming after round {done} of 3 (checkpoint {out / 'checkpoints' / f'round-{done:03d}'})" in output
-    assert "no checkpoint in" not in output
-    history = json.loads((out / "history.json").read_text())
-    assert [r["round"] for r in history] == [0, 1, 2, 3]
-    assert all(len(r["contributors"]) == 4 for r in history[1:])
+
+
+def _one_wandb_run(out: Path, run_id: str, done: int, history: list[dict]) -> dict:
+    """Check the WandB run across the restart; the resumed run's rows by step."""
+    from wandb_reader import read_offline_run
+
     # One WandB run across the restart, with every round. The killed ServerApp's WandB service died with it
     # before writing what it was sent, so the resumed server logs the finished rounds again (in offline
     # mode its run starts at step 0; a resumed online run skips the steps it holds).
@@ -141,6 +136,33 @@ def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp
     assert set(before) <= set(range(done + 1)) and sorted(after) == [0, 1, 2, 3] and exit_code == 0
     for step, row in [*before.items(), *after.items()]:
         assert row["server/policy_loss"] == history[step]["server_eval"]["policy_loss"], step
+    return after
+
+
+def test_killed_serverapp_resumes_without_losing_a_round(demo, finished_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    env_file = write_env(tmp_path / "resume.env", demo, out)  # the same experiment as `finished_run`
+    # No WANDB_RUN_ID: the restarted ServerApp must find the run's id in OUTPUT_DIR by itself.
+    lines = env_file.read_text().splitlines(True)
+    env_file.write_text("".join(line for line in lines if not line.startswith("WANDB_RUN_ID=")))
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_RUN_ID")}
+    _kill_serverapp_in_round_2(env_file, env, out, tmp_path / "first.log")
+    # What the killed run left: the restart must take up after its newest checkpoint (round 1 at least).
+    done = max(int(p.name.removeprefix("round-")) for p in (out / "checkpoints").glob("round-*"))
+    run_id = (out / "wandb-run-id.txt").read_text().strip()
+    second = subprocess.run([*ZK0, "local", "--env-file", str(env_file)], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    output = second.stdout + second.stderr  # ServerApp lines come through `flwr log`
+    resumed_from = out / "checkpoints" / f"round-{done:03d}"
+    assert done >= 1 and f"resuming after round {done} of 3 (checkpoint {resumed_from})" in output
+    assert "no checkpoint in" not in output
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert all(len(r["contributors"]) == 4 for r in history[1:])
+    after = _one_wandb_run(out, run_id, done, history)
     # Every model's node evaluations, the checkpointed one's by the resumed run's first train message, in the
     # records and at their WandB step, as the uninterrupted run's.
     _, reference_out = finished_run
@@ -168,14 +190,12 @@ def test_restarted_superlink_keeps_the_experiment_going(demo, tmp_path):
     env_file = write_env(tmp_path / "superlink.env", demo, out, nodes=2, ZK0_NUM_ROUNDS=2, ZK0_LOCAL_STEPS=8,
                          ZK0_MIN_NODES=2, ZK0_EVAL_BATCHES=1, WANDB_MODE="disabled")
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-    run = subprocess.Popen([*ZK0, "local", "--env-file", str(env_file)], env=env,
-                           stdout=open(tmp_path / "zk0.log", "wb"), stderr=subprocess.STDOUT)
+    run = popen_logged([*ZK0, "local", "--env-file", str(env_file)], tmp_path / "zk0.log", env=env)
     try:
         # Round 1 is checkpointed and round 2 under way when the SuperLink's host goes down.
-        wait_until(lambda: (out / "checkpoints" / "round-001" / "model.safetensors").is_file(), 600, "round 1 checkpoint")
-        config = tomllib.loads((out / "local" / "flwr-home" / "config.toml").read_text())
-        port = int(config["superlink"]["local"]["address"].rsplit(":", 1)[1])
-        os.kill(superlink_pid(port), signal.SIGKILL)
+        checkpoint = out / "checkpoints" / "round-001" / "model.safetensors"
+        wait_until(checkpoint.is_file, 600, "round 1 checkpoint")
+        os.kill(superlink_pid(superlink_port(out)), signal.SIGKILL)
         assert run.wait(timeout=900) == 0, (tmp_path / "zk0.log").read_text()[-3000:]
     finally:
         if run.poll() is None:

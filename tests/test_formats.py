@@ -53,7 +53,8 @@ def write_v21(root: Path) -> Path:
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
     """Every file under root with its size, mtime and content hash."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 

@@ -132,7 +132,8 @@ def test_every_mistake_of_an_env_file_is_refused_at_once_before_anything_starts(
     assert res.returncode == 2 and "5 problem(s)" in res.stderr, res.stderr
     lines = env_file.read_text().splitlines()
     for needle, variable in [
-        ("unknown variable(s) ZK0_PROXIMAL_MUU", "ZK0_PROXIMAL_MUU"), ("ZK0_NUM_ROUNDS (run/node config", "ZK0_NUM_ROUNDS"),
+        ("unknown variable(s) ZK0_PROXIMAL_MUU", "ZK0_PROXIMAL_MUU"),
+        ("ZK0_NUM_ROUNDS (run/node config", "ZK0_NUM_ROUNDS"),
         ("/nonexistent/so100): no LeRobot dataset there", "ZK0_NODE_2_DATASET"),
         ("ZK0_NODE_1_CAMERAS (run/node config 'cameras')", "ZK0_NODE_1_CAMERAS"),
         ("holding out 6 of its 6 episodes", "ZK0_NODE_3_HELDOUT_EPISODES"),

@@ -15,7 +15,8 @@ def test_load_policy_equals_lerobots_own_loading(demo, caplog):
     config = PreTrainedConfig.from_pretrained(path)
     config.device = "cpu"
     plain = SmolVLAPolicy.from_pretrained(path, config=config)
-    for mine, theirs in ((fast.state_dict(), plain.state_dict()), (dict(fast.named_buffers()), dict(plain.named_buffers()))):
+    pairs = ((fast.state_dict(), plain.state_dict()), (dict(fast.named_buffers()), dict(plain.named_buffers())))
+    for mine, theirs in pairs:
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]

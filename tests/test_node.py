@@ -22,7 +22,8 @@ def small_dataset(root, *, action_dim: int, with_images: bool) -> str:
         "action": {"dtype": "float32", "shape": (action_dim,), "names": None},
     }
     if with_images:
-        features["observation.images.front"] = {"dtype": "image", "shape": (64, 64, 3), "names": ["height", "width", "channels"]}
+        features["observation.images.front"] = {"dtype": "image", "shape": (64, 64, 3),
+                                                "names": ["height", "width", "channels"]}
     ds = LeRobotDataset.create("local/bad", fps=10, features=features, root=root, use_videos=False)
     for _ in range(3):
         frame = {"observation.state": np.zeros(6, np.float32), "action": np.zeros(action_dim, np.float32), "task": "t"}
@@ -51,7 +52,8 @@ def test_node_with_another_base_policy_refuses(demo, base):
 
 def test_dataset_with_wrong_action_size_is_named(tmp_path, base):
     path, state, fp = base
-    node = NodeSettings.load(dataset=small_dataset(tmp_path / "arm5", action_dim=5, with_images=True), cameras="front=camera1")
+    dataset = small_dataset(tmp_path / "arm5", action_dim=5, with_images=True)
+    node = NodeSettings.load(dataset=dataset, cameras="front=camera1")
     with pytest.raises(DatasetError, match=r"action has 5 values, the policy expects 6"):
         open_session(node, path, state, seed=0, fingerprint=fp)
 
@@ -65,7 +67,8 @@ def test_dataset_without_cameras_is_named(tmp_path, base):
 
 def test_heldout_split_that_leaves_nothing_is_named(demo, base):
     path, state, fp = base
-    node = NodeSettings.load(dataset=str(demo["datasets"]["node-1"]), cameras=demo["cameras"]["node-1"], heldout_episodes=99)
+    node = NodeSettings.load(dataset=str(demo["datasets"]["node-1"]), cameras=demo["cameras"]["node-1"],
+                             heldout_episodes=99)
     with pytest.raises(DatasetError, match="nothing to train on"):
         open_session(node, path, state, seed=0, fingerprint=fp)
 
@@ -90,6 +93,7 @@ def test_corrupt_video_frames_are_skipped_and_counted_up_to_a_bound(demo, base, 
     _, metrics = train_on_node(open_session(node, path, state, seed=0, fingerprint=fp), plan, 16, seed=0)
     assert 0 < metrics["skipped_samples"] <= 60 and metrics["steps"] == 12
     assert metrics["samples"] == 12 * 16 - metrics["skipped_samples"]
-    strict = NodeSettings.load(dataset=dataset, cameras=demo["cameras"]["node-0"], heldout_episodes=0, max_bad_samples=3)
+    strict = NodeSettings.load(dataset=dataset, cameras=demo["cameras"]["node-0"], heldout_episodes=0,
+                               max_bad_samples=3)
     with pytest.raises(DatasetError, match=r"4 samples could not be read, more than ZK0_MAX_BAD_SAMPLES=3"):
         train_on_node(open_session(strict, path, state, seed=0, fingerprint=fp), plan, 16, seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -72,10 +73,14 @@ def wait_until(check, timeout: float, every: float = 0.2) -> bool:
 def end_leftovers(mark: str) -> None:
     """Kill what a failed test left behind, so it does not load the rest of the suite."""
     for pid in started_by(mark):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+
+def popen_logged(cmd: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+    """Start `cmd` with stdout and stderr to `log_path` (the child keeps its own copy of the file)."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **kwargs)
 
 
 def free_port() -> int:
@@ -98,8 +103,7 @@ def test_kill_9_of_zk0_local_leaves_nothing_and_the_rerun_resumes(demo, tmp_path
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
     cmd = [*ZK0, "local", "--env-file", str(env_file)]
     first, mark = tmp_path / "first.log", uuid.uuid4().hex
-    run = subprocess.Popen(cmd, env={**env, MARK: mark}, stdout=open(first, "wb"), stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    run = popen_logged(cmd, first, env={**env, MARK: mark}, start_new_session=True)
     try:
         # Killed in round 2: after round 1's checkpoint, once the nodes have their next messages.
         round_1 = out / "checkpoints" / "round-001" / "zk0.json"
@@ -142,8 +146,8 @@ def test_sigterm_stops_zk0_local_in_order_and_leaves_nothing(demo, tmp_path):
     env_file = write_env(tmp_path / "demo.env", demo, out, nodes=1, ZK0_MIN_NODES=1, WANDB_MODE="disabled")
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
     log, mark = tmp_path / "zk0.log", uuid.uuid4().hex
-    run = subprocess.Popen([*ZK0, "local", "--env-file", str(env_file)], env={**env, MARK: mark},
-                           stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    run = popen_logged([*ZK0, "local", "--env-file", str(env_file)], log, env={**env, MARK: mark},
+                       start_new_session=True)
     try:
         started = wait_until(lambda: running(mark, "flwr-serverapp") or run.poll() is not None, 600, every=0.5)
         assert started, log.read_text()[-3000:]
@@ -169,9 +173,8 @@ def test_kill_9_of_zk0_supernode_ends_its_superexec_and_warm_worker(demo, tmp_pa
         # Stands in for the SuperLink: `zk0 supernode` only checks that it accepts; Flower then keeps retrying.
         superlink.bind(("127.0.0.1", 0))
         superlink.listen()
-        node = subprocess.Popen([*ZK0, "supernode", "--superlink", f"127.0.0.1:{superlink.getsockname()[1]}",
-                                 "--port", str(free_port())], env=node_env, stdout=open(tmp_path / "node.log", "wb"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        node = popen_logged([*ZK0, "supernode", "--superlink", f"127.0.0.1:{superlink.getsockname()[1]}",
+                             "--port", str(free_port())], tmp_path / "node.log", env=node_env, start_new_session=True)
         try:
             started = wait_until(lambda: running(mark, "flower-superexec"), 300, every=0.5)
             assert started, (tmp_path / "node.log").read_text()[-3000:]

@@ -3,6 +3,7 @@ scored on the same held-out batches as the global model, and the node's session 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,58 +15,112 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
 from zk0.lora import Adapter
 from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
+from zk0.node.messages import NodeRequest
+from zk0.node.personal import checkpoint_steps, validation_split
 from zk0.node.session import NodeWorker
 from zk0.server.adaptive import next_mu, round_losses
 from zk0.settings import ServerSettings, SettingsError
 from zk0.wire import PACKED, layout_fingerprint, pack
 
 
-def evaluate_request(demo, tmp_path, adapter: Adapter = Adapter(), **changes) -> dict:
+def evaluate_request(demo, tmp_path, adapter: Adapter | None = None, **changes) -> NodeRequest:
     """An evaluate message as the ClientApp hands it over, for the last of 3 rounds, personalisation on."""
-    base = str(demo["base-policy"])
+    base, adapter = str(demo["base-policy"]), adapter or Adapter()
     policy = load_policy(base, "cpu", adapter)
     config = {
-        "wire-format": "fp16", "base-policy": base, "seed": 0, "base-fingerprint": frozen_fingerprint(policy),
+        "wire-format": "fp32", "base-policy": base, "seed": 0, "base-fingerprint": frozen_fingerprint(policy),
         "weights-layout": layout_fingerprint(trainable_shapes(policy), adapter.tag()), **adapter.to_config(),
         "server-round": 3, "local-steps": 2, "total-steps": 6, "learning-rate": 1e-3, "batch-size": 4,
-        "eval-batches": 1, "personalize-steps": 2, "personalize-mu": 0.01, **changes,
+        "eval-batches": 1, "personalize-steps": 3, "personalize-mu": 0.01, **changes,
     }
     node = {"dataset": str(demo["datasets"]["node-0"]), "cameras": demo["cameras"]["node-0"], "torch-threads": 1,
             "personal-dir": str(tmp_path / "personal")}
-    arrays = {PACKED: Array(pack(trainable_state(policy), "fp16")).data}
-    return {"op": "evaluate", "node_config": node, "config": config, "arrays": arrays}
+    arrays = {PACKED: Array(pack(trainable_state(policy), "fp32")).data}  # exactly the base weights
+    return NodeRequest("evaluate", node, config, arrays)
 
 
-def test_last_round_keeps_a_personal_model_and_the_session_goes_on_with_the_global_one(demo, tmp_path):
+def with_config(request: NodeRequest, **changes) -> NodeRequest:
+    """The same request with some of its Flower config changed."""
+    return dataclasses.replace(request, config={**request.config, **changes})
+
+
+def saved(tmp_path) -> tuple[dict, dict]:
+    """The kept model's zk0.json and trainable weights, loaded with plain LeRobot (processors included)."""
+    path = tmp_path / "personal" / "round-003"
+    loaded = SmolVLAPolicy.from_pretrained(str(path))
+    make_pre_post_processors(PreTrainedConfig.from_pretrained(str(path)), pretrained_path=str(path))
+    return json.loads((path / "zk0.json").read_text()), trainable_state(loaded)
+
+
+def differs(a: dict, b: dict) -> bool:
+    return any(not (a[k] == v).all() for k, v in b.items())
+
+
+def test_validation_split_comes_from_the_training_episodes_only():
+    fit, val = validation_split([0, 2, 3, 5, 6, 7], seed=4)
+    assert len(val) == 2 and sorted(fit + val) == [0, 2, 3, 5, 6, 7] and not set(fit) & set(val)
+    assert validation_split([0, 2, 3, 5, 6, 7], seed=4) == (fit, val)  # drawn from the seed
+    assert validation_split([1, 4], seed=0) == ([1, 4], [])  # one left to fine-tune on: no split
+    assert checkpoint_steps(30) == [10, 20, 30] and checkpoint_steps(2) == [1, 2]
+
+
+def test_last_round_keeps_the_model_that_validates_best_and_the_session_goes_on_with_the_global_one(demo, tmp_path):
     worker, request = NodeWorker(), evaluate_request(demo, tmp_path)
-    earlier = worker.handle({**request, "config": {**request["config"], "server-round": 2}})["metrics"]
+    earlier = worker.handle(with_config(request, **{"server-round": 2})).metrics
     assert not any(k.startswith("personal_") for k in earlier)  # not the last round: nothing personal
     assert not (tmp_path / "personal").exists()
 
-    metrics = worker.handle(request)["metrics"]
+    metrics = worker.handle(request).metrics
     assert metrics["policy_loss"] == earlier["policy_loss"]  # the global model, scored as before
-    assert metrics["personal_steps"] == 2 and metrics["personal_num-samples"] == metrics["num-samples"]
-    assert math.isfinite(metrics["personal_policy_loss"]) and metrics["personal_policy_loss"] != metrics["policy_loss"]
+    assert metrics["personal_trained_steps"] == 3 and metrics["personal_val_episodes"] == 1
+    assert metrics["personal_num-samples"] == metrics["num-samples"]
+    assert math.isfinite(metrics["personal_tuned_policy_loss"])
     # The warm session holds the global weights again: a later message scores exactly what it did before.
-    again = worker.handle({**request, "config": {**request["config"], "personalize-steps": 0}})["metrics"]
+    again = worker.handle(with_config(request, **{"personalize-steps": 0})).metrics
     assert again["policy_loss"] == earlier["policy_loss"]
 
-    # Plain LeRobot loads it, processors included, and it holds the personal weights, not the global ones.
-    path = tmp_path / "personal" / "round-003"
-    info = json.loads((path / "zk0.json").read_text())
+    info, personal = saved(tmp_path)
     assert info["heldout"]["personal"]["policy_loss"] == metrics["personal_policy_loss"]
-    assert info["personalize_steps"] == 2
-    loaded = SmolVLAPolicy.from_pretrained(str(path))
-    make_pre_post_processors(PreTrainedConfig.from_pretrained(str(path)), pretrained_path=str(path))
-    global_state, personal = trainable_state(load_policy(str(demo["base-policy"]), "cpu")), trainable_state(loaded)
-    assert any(not (personal[k] == v).all() for k, v in global_state.items())
+    assert info["personalize_steps"] == 3 and info["chosen_steps"] == metrics["personal_steps"]
+    assert not set(info["validation_episodes"]) & set(info["heldout_episodes"] + info["fine_tune_episodes"])
+    chosen = info["heldout"]["validation_policy_loss"]
+    assert sorted(chosen, key=int) == ["0", "1", "2", "3"] and min(chosen.values()) == chosen[str(info["chosen_steps"])]
+    global_state = trainable_state(load_policy(str(demo["base-policy"]), "cpu"))
+    assert differs(personal, global_state) == bool(metrics["personal_kept"])
+
+
+def test_selection_keeps_the_global_model_when_fine_tuning_hurts_on_validation(demo, tmp_path):
+    # A learning rate far too high: every checkpoint validates worse than the global model.
+    metrics = NodeWorker().handle(evaluate_request(demo, tmp_path, **{"learning-rate": 5.0})).metrics
+    assert metrics["personal_val_policy_loss"] == metrics["personal_global_val_policy_loss"]
+    assert metrics["personal_kept"] == 0 and metrics["personal_steps"] == 0
+    assert metrics["personal_policy_loss"] == metrics["policy_loss"]  # the global model's held-out figures
+    assert metrics["personal_tuned_policy_loss"] > metrics["policy_loss"]  # what always fine-tuning would have kept
+    info, kept = saved(tmp_path)  # the folder still holds the node's best model: the global one
+    assert info["kept"] == "global"
+    assert not differs(kept, trainable_state(load_policy(str(demo["base-policy"]), "cpu")))
+
+
+def test_selection_keeps_the_personal_model_when_fine_tuning_helps_on_validation(demo, tmp_path):
+    # A global model that fits no node (its action head 20x too large): fine-tuning shrinks it, and the node's
+    # validation episodes see the gain. (The tiny demo's base model itself only overfits in a few steps.)
+    base = trainable_state(load_policy(str(demo["base-policy"]), "cpu"))
+    unfit = {k: v * 20 if "action_out_proj" in k else v for k, v in base.items()}
+    request = evaluate_request(demo, tmp_path, **{"personalize-steps": 6})
+    request.arrays[PACKED] = Array(pack(unfit, "fp32")).data
+    metrics = NodeWorker().handle(request).metrics
+    assert metrics["personal_kept"] == 1 and metrics["personal_steps"] in (2, 4, 6)
+    assert metrics["personal_val_policy_loss"] < metrics["personal_global_val_policy_loss"]
+    info, kept = saved(tmp_path)
+    assert info["kept"] == "personal" and info["chosen_steps"] == metrics["personal_steps"]
+    assert differs(kept, unfit) and info["heldout"]["personal"]["policy_loss"] == metrics["personal_policy_loss"]
 
 
 def test_lora_personal_model_is_saved_merged_as_a_plain_policy(demo, tmp_path):
     request = evaluate_request(demo, tmp_path, Adapter(trainable="lora"), **{"learning-rate": 1e-2})
-    metrics = NodeWorker().handle(request)["metrics"]
+    metrics = NodeWorker().handle(request).metrics
     path = tmp_path / "personal" / "round-003"
-    assert math.isfinite(metrics["personal_policy_loss"])
+    assert math.isfinite(metrics["personal_policy_loss"]) and math.isfinite(metrics["personal_tuned_policy_loss"])
     assert not PreTrainedConfig.from_pretrained(str(path)).use_peft and (path / "adapter").is_dir()
     SmolVLAPolicy.from_pretrained(str(path))
 

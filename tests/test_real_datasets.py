@@ -81,7 +81,8 @@ def test_the_checkpoint_predicts_for_a_foreign_frame_in_plain_lerobot(foreign_ru
     policy = SmolVLAPolicy.from_pretrained(ckpt)
     rename = {"observation.images.top": "observation.images.camera1"}  # as lerobot-train --rename_map takes it
     pre, post = make_pre_post_processors(
-        policy.config, pretrained_path=ckpt, preprocessor_overrides={"rename_observations_processor": {"rename_map": rename}}
+        policy.config, pretrained_path=ckpt,
+        preprocessor_overrides={"rename_observations_processor": {"rename_map": rename}},
     )
     frame = LeRobotDataset("lab/top15", root=foreign["datasets"]["top15"], video_backend="pyav")[10]
     policy.eval()
@@ -101,7 +102,8 @@ def test_every_problem_is_refused_at_once_before_any_flower_process(foreign, dem
         "short": (rewrite_info(base, tmp_path / "short", total_episodes=1), "top=camera1"),
     }
     out = tmp_path / "out"
-    res = run_zk0("local", "--env-file", str(foreign_env(tmp_path / "bad.env", foreign, demo["base-policy"], out, broken)))
+    env_file = foreign_env(tmp_path / "bad.env", foreign, demo["base-policy"], out, broken)
+    res = run_zk0("local", "--env-file", str(env_file))
     assert res.returncode == 2, res.stdout + res.stderr
     text = res.stderr
     for expected in [
@@ -121,7 +123,8 @@ def test_a_run_in_which_every_node_fails_fails_and_writes_no_checkpoint(foreign,
         shutil.rmtree(copy / "data")
         datasets[name] = (copy, foreign["cameras"][name])
     out = tmp_path / "out"
-    env = foreign_env(tmp_path / "dead.env", foreign, demo["base-policy"], out, datasets, ZK0_STATS="base", ZK0_NUM_ROUNDS=1)
+    env = foreign_env(tmp_path / "dead.env", foreign, demo["base-policy"], out, datasets, ZK0_STATS="base",
+                      ZK0_NUM_ROUNDS=1)
     res = run_zk0("local", "--env-file", str(env))
     assert res.returncode != 0
     assert "finished:failed" in res.stdout + res.stderr
@@ -138,5 +141,6 @@ def test_submit_refuses_an_unusable_evaluation_set_before_reaching_for_the_super
     res = run_zk0("submit", "--superlink", "127.0.0.1:1", "--env-file", str(env), "--connect-tries", "1", timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "eval (ZK0_EVAL_DATASET=" in res.stderr and "names wrist, which the dataset lacks" in res.stderr
-    assert "dataset cameras: overhead, gripper" in res.stderr and "ZK0_EVAL_CAMERAS=overhead=camera1,gripper=camera2" in res.stderr
+    assert "dataset cameras: overhead, gripper" in res.stderr
+    assert "ZK0_EVAL_CAMERAS=overhead=camera1,gripper=camera2" in res.stderr
     assert "not reachable" not in res.stderr + res.stdout

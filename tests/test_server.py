@@ -71,6 +71,7 @@ def test_merged_statistics_reach_nodes_checkpoints_and_a_restarted_server(demo, 
     assert merged["action"]["count"][0] == 2 * 4 * 30
     # The evaluation and the checkpoints normalise with them, not with the base policy's.
     normalizer = next(s for s in rt.preprocessor.steps if type(s).__name__ == "NormalizerProcessorStep")
-    torch.testing.assert_close(normalizer._tensor_stats["action"]["mean"].double(), torch.tensor(merged["action"]["mean"]))
+    mean = normalizer._tensor_stats["action"]["mean"].double()
+    torch.testing.assert_close(mean, torch.tensor(merged["action"]["mean"]))
     again = runtime(demo, tmp_path / "out", min_nodes=2)
     assert again.stats == rt.stats  # a restarted server asks nobody: it reads OUTPUT_DIR/norm-stats.json

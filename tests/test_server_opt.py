@@ -12,7 +12,8 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYo
 
 from zk0.bench.scale_agg import _Fleet
 from zk0.server.records import RunRecorder
-from zk0.server.strategy import Zk0FedProx, Zk0ServerOpt, server_optimizer
+from zk0.server.server_opt import Zk0ServerOpt, server_optimizer
+from zk0.server.strategy import Zk0FedProx
 from zk0.settings import ServerSettings, SettingsError
 from zk0.wire import PACKED, layout_fingerprint, pack
 
@@ -22,7 +23,8 @@ SAMPLES = (10, 30)  # weights 1/4 and 3/4: with values on a 1/64 grid both means
 CASES = [
     ("fedavgm", {"server_learning_rate": 0.5, "server_momentum": 0.9}, FedAvgM,
      {"server_learning_rate": 0.5, "server_momentum": 0.9}),
-    ("fedadam", {"server_learning_rate": 0.05, "server_beta_1": 0.8, "server_beta_2": 0.95, "server_tau": 1e-2}, FedAdam,
+    ("fedadam", {"server_learning_rate": 0.05, "server_beta_1": 0.8, "server_beta_2": 0.95, "server_tau": 1e-2},
+     FedAdam,
      {"eta": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-2}),
     ("fedyogi", {"server_learning_rate": 0.02, "server_beta_1": 0.7, "server_beta_2": 0.9, "server_tau": 1e-2}, FedYogi,
      {"eta": 0.02, "beta_1": 0.7, "beta_2": 0.9, "tau": 1e-2}),
@@ -66,16 +68,17 @@ def flower_reply(request: Message, state: dict[str, np.ndarray], samples: int) -
     return Message(content=content, reply_to=request)
 
 
-def zk0_strategy(tmp_path, name: str, **settings) -> Zk0ServerOpt:
+def zk0_strategy(tmp_path, name: str, round_offset: int = 0, **settings) -> Zk0ServerOpt:
     optimizer = server_optimizer(ServerSettings.load(strategy=name, **settings))
     return Zk0ServerOpt(
         optimizer, RunRecorder(tmp_path), lambda r: True, wire_format="fp16", proximal_mu=0.01,
         weighted_by_key="num-samples", min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2,
+        round_offset=round_offset,
     )
 
 
 def play_round(strategy, server_round: int, global_state: ArrayRecord, nodes: list[dict], make_reply) -> tuple:
-    """configure_train to two nodes, their replies, aggregate_train: the new global model, metrics and the config sent."""
+    """configure_train to two nodes, their replies, aggregate_train: the new global model, metrics, the config sent."""
     fleet = _Fleet(2)
     messages = list(strategy.configure_train(server_round, global_state, ConfigRecord({}), fleet))
     fleet.push(messages)
@@ -90,8 +93,8 @@ def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(("name", "settings", "flower_cls", "flower_args"), CASES, ids=[c[0] for c in CASES])
 def test_the_server_step_is_flowers_over_two_rounds(tmp_path, name, settings, flower_cls, flower_args):
-    zk0 = zk0_strategy(tmp_path, name, **settings)
-    zk0.round_offset = 4  # a resumed run: records say round 5, the optimiser's own count starts at 1 as Flower's does
+    # A resumed run: records say round 5, the optimiser's own count starts at 1 as Flower's does.
+    zk0 = zk0_strategy(tmp_path, name, round_offset=4, **settings)
     flower = flower_cls(**flower_args, weighted_by_key="num-samples", min_train_nodes=2, min_available_nodes=2)
     global_state = records(grid_state(0))
     for server_round, seeds in ((1, (1, 2)), (2, (3, 4))):

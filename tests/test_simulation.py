@@ -31,7 +31,8 @@ def test_simulation_problems_are_refused_together_before_anything_starts(demo, t
     env_file = write_env(tmp_path / "sim.env", demo, out, ZK0_MIN_NODES=6)
     res = run_zk0("local", "--env-file", str(env_file), "--simulation", "4", "--tls", str(tmp_path))
     assert res.returncode != 0
-    assert "ZK0_MIN_NODES=6 exceeds --simulation 4" in res.stderr and "--tls with --simulation" in res.stderr, res.stderr
+    assert "ZK0_MIN_NODES=6 exceeds --simulation 4" in res.stderr, res.stderr
+    assert "--tls with --simulation" in res.stderr, res.stderr
     assert not (out / "local").exists()
 
 

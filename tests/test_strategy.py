@@ -35,7 +35,8 @@ def reply(node_id: int, state: dict, samples: int, fmt: str) -> Message:
 @pytest.fixture
 def strategy(tmp_path):
     s = Zk0FedProx(
-        RunRecorder(tmp_path), lambda r: True, wire_format="fp16", proximal_mu=0.1, weighted_by_key="num-samples", min_train_nodes=1
+        RunRecorder(tmp_path), lambda r: True, wire_format="fp16", proximal_mu=0.1, weighted_by_key="num-samples",
+        min_train_nodes=1,
     )
     s._shapes = {"w": (2, 3), "b": (3,)}
     s._layout = layout_fingerprint(s._shapes)
@@ -69,7 +70,8 @@ def test_non_finite_and_misshapen_updates_are_excluded_and_named(strategy):
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((2, 3), 1.0))
     record = strategy.recorder.rounds[1]
     assert record["contributors"] == [1]
-    assert "NaN" in record["excluded"]["2"] and "shapes" in record["excluded"]["3"] and "shapes" in record["excluded"]["4"]
+    excluded = record["excluded"]
+    assert "NaN" in excluded["2"] and "shapes" in excluded["3"] and "shapes" in excluded["4"]
 
 
 def test_a_round_with_fewer_usable_updates_than_required_fails_the_run_with_every_reason(strategy):
@@ -95,11 +97,13 @@ def test_global_model_travels_in_16_bits(strategy, tmp_path):
     assert list(wire) == [PACKED] and wire[PACKED].numpy().dtype == np.float16
     assert config["weights-layout"] == layout_fingerprint(strategy._shapes)
     unpacked = unpack(wire[PACKED].numpy(), strategy._shapes)
-    assert abs(float(unpacked["w"][0, 0]) - 0.123456) < 1e-4 and float(unpacked["b"][0]) == pytest.approx(-0.123456, abs=1e-4)
+    assert abs(float(unpacked["w"][0, 0]) - 0.123456) < 1e-4
+    assert float(unpacked["b"][0]) == pytest.approx(-0.123456, abs=1e-4)
 
 
 def test_int8_delta_replies_are_added_to_the_global_model(tmp_path):
-    s = Zk0FedProx(RunRecorder(tmp_path), lambda r: True, wire_format=DELTA, proximal_mu=0.1, weighted_by_key="num-samples")
+    s = Zk0FedProx(RunRecorder(tmp_path), lambda r: True, wire_format=DELTA, proximal_mu=0.1,
+                   weighted_by_key="num-samples")
     s._shapes = {"w": (2, 3), "b": (3,)}
     s._layout = layout_fingerprint(s._shapes)
     s._base = pack(state(1.0), "fp32")
@@ -145,3 +149,14 @@ def test_evaluations_sent_with_training_are_recorded_for_the_model_they_evaluate
     assert set(before["clients"]) == {"1", "2"} and before["clients"]["1"]["eval"]["policy_loss"] == 5.0
     # No evaluate message but for the last round's model, which no train message brings.
     assert strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord({}), None) == []
+
+
+def test_a_resumed_run_records_rounds_after_its_checkpoint(tmp_path):
+    """Flower counts a restarted run's rounds from 1; every hook sees, and records, the experiment's round."""
+    asked = []
+    s = Zk0FedProx(RunRecorder(tmp_path), lambda r: asked.append(r) or False, round_offset=3, proximal_mu=0.1,
+                   weighted_by_key="num-samples")
+    assert s.experiment_round(1) == 4
+    assert s.configure_evaluate(2, ArrayRecord(), ConfigRecord({}), None) == [] and asked == [5]
+    s.aggregate_evaluate(2, [])
+    assert list(s.recorder.rounds) == [5]

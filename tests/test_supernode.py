@@ -34,6 +34,12 @@ def supernode(*args: str, timeout: float = 120, **env: str) -> tuple[int, str]:
         return code, output.read().decode(errors="replace")
 
 
+def popen_logged(cmd: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+    """Start `cmd` with stdout and stderr to `log_path` (the child keeps its own copy of the file)."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+
+
 def test_unreachable_superlink_is_named_within_bounded_time(demo):
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -47,7 +53,8 @@ def test_unreachable_superlink_is_named_within_bounded_time(demo):
 def test_bad_node_settings_fail_before_any_connection(demo):
     code, output = supernode("--superlink", f"127.0.0.1:{free_port()}", ZK0_DATASET="/nonexistent/so100")
     assert code == 2 and "/nonexistent/so100" in output and "not reachable" not in output
-    code, output = supernode("--superlink", "127.0.0.1:1", ZK0_DATASET=demo["datasets"]["node-0"], ZK0_HELDOUT_EPISODES="-1")
+    code, output = supernode("--superlink", "127.0.0.1:1", ZK0_DATASET=demo["datasets"]["node-0"],
+                             ZK0_HELDOUT_EPISODES="-1")
     assert code == 2 and "ZK0_HELDOUT_EPISODES" in output
     # A dataset whose cameras are not the policy's: the table, the cameras, the line to paste; no connection tried.
     code, output = supernode("--superlink", f"127.0.0.1:{free_port()}", ZK0_DATASET=demo["datasets"]["node-1"])
@@ -56,13 +63,15 @@ def test_bad_node_settings_fail_before_any_connection(demo):
 
 
 def make_certs(directory: Path, nodes: int) -> Path:
-    subprocess.run([str(ROOT / "superlink" / "make-certs.sh"), "-n", str(nodes), str(directory)], check=True, timeout=120)
+    subprocess.run([str(ROOT / "superlink" / "make-certs.sh"), "-n", str(nodes), str(directory)], check=True,
+                   timeout=120)
     return directory
 
 
 def test_make_certs_names_the_superlink_and_makes_node_keys(tmp_path):
     certs = make_certs(tmp_path / "certs", 1)
-    subprocess.run([str(ROOT / "superlink" / "make-certs.sh"), str(certs), "superlink.lab.example", "10.0.0.7"], check=True)
+    subprocess.run([str(ROOT / "superlink" / "make-certs.sh"), str(certs), "superlink.lab.example", "10.0.0.7"],
+                   check=True)
     text = subprocess.run(["openssl", "x509", "-in", str(certs / "superlink.crt"), "-noout", "-ext", "subjectAltName"],
                           capture_output=True, text=True, check=True).stdout
     for san in ("DNS:localhost", "IP Address:127.0.0.1", "DNS:superlink.lab.example", "IP Address:10.0.0.7"):
@@ -74,14 +83,32 @@ def test_make_certs_names_the_superlink_and_makes_node_keys(tmp_path):
     assert "OPENSSH PRIVATE KEY" in (certs / "supernodes" / "node-0").read_text()
 
 
+def _unregistered_and_plaintext_are_refused(tls: list[str], certs: Path, node: dict, env: dict, tmp_path: Path):
+    """A key the SuperLink does not know, and a plaintext client, are both refused by the TLS SuperLink."""
+    # A key the SuperLink does not know is refused (Flower's exit code 305).
+    code, output = supernode(*tls, "--auth-key", str(certs / "supernodes" / "node-3"), "--port", str(free_port()),
+                             **node)
+    assert code != 0 and "Exit Code: 305" in output and "Failed to activate SuperNode" in output
+    # A plaintext client is refused by the TLS SuperLink.
+    plain, address = tmp_path / "plain.log", tls[tls.index("--superlink") + 1]
+    with open(plain, "wb") as log:
+        code = subprocess.run(
+            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure", "--superlink", address,
+             "--max-retries", "2", "--port", str(free_port())],
+            stdout=log, stderr=subprocess.STDOUT, timeout=120,
+            env={**env, "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+        ).returncode
+    assert code != 0 and "Exit Code: 305" in plain.read_text()
+
+
 def test_tls_federation_admits_registered_nodes_only(demo, tmp_path):
     certs = make_certs(tmp_path / "certs", 4)  # node-0, node-1 for zk0 local, node-2 joins, node-3 never registered
     out = tmp_path / "out"
     env_file = write_env(tmp_path / "tls.env", demo, out, nodes=2, ZK0_NUM_ROUNDS=1, ZK0_LOCAL_STEPS=4,
                          ZK0_MIN_NODES=3, ZK0_EVAL_BATCHES=1, WANDB_MODE="disabled")
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-    run = subprocess.Popen([*ZK0, "local", "--env-file", str(env_file), "--tls", str(certs)], env=env,
-                           stdout=open(tmp_path / "zk0.log", "wb"), stderr=subprocess.STDOUT)
+    run = popen_logged([*ZK0, "local", "--env-file", str(env_file), "--tls", str(certs)], tmp_path / "zk0.log",
+                       env=env)
     joined = None
     try:
         config_file = out / "local" / "flwr-home" / "config.toml"
@@ -92,29 +119,17 @@ def test_tls_federation_admits_registered_nodes_only(demo, tmp_path):
         connection = tomllib.loads(config_file.read_text())["superlink"]["local"]
         address = connection["address"]
         assert connection["root-certificates"] == str(certs / "ca.crt")
-        node = {"ZK0_DATASET": demo["datasets"]["node-2"], "ZK0_CAMERAS": demo["cameras"]["node-2"], "ZK0_NAME": "robot-2",
-                "ZK0_HELDOUT_EPISODES": "2"}
+        node = {"ZK0_DATASET": demo["datasets"]["node-2"], "ZK0_CAMERAS": demo["cameras"]["node-2"],
+                "ZK0_NAME": "robot-2", "ZK0_HELDOUT_EPISODES": "2"}
         tls = ["--superlink", address, "--root-certificates", str(certs / "ca.crt")]
-        # A key the SuperLink does not know is refused (Flower's exit code 305).
-        code, output = supernode(*tls, "--auth-key", str(certs / "supernodes" / "node-3"), "--port", str(free_port()), **node)
-        assert code != 0 and "Exit Code: 305" in output and "Failed to activate SuperNode" in output
-        # A plaintext client is refused by the TLS SuperLink.
-        plain = tmp_path / "plain.log"
-        code = subprocess.run(
-            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure", "--superlink", address,
-             "--max-retries", "2", "--port", str(free_port())],
-            stdout=open(plain, "wb"), stderr=subprocess.STDOUT, timeout=120,
-            env={**env, "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
-        ).returncode
-        assert code != 0 and "Exit Code: 305" in plain.read_text()
+        _unregistered_and_plaintext_are_refused(tls, certs, node, env, tmp_path)
         # A registered key joins through `zk0 supernode`, and the round waits for it (min 3 nodes).
         flwr_env = {**env, "FLWR_HOME": str(config_file.parent), "FLWR_TELEMETRY_ENABLED": "0"}
         subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register",
                         str(certs / "supernodes" / "node-2.pub"), "local"], env=flwr_env, check=True, timeout=120)
-        joined = subprocess.Popen(
+        joined = popen_logged(
             [*ZK0, "supernode", *tls, "--auth-key", str(certs / "supernodes" / "node-2"), "--port", str(free_port())],
-            env={**env, **node}, stdout=open(tmp_path / "joined.log", "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,
+            tmp_path / "joined.log", env={**env, **node}, start_new_session=True,
         )
         assert run.wait(timeout=900) == 0, (tmp_path / "zk0.log").read_text()[-3000:]
     finally:

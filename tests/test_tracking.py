@@ -36,8 +36,8 @@ def test_no_key_and_no_mode_skips_with_one_line(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     lines = []
-    monkeypatch.setattr(zk0.tracking.log, "info", lambda msg, *a: lines.append(msg % a))
-    monkeypatch.setattr(zk0.tracking.log, "warning", lambda msg, *a: lines.append(msg % a))
+    monkeypatch.setattr(zk0.server.tracking.log, "info", lambda msg, *a: lines.append(msg % a))
+    monkeypatch.setattr(zk0.server.tracking.log, "warning", lambda msg, *a: lines.append(msg % a))
     tracker = Tracker.open(tmp_path, "zk0", {})
     assert tracker.run is None
     assert lines == ["WandB: skipped; set WANDB_API_KEY to track online or WANDB_MODE=offline to log locally"]

@@ -46,10 +46,10 @@ def test_proximal_term_value_and_gradient(policy):
             p.add_(0.01 * torch.randn_like(p))
     mu = 0.3
     term = proximal_term(params, anchors, mu)
-    expected = 0.5 * mu * sum(float(((p.detach() - a) ** 2).sum()) for p, a in zip(params, anchors))
+    expected = 0.5 * mu * sum(float(((p.detach() - a) ** 2).sum()) for p, a in zip(params, anchors, strict=True))
     assert math.isclose(float(term), expected, rel_tol=1e-5)
     term.backward()
-    for p, a in zip(params, anchors):
+    for p, a in zip(params, anchors, strict=True):
         torch.testing.assert_close(p.grad, mu * (p.detach() - a), rtol=1e-5, atol=1e-8)
 
 
@@ -59,7 +59,9 @@ def test_proximal_term_is_zero_at_the_anchor(policy):
 
 
 def test_lr_follows_one_schedule_across_rounds(policy):
-    plan = lambda r: TrainPlan(steps=10, start_step=(r - 1) * 10, total_steps=40, learning_rate=1e-3, proximal_mu=0)
+    def plan(r: int) -> TrainPlan:
+        return TrainPlan(steps=10, start_step=(r - 1) * 10, total_steps=40, learning_rate=1e-3, proximal_mu=0)
+
     # One optimizer for the whole run, stepped 40 times: the reference schedule.
     ref_opt, ref_sched = build_optimizer(policy, plan(1))
     reference = []

@@ -16,6 +16,7 @@ from flwr.app import Array
 
 from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
 from zk0.node import warm
+from zk0.node.messages import NodeRequest, WorkerExit
 from zk0.node.session import NodeWorker
 from zk0.wire import DELTA, PACKED, SCALES, aggregate_deltas, layout_fingerprint, npy_bytes_view, pack
 
@@ -31,9 +32,9 @@ def request_for(demo):
               "server-round": 1, "local-steps": 3, "total-steps": 9, "learning-rate": 1e-3, "proximal-mu": 0.01,
               "batch-size": 4, "eval-batches": 1}
 
-    def build(op: str = "train", **changes) -> dict:
+    def build(kind: str = "train", **changes) -> NodeRequest:
         node = {"dataset": str(demo["datasets"]["node-0"]), "cameras": demo["cameras"]["node-0"], "torch-threads": 1}
-        return {"op": op, "node_config": node, "config": {**config, **changes}, "arrays": arrays}
+        return NodeRequest(kind, node, {**config, **changes}, arrays)
 
     return build
 
@@ -64,31 +65,31 @@ def test_worker_trains_as_a_fresh_process_does_and_stays_loaded(request_for, own
     first = warm.call(request_for(), owner.pid)
     second = warm.call(request_for(), owner.pid)
     fresh = NodeWorker().handle(request_for())
-    assert (first["metrics"]["warm"], second["metrics"]["warm"], fresh["metrics"]["warm"]) == (0.0, 1.0, 0.0)
-    assert first["arrays"].keys() == fresh["arrays"].keys()
-    for name, array in fresh["arrays"].items():
-        assert np.array_equal(first["arrays"][name], array) and np.array_equal(second["arrays"][name], array), name
-    assert first["metrics"]["loss"] == second["metrics"]["loss"] == fresh["metrics"]["loss"]
+    assert (first.metrics["warm"], second.metrics["warm"], fresh.metrics["warm"]) == (0.0, 1.0, 0.0)
+    assert first.arrays.keys() == fresh.arrays.keys()
+    for name, array in fresh.arrays.items():
+        assert np.array_equal(first.arrays[name], array) and np.array_equal(second.arrays[name], array), name
+    assert first.metrics["loss"] == second.metrics["loss"] == fresh.metrics["loss"]
     # A warm message only applies the weights: far less set-up than loading the policy.
-    assert second["metrics"]["setup_seconds"] < first["metrics"]["setup_seconds"]
+    assert second.metrics["setup_seconds"] < first.metrics["setup_seconds"]
     evaluated = warm.call(request_for("evaluate"), owner.pid)
-    assert evaluated["arrays"] is None and evaluated["metrics"]["warm"] == 1.0
-    assert np.isfinite(evaluated["metrics"]["policy_loss"])
+    assert evaluated.arrays is None and evaluated.metrics["warm"] == 1.0
+    assert np.isfinite(evaluated.metrics["policy_loss"])
     # ZK0_EVAL_MODE=in-train: a train message that first evaluates the weights it brings trains exactly as
     # one that does not, and reports the evaluate message's figures.
     both = warm.call(request_for(**{"evaluate-first": True}), owner.pid)
-    for name, array in fresh["arrays"].items():
-        assert np.array_equal(both["arrays"][name], array), name
-    assert both["metrics"]["loss"] == fresh["metrics"]["loss"] and "eval" not in fresh
+    for name, array in fresh.arrays.items():
+        assert np.array_equal(both.arrays[name], array), name
+    assert both.metrics["loss"] == fresh.metrics["loss"] and fresh.eval_metrics is None
     keys = ("policy_loss", "action_mse", "num-samples")
-    assert {k: both["eval"][k] for k in keys} == {k: evaluated["metrics"][k] for k in keys}
+    assert {k: both.eval_metrics[k] for k in keys} == {k: evaluated.metrics[k] for k in keys}
     assert len(worker_pids(owner.pid)) == 1
 
 
 def test_worker_reports_a_failed_request_and_serves_the_next(request_for, owner):
     with pytest.raises(warm.WorkerError, match="BaseMismatchError: .*fingerprint.*same base"):
         warm.call(request_for(**{"base-fingerprint": "0123456789abcdef"}), owner.pid)
-    assert warm.call(request_for(), owner.pid)["metrics"]["steps"] == 3
+    assert warm.call(request_for(), owner.pid).metrics["steps"] == 3
 
 
 def test_worker_exits_with_its_owner(request_for, owner):
@@ -120,7 +121,7 @@ def test_worker_killed_mid_request_is_named_and_replaced(request_for, owner):
     thread.join(timeout=60)
     assert errors and "died during the train request" in errors[0]
     again = warm.call(request_for(), owner.pid)  # a new worker, loaded from scratch
-    assert again["metrics"]["warm"] == 0.0 and worker_pids(owner.pid) != [pid]
+    assert again.metrics["warm"] == 0.0 and worker_pids(owner.pid) != [pid]
 
 
 def test_client_app_module_does_not_import_torch():
@@ -140,10 +141,10 @@ def test_weights_in_another_layout_or_unknown_requests_are_refused_by_name(reque
 def test_int8_delta_reply_is_the_update_against_the_received_weights(request_for):
     plain = NodeWorker().handle(request_for())
     delta = NodeWorker().handle(request_for(**{"wire-format": DELTA}))
-    assert set(delta["arrays"]) == {PACKED, SCALES} and delta["arrays"][PACKED].dtype == np.int8
-    received = npy_bytes_view(request_for()["arrays"][PACKED]).astype(np.float32)  # fp16 down in both formats
-    rebuilt = aggregate_deltas(received, [(delta["arrays"], 1.0)])
-    trained = plain["arrays"][PACKED].astype(np.float32)
+    assert set(delta.arrays) == {PACKED, SCALES} and delta.arrays[PACKED].dtype == np.int8
+    received = npy_bytes_view(request_for().arrays[PACKED]).astype(np.float32)  # fp16 down in both formats
+    rebuilt = aggregate_deltas(received, [(delta.arrays, 1.0)])
+    trained = plain.arrays[PACKED].astype(np.float32)
     update = trained - received
     assert np.sqrt(np.mean((rebuilt - trained) ** 2)) < 0.02 * np.sqrt(np.mean(update**2))
 
@@ -154,8 +155,8 @@ def test_a_client_without_the_key_is_refused_and_the_worker_serves_on(request_fo
 
     warm.call(request_for("evaluate"), owner.pid)
     with pytest.raises((AuthenticationError, EOFError, ConnectionResetError)):
-        Client(str(warm.address_for(owner.pid)), family="AF_UNIX", authkey=b"not the key").send({"op": "exit"})
-    assert warm.call(request_for("evaluate"), owner.pid)["metrics"]["warm"] == 1.0
+        Client(str(warm.address_for(owner.pid)), family="AF_UNIX", authkey=b"not the key").send(WorkerExit())
+    assert warm.call(request_for("evaluate"), owner.pid).metrics["warm"] == 1.0
 
 
 def test_files_of_dead_owners_go_at_the_next_start_and_a_stopped_worker_leaves_none(owner):

@@ -1,10 +1,14 @@
-"""The 16-bit wire format of trainable weights and the server's streaming aggregation."""
+"""The 16-bit wire format of trainable weights and the server's streaming aggregation.
+
+Per-tensor arrays (zk0.bench.wire_tensors, packing's baseline) probe each format's conversion tensor by tensor.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 from zk0 import wire
+from zk0.bench.wire_tensors import decode, encode, wire_bytes
 
 
 @pytest.fixture
@@ -19,9 +23,9 @@ def state():
 
 
 def test_fp32_round_trip_is_exact_and_independent(state):
-    arrays = wire.encode(state, "fp32")
+    arrays = encode(state, "fp32")
     assert all(a.dtype == np.float32 for a in arrays.values())
-    back = wire.decode(arrays, "fp32")
+    back = decode(arrays, "fp32")
     for name, value in state.items():
         assert torch.equal(back[name], value) and back[name].shape == value.shape
     state["expert.weight"].add_(1.0)  # neither the arrays nor the decoded tensors alias the input
@@ -31,9 +35,9 @@ def test_fp32_round_trip_is_exact_and_independent(state):
 
 
 def test_bf16_travels_as_int16_and_matches_torch_bf16_bit_for_bit(state):
-    arrays = wire.encode(state, "bf16")
+    arrays = encode(state, "bf16")
     assert all(a.dtype == np.int16 and a.shape == tuple(state[k].shape) for k, a in arrays.items())
-    back = wire.decode(arrays, "bf16")
+    back = decode(arrays, "bf16")
     for name, value in state.items():
         expected = value.to(torch.bfloat16).float()
         assert back[name].dtype == torch.float32
@@ -41,17 +45,17 @@ def test_bf16_travels_as_int16_and_matches_torch_bf16_bit_for_bit(state):
 
 
 def test_bf16_keeps_inf_and_nan_for_the_server_to_screen():
-    arrays = wire.encode({"w": torch.tensor([1.0, float("inf"), float("nan")])}, "bf16")
-    back = wire.decode(arrays, "bf16")["w"]
+    arrays = encode({"w": torch.tensor([1.0, float("inf"), float("nan")])}, "bf16")
+    back = decode(arrays, "bf16")["w"]
     assert back[0] == 1.0 and torch.isinf(back[1]) and torch.isnan(back[2])
     assert not wire.is_finite(arrays["w"], "bf16")
-    assert wire.is_finite(wire.encode({"w": torch.tensor([1e38, -3.0])}, "bf16")["w"], "bf16")
+    assert wire.is_finite(encode({"w": torch.tensor([1e38, -3.0])}, "bf16")["w"], "bf16")
 
 
 def test_fp16_error_is_within_half_an_ulp(state):
-    arrays = wire.encode(state, "fp16")
+    arrays = encode(state, "fp16")
     assert all(a.dtype == np.float16 for a in arrays.values())
-    back = wire.decode(arrays, "fp16")
+    back = decode(arrays, "fp16")
     w = state["expert.weight"]
     err = (back["expert.weight"] - w).abs()
     # 10 mantissa bits: relative error at most 2^-11 for normal values (weights of scale 0.02);
@@ -63,25 +67,25 @@ def test_fp16_error_is_within_half_an_ulp(state):
 
 def test_fp16_refuses_a_finite_value_beyond_its_range_and_names_the_tensor():
     with pytest.raises(ValueError, match=r"weight layer\.7\.weight.*fp16 range"):
-        wire.encode({"ok": torch.ones(3), "layer.7.weight": torch.tensor([1.0, -7e4])}, "fp16")
+        encode({"ok": torch.ones(3), "layer.7.weight": torch.tensor([1.0, -7e4])}, "fp16")
     # The largest fp16 value still travels; an inf that was already there is the server's to drop.
-    assert wire.encode({"w": torch.tensor([65504.0])}, "fp16")["w"][0] == 65504
-    assert np.isinf(wire.encode({"w": torch.tensor([float("inf")])}, "fp16")["w"][0])
+    assert encode({"w": torch.tensor([65504.0])}, "fp16")["w"][0] == 65504
+    assert np.isinf(encode({"w": torch.tensor([float("inf")])}, "fp16")["w"][0])
     # bf16 has fp32's range: the same value travels there.
-    assert wire.decode(wire.encode({"w": torch.tensor([-7e4])}, "bf16"), "bf16")["w"].item() == pytest.approx(-7e4, rel=4e-3)
+    assert decode(encode({"w": torch.tensor([-7e4])}, "bf16"), "bf16")["w"].item() == pytest.approx(-7e4, rel=4e-3)
 
 
 def test_decode_rejects_arrays_of_another_format(state):
     with pytest.raises(ValueError, match="expert.weight: dtype float32"):
-        wire.decode(wire.encode(state, "fp32"), "bf16")
+        decode(encode(state, "fp32"), "bf16")
     with pytest.raises(ValueError, match="unknown wire format"):
-        wire.encode(state, "int8")
+        encode(state, "int8")
 
 
 def test_wire_bytes_halves_in_16_bit(state):
     n = sum(v.numel() for v in state.values())
-    assert wire.wire_bytes(wire.encode(state, "fp32")) == 4 * n
-    assert wire.wire_bytes(wire.encode(state, "fp16")) == wire.wire_bytes(wire.encode(state, "bf16")) == 2 * n
+    assert wire_bytes(encode(state, "fp32")) == 4 * n
+    assert wire_bytes(encode(state, "fp16")) == wire_bytes(encode(state, "bf16")) == 2 * n
 
 
 @pytest.mark.parametrize("fmt", wire.FORMATS)
@@ -89,17 +93,17 @@ def test_aggregate_equals_a_float64_weighted_mean(state, fmt):
     g = torch.Generator().manual_seed(1)
     models = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()} for _ in range(4)]
     weights = [160.0, 240.0, 200.0, 80.0]
-    updates = [(wire.encode(m, fmt), w) for m, w in zip(models, weights)]
+    updates = [(encode(m, fmt), w) for m, w in zip(models, weights, strict=True)]
     merged = wire.aggregate(updates, fmt)
     for name in state:
-        received = [wire.decode({name: u[name]}, fmt)[name].double() for u, _ in updates]
-        expected = sum(w * r for w, r in zip(weights, received)) / sum(weights)
+        received = [decode({name: u[name]}, fmt)[name].double() for u, _ in updates]
+        expected = sum(w * r for w, r in zip(weights, received, strict=True)) / sum(weights)
         assert merged[name].dtype == np.float32 and merged[name].shape == tuple(state[name].shape)
         np.testing.assert_allclose(merged[name], expected.numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_aggregate_rejects_mismatched_shapes_and_bad_weights(state):
-    good = wire.encode(state, "fp16")
+    good = encode(state, "fp16")
     bad = dict(good, scale=np.ones(1, dtype=np.float16))  # would broadcast silently
     with pytest.raises(ValueError, match="scale: shape"):
         wire.aggregate([(good, 1.0), (bad, 1.0)], "fp16")
@@ -110,7 +114,7 @@ def test_aggregate_rejects_mismatched_shapes_and_bad_weights(state):
 
 
 def test_aggregate_reads_read_only_arrays_without_changing_them(state):
-    arrays = wire.encode(state, "bf16")
+    arrays = encode(state, "bf16")
     for a in arrays.values():
         a.flags.writeable = False
     before = {k: a.copy() for k, a in arrays.items()}
@@ -124,10 +128,10 @@ def test_received_views_load_into_a_model_as_decode_does(state, fmt):
     # The node copies the message's bytes straight into its parameters, skipping np.load and fp32 copies.
     from flwr.app import Array
 
-    arrays = wire.encode(state, fmt)
+    arrays = encode(state, fmt)
     received = {k: wire.npy_view(Array(a)) for k, a in arrays.items()}
     views = wire.views(received, fmt)
-    decoded = wire.decode(arrays, fmt)
+    decoded = decode(arrays, fmt)
     for name, value in state.items():
         target = torch.empty_like(value)
         target.copy_(views[name])
@@ -138,12 +142,13 @@ def test_received_views_load_into_a_model_as_decode_does(state, fmt):
 @pytest.mark.parametrize("fmt", wire.FORMATS)
 def test_packed_weights_unpack_to_what_per_tensor_encoding_gives(fmt):
     g = torch.Generator().manual_seed(0)
-    state = {"z.weight": torch.randn(4, 3, generator=g), "a.bias": torch.randn(5, generator=g), "m.scale": torch.tensor(0.5)}
+    state = {"z.weight": torch.randn(4, 3, generator=g), "a.bias": torch.randn(5, generator=g),
+             "m.scale": torch.tensor(0.5)}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     flat = wire.pack(state, fmt)
-    assert flat.ndim == 1 and flat.size == 18 and flat.dtype == wire.encode(state, fmt)["a.bias"].dtype
-    unpacked = wire.decode(wire.unpack(flat, shapes), fmt)
-    for name, expected in wire.decode(wire.encode(state, fmt), fmt).items():
+    assert flat.ndim == 1 and flat.size == 18 and flat.dtype == encode(state, fmt)["a.bias"].dtype
+    unpacked = decode(wire.unpack(flat, shapes), fmt)
+    for name, expected in decode(encode(state, fmt), fmt).items():
         assert torch.equal(unpacked[name], expected), name
     # The layout is the names and shapes, whatever order a mapping lists them in.
     assert wire.layout_fingerprint(shapes) == wire.layout_fingerprint(dict(reversed(shapes.items())))

@@ -61,7 +61,9 @@ def _push(args: argparse.Namespace) -> int:
         raise SettingsError(f"{args.checkpoint} is not a checkpoint directory (no config.json)")
     info = args.checkpoint / "zk0.json"
     server_round = json.loads(info.read_text())["round"] if info.is_file() else 0
-    oid = push_checkpoint(args.checkpoint, args.repo_id, server_round, token=os.environ.get("HF_TOKEN"), private=args.private)
+    oid = push_checkpoint(
+        args.checkpoint, args.repo_id, server_round, token=os.environ.get("HF_TOKEN"), private=args.private
+    )
     print(f"pushed {args.checkpoint} to {args.repo_id} (commit {oid}, tag round-{server_round:03d})")
     return 0
 
@@ -85,11 +87,13 @@ def _add_supernode_parser(sub) -> None:
         "flower-supernode with these settings as --node-config. Once joined, the node "
         "reconnects by itself whenever the SuperLink restarts. Exit codes: 2 bad settings or dataset, "
         "3 SuperLink unreachable; otherwise flower-supernode's.",
-        epilog="example: ZK0_DATASET=lerobot/svla_so100_pickplace zk0 supernode --superlink superlink.example.org:8000 "
-        "--root-certificates ca.crt --auth-key node-0",
+        epilog="example: ZK0_DATASET=lerobot/svla_so100_pickplace zk0 supernode "
+        "--superlink superlink.example.org:8000 --root-certificates ca.crt --auth-key node-0",
     )
     node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API address")
-    node.add_argument("--env-file", type=Path, default=None, help="node settings (ZK0_DATASET, ...); the shell outranks it")
+    node.add_argument(
+        "--env-file", type=Path, default=None, help="node settings (ZK0_DATASET, ...); the shell outranks it"
+    )
     node.add_argument(
         "--index", type=int, default=None, metavar="N",
         help="read this node's settings from ZK0_NODE_<N>_* (as `zk0 local` and the Compose services do; they "
@@ -102,11 +106,16 @@ def _add_supernode_parser(sub) -> None:
     )
     node.add_argument(
         "--auth-key", type=Path, default=None, metavar="KEY",
-        help="this node's private key (supernodes/node-<i> from make-certs.sh), whose .pub the SuperLink has registered",
+        help="this node's private key (supernodes/node-<i> from make-certs.sh), whose .pub the SuperLink has "
+        "registered",
     )
-    node.add_argument("--connect-tries", type=int, default=10, help="attempts to reach the SuperLink before giving up (default 10)")
+    node.add_argument(
+        "--connect-tries", type=int, default=10, help="attempts to reach the SuperLink before giving up (default 10)"
+    )
     node.add_argument("--connect-wait", type=float, default=3.0, help="seconds between attempts (default 3)")
-    node.add_argument("--host", default="127.0.0.1", help="host of this node's runtime API for its ClientApps (default 127.0.0.1)")
+    node.add_argument(
+        "--host", default="127.0.0.1", help="host of this node's runtime API for its ClientApps (default 127.0.0.1)"
+    )
     node.add_argument("--port", type=int, default=9094, help="port of this node's runtime API (default 9094)")
     node.set_defaults(func=_supernode)
 
@@ -131,10 +140,7 @@ def _add_submit_parser(sub) -> None:
     submit.set_defaults(func=_submit)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `zk0` console script."""
-    parser = argparse.ArgumentParser(prog="zk0", description="Federated SmolVLA fine-tuning with Flower.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_demo_check_local_parsers(sub) -> None:
     demo = sub.add_parser("demo", help="write the offline demo: four synthetic SO-100 datasets and a tiny SmolVLA")
     demo.add_argument("--out", type=Path, default=DEFAULT_DEMO_DIR, help="target folder (default: demo-data)")
     demo.add_argument("--episodes", type=int, default=8, help="episodes per node dataset")
@@ -144,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser(
         "check",
         help="check an experiment's datasets against the base policy; print one table; list every problem",
-        description="Read the env-file's nodes (ZK0_NODE_<i>_*) and evaluation set, compare each dataset's format, fps, "
-        "episodes, cameras (after ZK0_NODE_<i>_CAMERAS / ZK0_EVAL_CAMERAS) and state/action sizes with the base "
+        description="Read the env-file's nodes (ZK0_NODE_<i>_*) and evaluation set, compare each dataset's format, "
+        "fps, episodes, cameras (after ZK0_NODE_<i>_CAMERAS / ZK0_EVAL_CAMERAS) and state/action sizes with the base "
         "policy, print one table and exit 2 listing every problem (0 when every dataset can be used). Reads only "
         "metadata files: no frames, no model.",
     )
@@ -164,17 +170,30 @@ def main(argv: list[str] | None = None) -> int:
         "the env-file's node k mod D); needs Flower's simulation extra (ray)",
     )
     local.set_defaults(func=_local)
-    _add_supernode_parser(sub)
-    _add_submit_parser(sub)
+
+
+def _add_push_bench_parsers(sub) -> None:
     push = sub.add_parser("push", help="push a checkpoint directory to the Hugging Face Hub (uses HF_TOKEN)")
     push.add_argument("checkpoint", type=Path, help="e.g. outputs/demo/checkpoints/round-003")
     push.add_argument("--repo-id", required=True, help="owner/name on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.set_defaults(func=_push)
-    bench = sub.add_parser("bench", help="benchmarks: learning, wire, step, overhead, aggregate, demo, scale, cli, gpu (see README)")
-    bench.add_argument("name", choices=["learning", "wire", "step", "overhead", "aggregate", "demo", "scale", "cli", "gpu"])
+    names = ["learning", "wire", "step", "overhead", "aggregate", "demo", "scale", "cli", "gpu"]
+    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(names)} (see README)")
+    bench.add_argument("name", choices=names)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for each)")
     bench.set_defaults(func=_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `zk0` console script."""
+    parser = argparse.ArgumentParser(prog="zk0", description="Federated SmolVLA fine-tuning with Flower.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # In this order in `zk0 --help`.
+    _add_demo_check_local_parsers(sub)
+    _add_supernode_parser(sub)
+    _add_submit_parser(sub)
+    _add_push_bench_parsers(sub)
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -57,7 +57,9 @@ def check_opened(
     """Run zk0 check's dataset checks against the loaded policy; return its DatasetCheck row (cameras fed, ...)."""
     from .deploy.check import PolicyLayout, check_dataset, raise_problems
 
-    layout = PolicyLayout.from_features(str(policy_config.type), policy_config.input_features, policy_config.output_features)
+    layout = PolicyLayout.from_features(
+        str(policy_config.type), policy_config.input_features, policy_config.output_features
+    )
     row = check_dataset(role, spec, setting, cameras_setting, camera_map, layout,
                         heldout=heldout, partitions=partitions, heldout_setting=heldout_setting)
     raise_problems(row.problems, f"dataset {spec!r}")
@@ -152,7 +154,9 @@ def _collate_readable(items: list) -> tuple[dict | None, list[tuple[int, str]]]:
     return (torch.utils.data.default_collate(good) if good else None), failed
 
 
-def batch_stream(dataset, batch_size: int, seed: int, num_workers: int = 0, bad: BadSamples | None = None) -> Iterator[dict]:
+def batch_stream(
+    dataset, batch_size: int, seed: int, num_workers: int = 0, bad: BadSamples | None = None
+) -> Iterator[dict]:
     """Endless shuffled batches; each pass reshuffles with a derived seed and leaves out samples known bad."""
     bad = bad if bad is not None else BadSamples(0, getattr(dataset, "repo_id", ""))
     guarded, epoch = _Guarded(dataset), 0
@@ -185,7 +189,8 @@ def eval_batches(dataset, batch_size: int, max_batches: int, bad: BadSamples | N
     indices = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
     subset = torch.utils.data.Subset(_Guarded(dataset), indices)
     batches = []
-    for batch, failed in torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=_collate_readable):
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=_collate_readable)
+    for batch, failed in loader:
         for index, error in failed:
             bad.add(index, error)
         if batch is not None:

@@ -156,7 +156,8 @@ def _write_dataset(
         ds = V21Writer(root, repo_id, spec.fps, features, robot_type="so100_follower")
     else:
         ds = LeRobotDataset.create(
-            repo_id, spec.fps, features, root=root, robot_type="so100_follower", use_videos=True, video_backend=VIDEO_BACKEND,
+            repo_id, spec.fps, features, root=root, robot_type="so100_follower", use_videos=True,
+            video_backend=VIDEO_BACKEND,
         )
     for style, task in plan:
         for state, action, latent in _episode(style, rng, frames):
@@ -193,7 +194,8 @@ def make_synthetic_dataset(
 
 
 def write_eval_set(
-    root: Path, per_style: int, frames: int, seed: int, spec: DemoSet = DEMO_SETS["server-eval"], styles: int = len(NODE_TASKS),
+    root: Path, per_style: int, frames: int, seed: int, spec: DemoSet = DEMO_SETS["server-eval"],
+    styles: int = len(NODE_TASKS),
 ) -> LeRobotDataset | None:
     """Held-out evaluation set mixing the first `styles` node styles, from an unrelated seed."""
     rng = np.random.default_rng([seed, 10_000])

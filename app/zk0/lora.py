@@ -172,4 +172,7 @@ def load_adapter(peft_model, directory: Path) -> None:
     result = set_peft_model_state_dict(peft_model, weights)
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if missing or result.unexpected_keys:
-        raise ValueError(f"adapter in {directory} does not fit the policy: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise ValueError(
+            f"adapter in {directory} does not fit the policy: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )

@@ -63,7 +63,9 @@ def load_processors(path: str, device: str, rename_map: dict[str, str] | None = 
     if stats is not None:
         pre["normalizer_processor"] = {"stats": stats}
         post["unnormalizer_processor"] = {"stats": stats}
-    return make_pre_post_processors(config, pretrained_path=path, preprocessor_overrides=pre, postprocessor_overrides=post)
+    return make_pre_post_processors(
+        config, pretrained_path=path, preprocessor_overrides=pre, postprocessor_overrides=post
+    )
 
 
 def trainable_names(policy: torch.nn.Module) -> list[str]:

@@ -4,77 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
 
-from .cameras import format_camera_map, parse_camera_map
+# NodeSettings and the shared helpers live in their own modules; every name stays importable from here.
+from .node_settings import NodeSettings
+from .settings_base import ENV_PREFIX, SettingsError, _camera_map, _Zk0Settings, default_cache_dir, resolve_device
 
-ENV_PREFIX = "ZK0_"
-
-
-class SettingsError(ValueError):
-    """A setting is invalid; the message names the variable and what to do."""
-
-
-class _Zk0Settings(BaseSettings):
-    """Shared behaviour: ZK0_ prefix, kebab-case at the Flower boundary, clear errors."""
-
-    # An empty variable means unset: Compose passes `ZK0_X: ${ZK0_X:-}` for every setting.
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, env_ignore_empty=True)
-
-    @classmethod
-    def load(cls, **overrides: Any) -> Self:
-        """Build from the environment; `overrides` (snake_case) outrank it."""
-        try:
-            return cls(**{k: v for k, v in overrides.items() if v not in (None, "")})
-        except ValidationError as err:
-            raise SettingsError(_explain(cls, err)) from None
-
-    @classmethod
-    def from_flower_config(cls, config: dict[str, Any]) -> Self:
-        """Build from a Flower run/node config (kebab-case keys; empty string means unset)."""
-        known = cls.model_fields
-        overrides = {k.replace("-", "_"): v for k, v in config.items()}
-        return cls.load(**{k: v for k, v in overrides.items() if k in known})
-
-    def to_flower_config(self) -> dict[str, Any]:
-        """Kebab-case, TOML-friendly copy for `--run-config` / `--node-config`."""
-        out = {}
-        for key, value in self.model_dump(exclude_none=True).items():
-            out[key.replace("_", "-")] = str(value) if isinstance(value, Path) else value
-        return out
-
-    @classmethod
-    def env_names(cls) -> set[str]:
-        """Every environment variable this class reads."""
-        return {f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields}
-
-
-def _camera_map(value: str | None) -> str | None:
-    """Validate a camera map and write it in its canonical short form (full keys are accepted too)."""
-    return format_camera_map(parse_camera_map(value)) or None if value is not None else None
-
-
-def default_cache_dir() -> Path:
-    """Where converted datasets go unless ZK0_CACHE_DIR says otherwise: $XDG_CACHE_HOME/zk0 or ~/.cache/zk0."""
-    import os
-
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zk0"
-
-
-def _explain(cls: type[BaseSettings], err: ValidationError) -> str:
-    lines = [f"invalid {cls.__name__}:"]
-    for e in err.errors():
-        if not e["loc"]:  # a check across settings: its message names the variables itself
-            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
-            continue
-        field = str(e["loc"][0])
-        var = f"{ENV_PREFIX}{field.upper()} (run/node config '{field.replace('_', '-')}')"
-        hint = cls.model_fields[field].description if field in cls.model_fields else ""
-        lines.append(f"  {var}: {e['msg']}; got {e.get('input')!r}. {hint}")
-    return "\n".join(lines)
+__all__ = [
+    "DEPLOYMENT_NODE_FIELDS", "DEPLOYMENT_VARS", "ENV_PREFIX", "NODE_VAR", "SERVER_OPT_SETTINGS", "NodeSettings",
+    "ServerSettings", "SettingsError", "check_env_names", "default_cache_dir", "resolve_device",
+]
 
 
 # The server-optimiser settings each ZK0_STRATEGY takes: the arguments of Flower's FedAvgM, FedAdam, FedYogi
@@ -98,8 +39,9 @@ class ServerSettings(_Zk0Settings):
     proximal_mu: float = Field(0.01, ge=0, description="FedProx mu; 0 gives FedAvg, must be >= 0.")
     strategy: Literal["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
         "fedprox",
-        description="Server step: fedprox (the sample-weighted mean of the updates) or one of Flower's server optimisers "
-        "applied to that mean: fedavgm, fedadam, fedyogi, fedadagrad. Nodes add the proximal term (mu) with every one.",
+        description="Server step: fedprox (the sample-weighted mean of the updates) or one of Flower's server "
+        "optimisers applied to that mean: fedavgm, fedadam, fedyogi, fedadagrad. Nodes add the proximal term (mu) "
+        "with every one.",
     )
     # Unset (None) = the default of the Flower class ZK0_STRATEGY names: only what is set is passed to it.
     server_learning_rate: float | None = Field(
@@ -139,7 +81,8 @@ class ServerSettings(_Zk0Settings):
     base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id.")
     eval_dataset: str | None = Field(None, description="Server evaluation dataset: local root or Hub id.")
     eval_cameras: str | None = Field(
-        None, description="Camera map of the evaluation dataset onto the policy's slots, e.g. top=camera1,wrist=camera2."
+        None,
+        description="Camera map of the evaluation dataset onto the policy's slots, e.g. top=camera1,wrist=camera2.",
     )
     eval_batches: int = Field(4, ge=1, description="Batches per evaluation; at least 1.")
     stats: Literal["federated", "base"] = Field(
@@ -147,7 +90,9 @@ class ServerSettings(_Zk0Settings):
         description="Normalisation statistics: federated (merged from every node's training episodes before round 1) "
         "or base (the base policy's own).",
     )
-    cache_dir: Path | None = Field(None, description="Folder for datasets converted to LeRobot v3.0 (default ~/.cache/zk0).")
+    cache_dir: Path | None = Field(
+        None, description="Folder for datasets converted to LeRobot v3.0 (default ~/.cache/zk0)."
+    )
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for node replies per round.")
     seed: int = Field(0, description="Seed for sampling, evaluation noise and training order.")
     device: str = Field("auto", description="Server evaluation device: auto, cpu, cuda or cuda:N.")
@@ -162,7 +107,9 @@ class ServerSettings(_Zk0Settings):
         "LeRobot's PEFT path; megabytes instead of hundreds of megabytes per round at full size).",
     )
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r (ZK0_TRAINABLE=lora); 1 to 256.")
-    lora_alpha: int = Field(8, ge=1, description="LoRA alpha: the adapters' update is scaled by alpha/rank; at least 1.")
+    lora_alpha: int = Field(
+        8, ge=1, description="LoRA alpha: the adapters' update is scaled by alpha/rank; at least 1."
+    )
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path while training, in [0, 1).")
     lora_targets: str | None = Field(
         None,
@@ -183,7 +130,8 @@ class ServerSettings(_Zk0Settings):
     personalize_mu: float = Field(
         0.01, ge=0, description="Ditto's lambda: weight of (lambda/2)*||v - w_global||^2 while personalising, >= 0.",
     )
-    # Adaptive mu (zk0.server.adaptive): FedProx's heuristic (Li et al. 2020, Sec. 5.3) on the nodes' mean training loss.
+    # Adaptive mu (zk0.server.adaptive): FedProx's heuristic (Li et al. 2020, Sec. 5.3) on the nodes' mean training
+    # loss.
     adaptive_mu: Literal["off", "loss"] = Field(
         "off", description="off (mu stays ZK0_PROXIMAL_MU) or loss (FedProx's rule: mu + step when the nodes' mean "
         "training loss rose, mu - step after PATIENCE rounds in a row it fell; within [0, ZK0_ADAPTIVE_MU_MAX]).",
@@ -198,7 +146,9 @@ class ServerSettings(_Zk0Settings):
         1.0, gt=0, description="ZK0_ADAPTIVE_MU=loss: largest mu, > 0 and >= ZK0_PROXIMAL_MU."
     )
     wandb_project: str = Field("zk0", min_length=1, description="WandB project of the experiment's run.")
-    hf_repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo to push checkpoints to (owner/name); needs HF_TOKEN.")
+    hf_repo_id: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo to push checkpoints to (owner/name); needs HF_TOKEN."
+    )
     hf_private: bool = Field(False, description="Create the Hub repo as private.")
     push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
 
@@ -252,61 +202,6 @@ class ServerSettings(_Zk0Settings):
         """Every `checkpoint_every` rounds and the last round are checkpointed."""
         return server_round > 0 and (server_round % self.checkpoint_every == 0 or server_round == self.num_rounds)
 
-
-class NodeSettings(_Zk0Settings):
-    """What one SuperNode needs: its data, its split and its device."""
-
-    dataset: str = Field(..., min_length=1, description="This node's LeRobot dataset: local root or Hub id.")
-    name: str = Field("", description="Human-readable node name used in records; defaults to the dataset name.")
-    cameras: str | None = Field(
-        None, description="Camera map of this node's dataset onto the policy's slots, e.g. top=camera1,wrist=camera2."
-    )
-    cache_dir: Path | None = Field(None, description="Folder for datasets converted to LeRobot v3.0 (default ~/.cache/zk0).")
-    heldout_episodes: int = Field(2, ge=0, description="Episodes held out for evaluation, never trained on.")
-    partition_id: int | None = Field(None, ge=0, description="When one dataset is split across nodes: this node's part.")
-    num_partitions: int | None = Field(None, ge=1, description="When one dataset is split across nodes: how many parts.")
-    base_policy: str | None = Field(None, description="Override where this node finds the base policy.")
-    device: str = Field("auto", description="Training device: auto, cpu, cuda or cuda:N.")
-    video_backend: Literal["pyav", "torchcodec"] = Field("pyav", description="Video decoder for camera streams.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; set when nodes share a host.")
-    log_every: int = Field(5, ge=1, description="Log training progress every N steps.")
-    warm: bool = Field(
-        True, description="Keep the policy and datasets loaded between messages in a worker process; false loads them per message."
-    )
-    max_bad_samples: int = Field(
-        10, ge=0, description="Unreadable samples (e.g. corrupt video frames) a node skips per round before it fails."
-    )
-    # Frozen-feature cache (zk0.features): with a frozen vision encoder each frame is decoded and encoded once.
-    feature_cache: Literal["disk", "memory", "off"] = Field(
-        "disk", description="Frozen image features: disk (memory-mapped in feature-cache-dir), memory, or off; "
-        "off on its own when the image path trains or is augmented.",
-    )
-    feature_cache_dir: Path | None = Field(None, description="Folder of the feature cache (default <cache dir>/features).")
-    feature_cache_max_gb: float = Field(
-        20.0, gt=0, description="Size bound of the feature cache folder in GiB; a dataset that needs more runs uncached."
-    )
-    personal_dir: Path | None = Field(
-        None, description="Where this node keeps its personalised model (ZK0_PERSONALIZE_STEPS), in LeRobot's format; "
-        "default <cache dir>/personal/<name>. It never leaves the node.",
-    )
-
-    _cameras = field_validator("cameras")(_camera_map)
-
-    @model_validator(mode="after")
-    def _partitions_pair(self) -> Self:
-        if (self.partition_id is None) != (self.num_partitions is None):
-            raise ValueError("set both partition-id and num-partitions, or neither")
-        if self.partition_id is not None and self.partition_id >= self.num_partitions:
-            raise ValueError("partition-id must be smaller than num-partitions")
-        return self
-
-    @property
-    def display_name(self) -> str:
-        """The node's name, or its dataset's last path component."""
-        return self.name or Path(self.dataset.rstrip("/")).name
-
-
 # `zk0 local` and compose give each SuperNode its own variables: ZK0_NODE_<i>_DATASET etc.
 NODE_VAR = re.compile(rf"^{ENV_PREFIX}NODE_(\d+)_([A-Z_]+)$")
 # Variables that only the deployment reads (compose.yaml and .env.example): an env-file shared by
@@ -330,12 +225,3 @@ def check_env_names(names: set[str]) -> None:
             f"unknown variable(s) {', '.join(unknown)}: check the spelling; "
             f"known: {', '.join(sorted(known))} and ZK0_NODE_<i>_<FIELD>"
         )
-
-
-def resolve_device(device: str) -> str:
-    """Turn 'auto' into cuda when a GPU is visible, else cpu."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

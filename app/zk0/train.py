@@ -70,6 +70,15 @@ def _check_finite(rows: list[list[float]], first_step: int) -> None:
             raise FloatingPointError(f"training loss became {row[0]} at local step {first_step + offset + 1}")
 
 
+def _averages(rows: list[list[float]], steps: int) -> dict[str, float]:
+    """Each of METRICS summed over the steps' rows and divided by `steps`."""
+    sums = dict.fromkeys(METRICS, 0.0)
+    for row in rows:  # in step order, as the reply's averages always were (sum() compensates, which differs)
+        for key, value in zip(METRICS, row, strict=True):
+            sums[key] += value
+    return {key: value / steps for key, value in sums.items()}
+
+
 def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) -> dict[str, float]:
     """Run `plan.steps` optimizer steps; return averaged metrics for the reply."""
     device = next(policy.parameters()).device
@@ -108,11 +117,7 @@ def train_round(policy, preprocessor, batches: Iterator[dict], plan: TrainPlan) 
                 "step %d/%d (global %d): loss %.4f policy %.4f prox %.2e lr %.2e",
                 step + 1, plan.steps, plan.start_step + step + 1, *read[-1][:3], optimizer.param_groups[0]["lr"],
             )
-    sums = dict.fromkeys(METRICS, 0.0)
-    for row in read:  # in step order, as the reply's averages always were (sum() compensates, which differs)
-        for key, value in zip(METRICS, row, strict=True):
-            sums[key] += value
-    metrics = {key: value / plan.steps for key, value in sums.items()}
+    metrics = _averages(read, plan.steps)
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         steps=plan.steps,

@@ -52,21 +52,6 @@ def _check_range(name: str, value: torch.Tensor, out: torch.Tensor, fmt: str) ->
         )
 
 
-def _encode_one(name: str, tensor: torch.Tensor, fmt: str) -> np.ndarray:
-    value = tensor.detach().to("cpu")
-    out = value.to(_TORCH[fmt], copy=True)  # never alias the caller's tensors
-    _check_range(name, value, out, fmt)
-    if fmt == "bf16":
-        out = out.view(torch.int16)
-    return out.contiguous().numpy()
-
-
-def encode(state: Mapping[str, torch.Tensor], fmt: str) -> dict[str, np.ndarray]:
-    """Tensors to numpy arrays in wire format `fmt`; raises ValueError on a finite value out of range."""
-    _check_format(fmt)
-    return {name: _encode_one(name, tensor, fmt) for name, tensor in state.items()}
-
-
 def layout_fingerprint(shapes: Mapping[str, tuple], tag: str = "") -> str:
     """Short hash of the packed layout: names in packing order and their shapes (and `tag`: e.g. LoRA's alpha)."""
     text = ";".join(f"{name}:{tuple(shapes[name])}" for name in sorted(shapes)) + (f"|{tag}" if tag else "")
@@ -93,7 +78,9 @@ def unpack(flat: np.ndarray, shapes: Mapping[str, tuple]) -> dict[str, np.ndarra
     flat = np.asarray(flat)
     sizes = {name: math.prod(shapes[name]) for name in sorted(shapes)}
     if flat.ndim != 1 or flat.size != sum(sizes.values()):
-        raise ValueError(f"packed weights hold {flat.size} values in shape {flat.shape}; the layout needs {sum(sizes.values())}")
+        raise ValueError(
+            f"packed weights hold {flat.size} values in shape {flat.shape}; the layout needs {sum(sizes.values())}"
+        )
     views, offset = {}, 0
     for name, size in sizes.items():
         views[name] = flat[offset : offset + size].reshape(shapes[name])
@@ -138,23 +125,12 @@ def views(arrays: Mapping[str, np.ndarray], fmt: str) -> dict[str, torch.Tensor]
     return {name: _as_torch(name, a, fmt) for name, a in arrays.items()}
 
 
-def decode(arrays: Mapping[str, np.ndarray], fmt: str) -> dict[str, torch.Tensor]:
-    """Wire arrays back to float32 tensors (new memory, never aliasing the arrays)."""
-    _check_format(fmt)
-    return {name: _as_torch(name, a, fmt).to(torch.float32, copy=True) for name, a in arrays.items()}
-
-
 def is_finite(array: np.ndarray, fmt: str) -> bool:
     """Whether every value of one wire array is finite (bf16 checked on its int16 bits)."""
     _check_format(fmt)
     if fmt == "bf16":  # exponent bits all ones: inf or NaN
         return not ((np.asarray(array).view(np.uint16) & 0x7F80) == 0x7F80).any()
     return bool(np.isfinite(array).all())
-
-
-def wire_bytes(arrays: Mapping[str, np.ndarray]) -> int:
-    """Payload bytes of the arrays' values (no headers or names)."""
-    return sum(np.asarray(a).nbytes for a in arrays.values())
 
 
 def _add_scaled(acc: torch.Tensor, src: torch.Tensor, alpha: float, scratch: list[torch.Tensor]) -> None:
@@ -233,7 +209,9 @@ def aggregate_deltas(base: np.ndarray, updates: list[tuple[Mapping[str, np.ndarr
         values = np.asarray(arrays[PACKED]).reshape(-1, DELTA_BLOCK)
         scales = np.asarray(arrays[SCALES], dtype=np.float32) * np.float32(weight / total)
         if values.shape[0] != scales.size or values.size < n or values.size - n >= DELTA_BLOCK:
-            raise ValueError(f"int8-delta update of {values.size} values and {scales.size} scales does not fit {n} weights")
+            raise ValueError(
+                f"int8-delta update of {values.size} values and {scales.size} scales does not fit {n} weights"
+            )
         for start in range(0, values.shape[0], rows):
             part = values[start : start + rows].astype(np.float32) * scales[start : start + rows, None]
             lo = start * DELTA_BLOCK

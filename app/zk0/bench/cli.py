@@ -41,7 +41,8 @@ def timed(argv: list[str], repeats: int) -> tuple[list[float], subprocess.Comple
     env = {"HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PATH": "/usr/bin:/bin"}
     for _ in range(repeats):
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "zk0.cli", *argv], env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "zk0.cli", *argv], env=env, capture_output=True, text=True,
+                              timeout=300)
         times.append(time.perf_counter() - started)
     return times, done
 

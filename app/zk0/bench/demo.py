@@ -38,19 +38,34 @@ def _eval_seconds(rec: dict, node: str) -> float:
     return (rec["clients"].get(node, {}).get("eval") or {}).get("eval_seconds", 0.0)
 
 
-def round_split(prev: dict, rec: dict) -> dict:
-    """One round's wall time (server clock) split along its critical path: the slowest node's work."""
+def round_split(prev: dict, rec: dict) -> list[dict]:
+    """One round's wall time (server clock) split along its critical path: the slowest node's work.
+
+    With ZK0_EVAL_MODE=in-train a node's train message first evaluates the previous round's model (recorded
+    there), and only the last round is followed by an evaluate message (the final model's node evaluation).
+    That exchange is its own row when the record says when the train exchange ended (`trained_seconds`).
+    """
     wall = rec["elapsed_seconds"] - prev["elapsed_seconds"]
-    # Nodes run side by side, so the round waits for the slowest; their own clocks say what that was. With
-    # ZK0_EVAL_MODE=in-train a node's train message first evaluated the previous round's model (recorded there).
     in_train = prev.get("node_eval_in") == "train"
+    # Nodes run side by side, so the round waits for the slowest; their own clocks say what that was.
     work = {node: (c["train"]["train_seconds"], _eval_seconds(prev, node) if in_train else 0.0)
             for node, c in rec["clients"].items() if "train" in c}
     training, node_eval = max(work.values(), key=sum, default=(0.0, 0.0))
-    if rec.get("node_eval_in", "evaluate") == "evaluate":  # an evaluate message after training (older runs: always)
-        node_eval += max((_eval_seconds(rec, node) for node in rec["clients"]), default=0.0)
-    evaluation = node_eval + (rec["server_eval"] or {}).get("eval_seconds", 0.0)
-    return {"round": rec["round"], "wall": wall, "training": training, "evaluation": evaluation,
+    after = max((_eval_seconds(rec, node) for node in rec["clients"]), default=0.0)
+    if rec.get("node_eval_in", "evaluate") != "evaluate":
+        after = 0.0  # this round's model is evaluated in the next round's train messages
+    server = (rec["server_eval"] or {}).get("eval_seconds", 0.0)
+    trained_at = rec.get("trained_seconds")
+    if not (in_train and after and trained_at):  # one row: the evaluate message (older runs: always) is inside
+        evaluation = node_eval + after + server
+        return [_row(rec["round"], wall, training, evaluation)]
+    train_wall = trained_at - prev["elapsed_seconds"]
+    return [_row(rec["round"], train_wall, training, node_eval),
+            _row(f"{rec['round']} final evaluation", wall - train_wall, 0.0, after + server)]
+
+
+def _row(label, wall: float, training: float, evaluation: float) -> dict:
+    return {"round": label, "wall": wall, "training": training, "evaluation": evaluation,
             "overhead": wall - training - evaluation}
 
 
@@ -63,7 +78,7 @@ def demo_breakdown(out: Path, wall: float | None) -> dict:
     evaluated = [r for r in history if r.get("server_eval")]
     if len(evaluated) < 2 or evaluated[0]["round"] != 0 or len(evaluated) != len(history):
         raise BenchError(f"{path}: the split needs a server evaluation every round (ZK0_EVAL_EVERY=1)")
-    rounds = [round_split(prev, rec) for prev, rec in zip(history, history[1:])]
+    rounds = [row for prev, rec in zip(history, history[1:], strict=False) for row in round_split(prev, rec)]
     total = {k: sum(r[k] for r in rounds) for k in ["wall", *SPLIT]}
     # Before round 0's record: SuperLink, SuperNodes and ServerApp start, round-0 server evaluation;
     # after the last: checkpoint and shutdown. Only known when this benchmark timed the command.

@@ -1,5 +1,8 @@
 """`zk0 bench learning`: does federation help? FedProx, FedAvg, local-only and centralized on the demo.
 
+The command and the runs over seeds; the arms (learning_arms), the reference models and scoring
+(learning_models), one seed (learning_seed) and the tables (learning_report) live beside it.
+
 Every model maps cameras and normalises as its real counterpart would. The federated arms are real
 `zk0 local` runs (each node's camera map, statistics merged from the nodes' training episodes) and
 are scored with their checkpoints' processors. Each local-only model normalises with its own node's
@@ -14,305 +17,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from ..cameras import full_key, parse_camera_map
-from ..data import DatasetError, batch_stream, eval_batches, open_dataset
-from ..evaluate import evaluate_policy
+from ..data import DatasetError
 from ..logs import setup_logging
-from ..model import load_policy, load_processors, trainable_state
-from ..node.session import NodeSession, open_session, stats_on_node, train_on_node
 from ..server.records import atomic_write_json
-from ..settings import NodeSettings, ServerSettings, SettingsError, resolve_device
-from ..stats import from_json, merge_stats
-from ..train import TrainPlan, train_round
+from ..settings import ServerSettings, SettingsError
 from . import learning_report as rep
-from .learning_report import (
-    COLUMNS,
-    LOCAL_OWN,
-    METRICS,
-    NODES,
-    PERSONAL,
-    SERVER,
-    UNION,
-    mean_row,
-    own_heldout_row,
-)
+from .learning_arms import ARMS, DEFAULT_ARMS, arm_settings, demo_assets, personal_dirs
+from .learning_report import COLUMNS, METRICS, NODES, SERVER, UNION
+from .learning_seed import run_seed
 
+# What other benchmarks and the tests import from here.
+__all__ = ["ARMS", "COLUMNS", "DEFAULT_ARMS", "NODES", "SERVER", "demo_assets", "main", "personal_dirs"]
 log = logging.getLogger("zk0")
-# Federated arms and how each differs from the experiment's settings. LoRA trains ~20x fewer weights
-# from B = 0 and, as usual for LoRA, at LORA_LR_SCALE times the full expert's learning rate. FedAdam's
-# server rate: its first step is about 0.74 x eta x m/(sqrt(v)+tau), i.e. ~0.74 x the mean update when
-# that update is well below tau/(1-beta_1) = 0.01 per weight (Flower's default eta 0.1 would be ~7x it).
-LORA_LR_SCALE = 10.0
-ARMS = {
-    "fedprox": {},
-    "fedavg": {"proximal_mu": 0.0},
-    "fedadam": {"strategy": "fedadam", "server_learning_rate": 0.01},
-    "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.5},
-    "fedprox-adaptive": {"adaptive_mu": "loss"},
-    "fedprox-lora": {"trainable": "lora", "lora_aggregation": "fedit"},
-    "fedprox-lora-ffa": {"trainable": "lora", "lora_aggregation": "ffa"},
-}
-# What fits the 30-minute budget with 3 seeds on a 2-core host; --arms runs others (--arms all: every one).
-DEFAULT_ARMS = ("fedprox", "fedavg", "fedadam", "fedprox-adaptive")
-
-
-def arm_settings(s: ServerSettings, arm: str, out: Path, personalize_steps: int = 0) -> ServerSettings:
-    """The experiment's settings as `arm` runs them; the FedProx arm also personalises in its last round."""
-    update = {**ARMS[arm], "output_dir": out / arm}
-    if update.get("trainable") == "lora":
-        update["learning_rate"] = s.learning_rate * LORA_LR_SCALE
-    if arm == rep.REFERENCE:
-        update["personalize_steps"] = personalize_steps
-    return s.model_copy(update=update)
-
-
-def personal_dirs(out: Path) -> dict[str, Path]:
-    """Where each node of a run keeps its personal model: beside the server's output folder, never in it."""
-    return {name: out.with_name(f"{out.name}.nodes") / name for name in NODES}
-
-
-def _has_cameras(root: Path, cameras) -> bool:
-    """Whether root holds a dataset with these cameras (a demo written by an older zk0 names them otherwise)."""
-    info = root / "meta" / "info.json"
-    return info.is_file() and all(full_key(c) in json.loads(info.read_text())["features"] for c in cameras)
-
-
-def demo_assets(demo_dir: Path) -> dict:
-    """Paths and camera maps of the offline demo in demo_dir, written there first when missing or outdated."""
-    from ..demo import DEMO_SETS, write_demo
-
-    demo_dir = Path(demo_dir).resolve()
-    datasets = {name: demo_dir / "datasets" / name for name in [*NODES, SERVER]}
-    base = demo_dir / "base-policy"
-    if (base / "config.json").is_file() and all(_has_cameras(p, DEMO_SETS[n].cameras) for n, p in datasets.items()):
-        cameras = {name: DEMO_SETS[name].camera_map for name in datasets}
-        return {"root": demo_dir, "base-policy": base, "datasets": datasets, "cameras": cameras}
-    log.info("no complete, current demo in %s: writing it", demo_dir)
-    return write_demo(demo_dir)
-
-
-def plans(s: ServerSettings, mu: float = 0.0):
-    """(round, TrainPlan, batch seed) for every round, exactly as the ClientApp builds them."""
-    total = s.num_rounds * s.local_steps
-    for r in range(1, s.num_rounds + 1):
-        plan = TrainPlan(s.local_steps, (r - 1) * s.local_steps, total, s.learning_rate, mu, log_every=s.local_steps)
-        yield r, plan, s.seed + 1000 * r
-
-
-def _wait_or_stop(proc: subprocess.Popen, timeout: float) -> int | None:
-    """The exit code, or None after stopping a run that took longer than timeout."""
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGINT lets `zk0 local` stop its SuperLink and SuperNodes; a kill would orphan them.
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return None
-
-
-def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float) -> list[dict]:
-    """One real `zk0 local` run (SuperLink, four SuperNodes, ServerApp); return its history."""
-    out = Path(s.output_dir)
-    shutil.rmtree(out, ignore_errors=True)  # stale rounds or checkpoints would pass for this run's
-    out.mkdir(parents=True)
-    values = {f"ZK0_{k.upper()}": v for k, v in s.model_dump(exclude_none=True).items()}
-    values.update({f"ZK0_NODE_{i}_DATASET": demo["datasets"][name] for i, name in enumerate(NODES)})
-    values.update({f"ZK0_NODE_{i}_CAMERAS": demo["cameras"][name] for i, name in enumerate(NODES)})
-    values.update({f"ZK0_NODE_{i}_PERSONAL_DIR": path for i, path in enumerate(personal_dirs(out).values())})
-    shutil.rmtree(out.with_name(f"{out.name}.nodes"), ignore_errors=True)
-    env_file = out / "bench.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    # The shell outranks an env-file in `zk0 local`: drop ZK0_ variables so FedAvg really gets mu = 0.
-    env = {"HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-    env.update({k: v for k, v in os.environ.items() if not k.startswith("ZK0_")})
-    log_path = out / "zk0-local.log"
-    log.info("%s (mu=%g): zk0 local, log in %s", arm, s.proximal_mu, log_path)
-    with open(log_path, "wb") as logfile:
-        cmd = [sys.executable, "-m", "zk0.cli", "local", "--env-file", str(env_file)]
-        rc = _wait_or_stop(subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT), timeout)
-    if rc != 0:
-        outcome = f"exited with {rc}" if rc is not None else f"was stopped after {timeout:.0f}s"
-        raise RuntimeError(f"{arm}: `zk0 local` {outcome}; see {log_path}")
-    return json.loads((out / "history.json").read_text())
-
-
-def node_sessions(demo: dict, s: ServerSettings, base_state: dict) -> list[NodeSession]:
-    """Each node's session with the base weights and the very split its SuperNode makes."""
-    # The thread count `zk0 local` gives each of four nodes on this host: more threads than free
-    # cores make OpenMP spin, and a busy shared host then trains tens of times slower.
-    threads = max(1, (os.cpu_count() or 1) // len(NODES))
-    nodes = [
-        NodeSettings(dataset=str(demo["datasets"][n]), cameras=demo["cameras"][n], name=n, torch_threads=threads)
-        for n in NODES
-    ]
-    return [open_session(node, str(demo["base-policy"]), base_state, s.seed) for node in nodes]
-
-
-def eval_sets(demo: dict, sessions: list[NodeSession], config, s: ServerSettings) -> dict[str, list[dict]]:
-    """Fixed batches of each node's held-out episodes and of the server set, built as the federation does."""
-    sets = {
-        name: eval_batches(x.dataset(x.heldout_episodes), s.batch_size, s.eval_batches)
-        for name, x in zip(NODES, sessions, strict=True)
-    }
-    sets[SERVER] = eval_batches(open_dataset(str(demo["datasets"][SERVER]), config), s.batch_size, s.eval_batches)
-    return sets
-
-
-def evaluate_model(policy, path: str, stats: dict | None, *, sets: dict, cameras: dict, seed: int) -> dict:
-    """The server's metrics on every set, plus the sample-weighted mean over the node held-out sets.
-
-    Each set goes through the processors saved at `path` with that set's camera map and `stats`
-    (None: the statistics saved there), as the model's own run would have normalised.
-    """
-    device, row = str(next(policy.parameters()).device), {}
-    for name, batches in sets.items():
-        pre, post = load_processors(path, device, parse_camera_map(cameras[name]), stats)
-        row[name] = evaluate_policy(policy, pre, post, batches, seed)
-    n = sum(row[name]["num-samples"] for name in NODES)
-    row[UNION] = {m: sum(row[k][m] * row[k]["num-samples"] for k in NODES) / n for m in METRICS}
-    row[UNION]["num-samples"] = n
-    return {col: row[col] for col in COLUMNS}
-
-
-def train_local_only(sessions: list[NodeSession], own_stats: list[str], s: ServerSettings) -> list[int]:
-    """Train each node's model on its own episodes with the node's code and statistics, in place; steps per model."""
-    steps = []
-    for session, stats in zip(sessions, own_stats, strict=True):
-        session.use_stats(stats)
-        done = 0
-        for _, plan, seed in plans(s):
-            done += train_on_node(session, plan, s.batch_size, seed)[1]["steps"]
-        steps.append(int(done))
-        log.info("local-only %s: %d steps", session.settings.display_name, done)
-    return steps
-
-
-def mixed_batches(sources: list[tuple], frames: list[int], seed: int, drawn: list[int]):
-    """Endless preprocessed batches from (raw stream, preprocessor) per node, the node drawn in proportion to its frames."""
-    rng, p = np.random.default_rng(seed), np.asarray(frames) / sum(frames)
-    while True:
-        i = int(rng.choice(len(sources), p=p))
-        drawn[i] += 1
-        stream, pre = sources[i]
-        yield pre(next(stream))
-
-
-def _as_is(batch: dict) -> dict:
-    return batch
-
-
-def train_centralized(sessions: list[NodeSession], merged: dict, frames: list[int], s: ServerSettings):
-    """One model on the union of the nodes' training episodes; (policy, steps, batches drawn per node)."""
-    base, device = sessions[0].base, str(next(sessions[0].policy.parameters()).device)
-    policy = load_policy(base, device)
-    # The nodes' samples cannot share a batch (other camera names; node-2 has one camera), so each batch
-    # is one node's, drawn with probability proportional to its training frames (what sampling the union
-    # uniformly gives in expectation) and preprocessed with that node's camera map and the merged
-    # statistics; train_round gets it preprocessed. Each node's stream is the one train_on_node shuffles.
-    pres = [load_processors(base, device, parse_camera_map(x.settings.cameras), merged)[0] for x in sessions]
-    done, drawn = 0, [0] * len(sessions)
-    for _, plan, seed in plans(s):
-        torch.manual_seed(seed)  # flow-matching noise seeded like the batches, as train_on_node does
-        streams = [batch_stream(x.dataset(x.train_episodes), s.batch_size, seed) for x in sessions]
-        sources = list(zip(streams, pres, strict=True))
-        done += train_round(policy, _as_is, mixed_batches(sources, frames, seed, drawn), plan)["steps"]
-    log.info("centralized: %d steps on %d frames, batches per node %s", done, sum(frames), drawn)
-    return policy, int(done), drawn
-
-
-def reproduction_gap(history: list[dict], row: dict) -> float:
-    """Largest relative gap between our evaluation of the final global model and the federation's own."""
-    last = history[-1]
-    pairs = [(last["server_eval"], row[SERVER])]
-    pairs += [(c["eval"], row[c["name"]]) for c in last["clients"].values() if "eval" in c]
-    return max(abs(a[m] - b[m]) / max(abs(a[m]), 1e-12) for a, b in pairs for m in METRICS)
-
-
-def _timed(timings: dict, key: str, fn, *args):
-    """fn(*args), with its wall time recorded under key."""
-    started = time.perf_counter()
-    result = fn(*args)
-    timings[key] = time.perf_counter() - started
-    return result
-
-
-def federated_steps(history: list[dict]) -> list[int]:
-    """Optimizer steps each node took over the whole federated run."""
-    clients = [c for r in history for c in r["clients"].values() if "train" in c]
-    return [int(sum(c["train"]["steps"] for c in clients if c["name"] == n)) for n in NODES]
-
-
-def run_seed(
-    s: ServerSettings, demo: dict, out: Path, run_timeout: float, arms: list[str], personalize: int, retries: int = 1,
-) -> dict:
-    """Train and evaluate every arm with one seed; the figures for the tables, the JSON and the plot."""
-    timings, histories, rows, steps, started = {}, {}, {}, {}, time.perf_counter()
-    retried = []
-    for arm in arms:
-        run = arm_settings(s, arm, out, personalize)
-        for attempt in range(1 + retries):
-            try:
-                histories[arm] = _timed(timings, arm, run_federated, arm, run, demo, run_timeout)
-                break
-            except RuntimeError as err:
-                if attempt == retries:
-                    raise
-                # On a loaded host Flower's ClientApps can miss their 30 s start window and the run fails.
-                log.warning("%s: %s; running it again", arm, err)
-                retried.append(arm)
-        steps[arm] = federated_steps(histories[arm])
-    device, base = resolve_device(s.device), str(demo["base-policy"])
-    base_policy = load_policy(base, device)
-    sessions = node_sessions(demo, s, trainable_state(base_policy))
-    score = partial(evaluate_model, sets=eval_sets(demo, sessions, base_policy.config, s), cameras=demo["cameras"], seed=s.seed)
-    for arm in arms:  # the checkpoint's processors hold the statistics the federation merged
-        ckpt = str(out / arm / "checkpoints" / f"round-{s.num_rounds:03d}")
-        rows[arm] = score(load_policy(ckpt, device), ckpt, None)
-    if personalize and rep.REFERENCE in arms:
-        rows[PERSONAL] = rep.personal_row(histories[rep.REFERENCE])
-    own, frames = zip(*(stats_on_node(x) for x in sessions), strict=True)  # what each node sends the server
-    merged = merge_stats([from_json(text) for text in own])
-    steps["local-only"] = _timed(timings, "local-only", train_local_only, sessions, list(own), s)
-    for name, x, stats in zip(NODES, sessions, own, strict=True):
-        rows[f"local-{name}"] = score(x.policy, base, from_json(stats))
-    rows["local-mean"] = mean_row([rows[f"local-{n}"] for n in NODES])
-    rows[LOCAL_OWN] = own_heldout_row({n: rows[f"local-{n}"][n] for n in NODES})
-    policy, steps["centralized"], drawn = _timed(timings, "centralized", train_centralized, sessions, merged, list(frames), s)
-    rows["centralized"] = score(policy, base, merged)
-    timings["total"] = time.perf_counter() - started
-    return {
-        "seed": s.seed,
-        "heldout_episodes": {n: x.heldout_episodes for n, x in zip(NODES, sessions, strict=True)},
-        "training_frames": dict(zip(NODES, frames, strict=True)),
-        "centralized_batches_per_node": dict(zip(NODES, drawn, strict=True)),
-        "optimizer_steps_per_model": steps,
-        "results": rows,
-        "server_eval_history": {
-            arm: [{"round": r["round"], **r["server_eval"]} for r in h if r["server_eval"]] for arm, h in histories.items()
-        },
-        "proximal_mu_per_round": {a: [r.get("proximal_mu") for r in h if r["round"] > 0] for a, h in histories.items()},
-        "reproduction_gap": {a: reproduction_gap(histories[a], rows[a]) for a in arms},
-        "timings_s": timings,
-        "retried": retried,  # federated runs that failed (e.g. under load) and ran again
-    }
 
 
 def run_bench(s: ServerSettings, demo: dict, out: Path, args: argparse.Namespace, arms: list[str]) -> dict:

@@ -31,8 +31,10 @@ DEFINITION = (
     "fedprox-lora-ffa keeps A frozen and shared and averages B (FFA-LoRA). fedadam and fedavgm are Flower's "
     "server optimisers on the same mean (server rate 0.01; momentum 0.5), fedprox-adaptive moves mu by 0.01 per "
     "round with FedProx's loss rule (patience 1). personalised: in the fedprox run's last round each node "
-    "fine-tunes the final global model for --personalize-steps steps on its own training episodes (Ditto's "
-    "proximal term, lambda 0.01) and scores it on its own held-out set (local-own: each local-only model there). "
+    "fine-tunes the final global model for --personalize-steps steps on its own training episodes less a "
+    "validation fifth (Ditto's proximal term, lambda 0.01), keeps whichever of the global model and the checkpoints "
+    "after 1/3, 2/3 and all steps has the lowest loss on that validation part, and scores what it kept on its own "
+    "held-out set (local-own: each local-only model there). "
     "Every arm runs once per seed; the seed also draws each node's held-out episodes."
 )
 
@@ -56,7 +58,8 @@ def summarise(seeds: list[dict]) -> dict:
 def mean_row(rows: list[dict]) -> dict:
     """Plain mean of several models' metrics on each evaluation set."""
     return {
-        col: {**{m: sum(r[col][m] for r in rows) / len(rows) for m in METRICS}, "num-samples": rows[0][col]["num-samples"]}
+        col: {**{m: sum(r[col][m] for r in rows) / len(rows) for m in METRICS},
+              "num-samples": rows[0][col]["num-samples"]}
         for col in COLUMNS
     }
 
@@ -79,6 +82,33 @@ def personal_row(history: list[dict]) -> dict:
     if missing:
         raise RuntimeError(f"no personal model metrics from {missing} in the last round of the fedprox run")
     return own_heldout_row(found)
+
+
+def personal_choices(history: list[dict]) -> dict:
+    """Per node, what its personalisation kept (steps; 0 = the global model) and, for comparison, the own held-out
+    figures of the model fine-tuned all the steps (what keeping it unconditionally would have given)."""
+    out = {}
+    for client in history[-1]["clients"].values():
+        ev = client.get("eval") or {}
+        if "personal_kept" in ev:
+            out[client["name"]] = {"kept": int(ev["personal_kept"]), "steps": int(ev["personal_steps"]),
+                                   **{f"tuned_{m}": float(ev.get(f"personal_tuned_{m}", math.nan)) for m in METRICS}}
+    return out
+
+
+def personal_lines(seeds: list[dict]) -> list[str]:
+    """What each node's selection kept over the seeds, beside always fine-tuning all the steps."""
+    per_seed = [s.get("personal_choices") or {} for s in seeds]
+    if not any(per_seed):
+        return []
+    lines = ["personalised, selected on each node's own validation episodes (from its training episodes): "
+             "personal model kept / seeds, steps chosen (0 = global); always fine-tuned, own held-out policy_loss:"]
+    for node in NODES:
+        got = [p[node] for p in per_seed if node in p]
+        tuned = _spread([g["tuned_policy_loss"] for g in got]) if got else None
+        lines.append(f"  {node}: kept {sum(g['kept'] for g in got)}/{len(got)}, steps {[g['steps'] for g in got]}; "
+                     f"always fine-tuned {_cell(tuned)}")
+    return lines
 
 
 def compare(summary: dict, arm: str, column: str, metric: str) -> dict:
@@ -119,7 +149,8 @@ def targets(summary: dict, seeds: list[dict], federated: list[str], metric: str)
     full = _mean(summary, REFERENCE, UNION, metric)
     for arm in (a for a in federated if "lora" in a):
         lora = _mean(summary, arm, UNION, metric)
-        out.append(_target(f"(d) {arm} within 5% of full-expert fedprox on union held-out", metric, 0.05 - (lora / full - 1),
+        out.append(_target(f"(d) {arm} within 5% of full-expert fedprox on union held-out", metric,
+                           0.05 - (lora / full - 1),
                            f"{arm} {lora:.5g} vs fedprox {full:.5g} ({100 * (lora / full - 1):+.1f}%)"))
     if PERSONAL in summary:
         for node in NODES:
@@ -188,6 +219,7 @@ def report(result: dict) -> str:
         for arm, row in summary.items():
             lines.append(f"{arm:<{width}}" + "".join(f"{_cell((row.get(c) or {}).get(metric)):>21}" for c in COLUMNS))
         lines.append("")
+    lines += [*personal_lines(result["seeds"]), ""] if personal_lines(result["seeds"]) else []
     lines.append("against fedprox on union held-out (a difference counts only beyond the larger seed std):")
     for c in result["comparisons"]:
         change = f"{100 * c['relative']:+6.1f}% (std {c['noise']:.3g})"

@@ -35,7 +35,8 @@ def write_full_vlm(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer()
-    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
     SmolVLMConfig(
         text_config={"model_type": "llama", **FULL_TEXT, **ids},
         vision_config={**FULL_VISION, "image_size": FULL_IMAGE},
@@ -58,8 +59,10 @@ def policy_config(vlm_dir: Path, full: bool, device: str = "cpu") -> SmolVLAConf
     """SmolVLA's default config (full) or the demo's sizes (small), six joints and two cameras."""
     size = FULL_IMAGE if full else TINY_IMAGE
     image = PolicyFeature(FeatureType.VISUAL, (3, size, size))
-    inputs = {"observation.state": PolicyFeature(FeatureType.STATE, (len(JOINTS),)), **{c: image for c in POLICY_CAMERAS[:2]}}
-    small = {} if full else dict(num_vlm_layers=4, chunk_size=10, n_action_steps=10, resize_imgs_with_padding=(size, size))
+    inputs = {"observation.state": PolicyFeature(FeatureType.STATE, (len(JOINTS),)),
+              **{c: image for c in POLICY_CAMERAS[:2]}}
+    small = {} if full else dict(num_vlm_layers=4, chunk_size=10, n_action_steps=10,
+                                 resize_imgs_with_padding=(size, size))
     return SmolVLAConfig(
         input_features=inputs,
         output_features={"action": PolicyFeature(FeatureType.ACTION, (len(JOINTS),))},
@@ -89,7 +92,8 @@ def processors_for(config: SmolVLAConfig, device: str = "cpu"):
     dim = len(JOINTS)
     unit = {"mean": np.zeros(dim), "std": np.ones(dim), "min": -np.ones(dim), "max": np.ones(dim)}
     stats = {"observation.state": unit, "action": unit}
-    return make_pre_post_processors(config, dataset_stats=stats, preprocessor_overrides={"device_processor": {"device": device}})
+    overrides = {"device_processor": {"device": device}}
+    return make_pre_post_processors(config, dataset_stats=stats, preprocessor_overrides=overrides)
 
 
 def preprocessor_for(config: SmolVLAConfig, device: str = "cpu"):

@@ -17,7 +17,11 @@ def table(headers: list[str], rows: list[list]) -> str:
     """Rows as aligned plain-text columns; floats to four significant digits."""
     cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)
+    # Only the headers' columns are laid out (a longer row's extra cells are left out, as before).
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+        for r in cells
+    )
 
 
 def target(name: str, value: float, limit: float, at_most: bool, unit: str = "") -> dict:

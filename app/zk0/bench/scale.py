@@ -73,24 +73,29 @@ def simulated_run(env_file: Path, nodes: int, out: Path, timeout: float) -> dict
         sampler.join()
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise BenchError(f"`zk0 local --simulation {nodes}` exited with {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
+        raise BenchError(
+            f"`zk0 local --simulation {nodes}` exited with {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}"
+        )
     history = json.loads((out / "history.json").read_text())
     trained = [r for r in history if r["round"] > 0]
     if any(len(r.get("contributors", [])) != nodes for r in trained):
         raise BenchError(f"N={nodes}: not every virtual node contributed every round: "
                          f"{[len(r.get('contributors', [])) for r in trained]}")
     sizes = sampler.sizes
-    growth = [sizes[r["round"]] - sizes[r["round"] - 1] for r in trained if r["round"] in sizes and r["round"] - 1 in sizes]
+    growth = [sizes[r["round"]] - sizes[r["round"] - 1]
+              for r in trained if r["round"] in sizes and r["round"] - 1 in sizes]
     records = sum(p.stat().st_size for p in out.glob("round-*.json")) + (out / "history.json").stat().st_size
     per_round = lambda key: sum(r[key] for r in trained) / len(trained)  # noqa: E731
-    walls = [b["elapsed_seconds"] - a["elapsed_seconds"] for a, b in zip(history, history[1:])]
+    # Consecutive records: the shorter tail ends the pairs.
+    walls = [b["elapsed_seconds"] - a["elapsed_seconds"] for a, b in zip(history, history[1:], strict=False)]
     return {
         "nodes": nodes,
         "run_wall_s": wall,
         "round_wall_s": sum(walls) / len(walls),
         "aggregate_s": per_round("aggregate_seconds"),
         "server_peak_rss_mib": max(r["server_peak_rss_mib"] for r in trained),
-        "bytes_per_round": sum(sum(r["bytes"].values()) for r in trained) / len(trained),  # train down and up, evaluate down
+        # train down and up, evaluate down
+        "bytes_per_round": sum(sum(r["bytes"].values()) for r in trained) / len(trained),
         "db_bytes_end": _db_bytes(out / "local"),
         "db_growth_per_round": sum(growth) / len(growth) if growth else None,
         "records_bytes": records,
@@ -126,7 +131,8 @@ def bench_scale(args: argparse.Namespace) -> dict:
     runs = [simulated_run(env_file, n, out / f"n{n:03d}", args.run_timeout) for n in nodes]
     agg = aggregation_costs(nodes, full=not args.smoke, fmt=args.fmt, repeats=1)
     series = {COSTS[k][0]: (nodes, [r[k] for r in runs]) for k in COSTS if all(r[k] for r in runs)}
-    series[f"aggregation, {'full' if not args.smoke else 'tiny'} size synthetic (s)"] = (nodes, [a["median_s"] for a in agg])
+    size = "full" if not args.smoke else "tiny"
+    series[f"aggregation, {size} size synthetic (s)"] = (nodes, [a["median_s"] for a in agg])
     slopes = {name: fit_slope(xs, ys) for name, (xs, ys) in series.items()}
     loglog_plot(out / "scale.png", series, "zk0 round costs against the number of nodes")
     rows = [[r["nodes"], r["round_wall_s"], r["aggregate_s"], r["server_peak_rss_mib"], r["bytes_per_round"] / MIB,
@@ -146,29 +152,39 @@ def bench_scale(args: argparse.Namespace) -> dict:
         "aggregation": agg,
         "slopes": slopes,
         "plot": str(out / "scale.png"),
-        "tables": [
-            {"title": "per N, tiny model, 2 rounds in Flower's simulation runtime (means over rounds)",
-             "headers": ["N", "round wall s", "aggregate s", "server peak RSS MiB", "payload MiB/round",
-                         "DB growth MiB/round", "DB MiB at end", "records KiB", "run wall s"],
-             "rows": rows},
-            {"title": "log-log slope of each cost against N (1 = linear)",
-             "headers": ["cost", "slope"], "rows": [[name, slope] for name, slope in slopes.items()]},
-            {"title": f"aggregation of N synthetic {args.fmt} updates ({'full' if not args.smoke else 'tiny'} size) "
-                      "through Zk0FedProx.aggregate_train; memory above the replies held, in fp32 copies of the weights",
-             "headers": ["N", "median s", "median CPU s", "peak above inputs (tracemalloc)", "peak above inputs (RSS)",
-                         "inputs MiB"],
-             "rows": [[a["nodes"], a["median_s"], a["median_cpu_s"], a["tracemalloc_peak_copies"], a["rss_peak_copies"],
-                       a["inputs_bytes"] / MIB] for a in agg]},
-        ],
+        "tables": _scale_tables(rows, slopes, agg, args.fmt, size),
         "targets": targets,
-        "notes": ["payload bytes: the weights in the messages (train down and up, evaluate down), as the strategy counts "
-                  "them (Flower's framing adds ~0.1%)",
-                  "the simulation runtime passes messages in memory: its SuperLink database holds run and node state "
-                  "only; a deployed SuperLink with --database writes each payload object to SQLite and deletes it on "
-                  "delivery, so its file grows to about one round's payload in flight and is reused",
-                  "DB growth: SQLite database plus its write-ahead log, sampled when each round's record appears",
-                  "Flower 1.42's Grid.send_and_receive returns all N replies at once, inflated, in a list: the ServerApp "
-                  "holds N updates before the strategy sees one; 'above inputs' is what aggregate_train adds to them",
-                  "full-size synthetic replies share one payload's bytes (Array keeps the bytes it is given), so 64 need "
-                  "not be resident; 'inputs MiB' counts them as N updates"],
+        "notes": list(SCALE_NOTES),
     }
+
+
+SCALE_NOTES = [
+    "payload bytes: the weights in the messages (train down and up, evaluate down), as the strategy counts "
+    "them (Flower's framing adds ~0.1%)",
+    "the simulation runtime passes messages in memory: its SuperLink database holds run and node state "
+    "only; a deployed SuperLink with --database writes each payload object to SQLite and deletes it on "
+    "delivery, so its file grows to about one round's payload in flight and is reused",
+    "DB growth: SQLite database plus its write-ahead log, sampled when each round's record appears",
+    "Flower 1.42's Grid.send_and_receive returns all N replies at once, inflated, in a list: the ServerApp "
+    "holds N updates before the strategy sees one; 'above inputs' is what aggregate_train adds to them",
+    "full-size synthetic replies share one payload's bytes (Array keeps the bytes it is given), so 64 need "
+    "not be resident; 'inputs MiB' counts them as N updates",
+]
+
+
+def _scale_tables(rows: list, slopes: dict[str, float], agg: list[dict], fmt: str, size: str) -> list[dict]:
+    """Per-N run costs, the fitted slopes, and the synthetic aggregation's time and memory."""
+    return [
+        {"title": "per N, tiny model, 2 rounds in Flower's simulation runtime (means over rounds)",
+         "headers": ["N", "round wall s", "aggregate s", "server peak RSS MiB", "payload MiB/round",
+                     "DB growth MiB/round", "DB MiB at end", "records KiB", "run wall s"],
+         "rows": rows},
+        {"title": "log-log slope of each cost against N (1 = linear)",
+         "headers": ["cost", "slope"], "rows": [[name, slope] for name, slope in slopes.items()]},
+        {"title": f"aggregation of N synthetic {fmt} updates ({size} size) "
+                  "through Zk0FedProx.aggregate_train; memory above the replies held, in fp32 copies of the weights",
+         "headers": ["N", "median s", "median CPU s", "peak above inputs (tracemalloc)", "peak above inputs (RSS)",
+                     "inputs MiB"],
+         "rows": [[a["nodes"], a["median_s"], a["median_cpu_s"], a["tracemalloc_peak_copies"], a["rss_peak_copies"],
+                   a["inputs_bytes"] / MIB] for a in agg]},
+    ]

@@ -27,8 +27,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from ..server.records import RunRecorder
 from ..server.strategy import Zk0FedProx
 from ..wire import DELTA, FORMATS, PACKED, layout_fingerprint, npy_view, quantize_delta
+from .aggregate import measure
 from .report import BenchError, as_record
-from .wire import REPLY_METRICS, _random_update, measure
+from .wire import REPLY_METRICS
+from .wire_tensors import random_update
 
 DISTINCT_LIMIT = 6 * 2**30  # most memory the replies may take when each has its own bytes (not shared)
 GIB = 2**30
@@ -80,7 +82,7 @@ def trainable_shapes(full: bool) -> dict[str, tuple]:
 
 def _update(shapes: dict[str, tuple], fmt: str, seed: int) -> dict[str, np.ndarray]:
     """One node's reply payload, packed as zk0 sends it."""
-    parts = _random_update(shapes, "fp32" if fmt == DELTA else fmt, seed)
+    parts = random_update(shapes, "fp32" if fmt == DELTA else fmt, seed)
     packed = np.concatenate([parts.pop(k).reshape(-1) for k in sorted(shapes)])
     return quantize_delta(packed) if fmt == DELTA else {PACKED: packed}
 
@@ -109,7 +111,9 @@ def _replies(sent: list[Message], shapes: dict[str, tuple], fmt: str, shared: bo
         if payload is None or not shared:
             payload = as_record(_update(shapes, fmt, seed=i))
         # Array's direct constructor keeps the bytes object it is given: no copy per reply.
-        arrays = ArrayRecord({k: Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data) for k, a in payload.items()})
+        arrays = ArrayRecord(
+            {k: Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data) for k, a in payload.items()}
+        )
         content = RecordDict({
             "arrays": arrays,
             "metrics": MetricRecord({**REPLY_METRICS, "num-samples": _samples(i)}),
@@ -140,8 +144,9 @@ def _cost(n: int, shapes: dict[str, tuple], fmt: str, repeats: int, shared: bool
     per_reply = sum(npy_view(a).nbytes for a in replies[0].content["arrays"].values())  # values, not .npy headers
     above = max(costs["tracemalloc_peak"], costs["rss_peak"])
     return {
-        "nodes": n, **costs, "median_cpu_s": statistics.median(cpu[:repeats]), "copy_bytes": copy, "update_bytes": per_reply,
-        "inputs_bytes": per_reply * n, "inputs_resident_bytes": per_reply * (1 if shared else n), "shared_inputs": shared,
+        "nodes": n, **costs, "median_cpu_s": statistics.median(cpu[:repeats]), "copy_bytes": copy,
+        "update_bytes": per_reply, "inputs_bytes": per_reply * n,
+        "inputs_resident_bytes": per_reply * (1 if shared else n), "shared_inputs": shared,
         "tracemalloc_peak_copies": costs["tracemalloc_peak"] / copy, "rss_peak_copies": costs["rss_peak"] / copy,
         "above_inputs_bytes": above, "total_peak_bytes": per_reply * n + above,
     }
@@ -161,7 +166,9 @@ def aggregation_costs(nodes: list[int], full: bool, fmt: str, repeats: int, *, s
     shared = full if shared is None else shared
     copy = 4 * sum(math.prod(s) for s in shapes.values())
     if not shared and max(nodes) * copy * {"fp32": 1, DELTA: 0.25}.get(fmt, 0.5) > DISTINCT_LIMIT:
-        raise BenchError(f"{max(nodes)} distinct replies need more than {DISTINCT_LIMIT / GIB:.0f} GiB: use shared replies")
+        raise BenchError(
+            f"{max(nodes)} distinct replies need more than {DISTINCT_LIMIT / GIB:.0f} GiB: use shared replies"
+        )
     results = []
     with _server_identity(), tempfile.TemporaryDirectory() as tmp:
         for n in nodes:

@@ -162,18 +162,23 @@ def check_dataset(
     features = info.get("features", {})
     row.version = str(info.get("codebase_version", "unknown"))
     row.fps, row.episodes, row.frames = info.get("fps"), info.get("total_episodes"), info.get("total_frames")
-    row.cameras = [k for k, f in features.items() if f.get("dtype") in ("video", "image") and k.startswith(IMAGE_PREFIX)]
+    row.cameras = [
+        k for k, f in features.items() if f.get("dtype") in ("video", "image") and k.startswith(IMAGE_PREFIX)
+    ]
     row.state_dim, row.action_dim = _dim(features, "observation.state"), _dim(features, "action")
     _check_version(row, row.version)
     if policy is not None:
         _check_cameras(row, camera_map, policy)
-        for name, got, want in (("state", row.state_dim, policy.state_dim), ("action", row.action_dim, policy.action_dim)):
+        sizes = (("state", row.state_dim, policy.state_dim), ("action", row.action_dim, policy.action_dim))
+        for name, got, want in sizes:
             if want is not None and got != want:
                 row.problem(f"{name} has {got or 'no'} values, the policy expects {want}; use a dataset recorded "
                             "with the same arm (SO-100/SO-101: 6 joints)")
     episodes = (row.episodes or 0) // (partitions or 1)
     if heldout >= episodes:
-        row.problem(f"holding out {heldout} of its {episodes} episodes leaves nothing to train on; lower {heldout_setting}")
+        row.problem(
+            f"holding out {heldout} of its {episodes} episodes leaves nothing to train on; lower {heldout_setting}"
+        )
     return row
 
 
@@ -200,7 +205,9 @@ def fps_warnings(rows: list[DatasetCheck]) -> list[str]:
     rates = {r.role: r.fps for r in rows if r.fps}
     if len(set(rates.values())) > 1:
         listed = ", ".join(f"{role} {fps}" for role, fps in rates.items())
-        return [f"datasets have different fps ({listed}): each one's action chunk spans chunk_size frames at its own rate"]
+        return [
+            f"datasets have different fps ({listed}): each one's action chunk spans chunk_size frames at its own rate"
+        ]
     return []
 
 
@@ -244,7 +251,9 @@ def check_nodes(nodes: list, base_policy: str, prefixes: list[str]) -> tuple[lis
     return rows, problems
 
 
-def check_experiment(settings, nodes: list, prefixes: list[str] | None = None) -> tuple[list[DatasetCheck], list[str], list[str]]:
+def check_experiment(
+    settings, nodes: list, prefixes: list[str] | None = None
+) -> tuple[list[DatasetCheck], list[str], list[str]]:
     """(rows, problems, warnings) for an experiment's nodes (NodeSettings) and its evaluation set (ServerSettings)."""
     prefixes = prefixes or [f"ZK0_NODE_{i}_" for i in range(len(nodes))]
     rows, problems = check_nodes(nodes, settings.base_policy, prefixes)
@@ -252,7 +261,9 @@ def check_experiment(settings, nodes: list, prefixes: list[str] | None = None) -
         policy, problem = policy_layout(settings.base_policy)
         if problem and problem not in problems:
             problems.append(problem)
-        rows.append(check_dataset("eval", settings.eval_dataset, "ZK0_EVAL_DATASET", "ZK0_EVAL_CAMERAS", settings.eval_cameras, policy))
+        rows.append(check_dataset(
+            "eval", settings.eval_dataset, "ZK0_EVAL_DATASET", "ZK0_EVAL_CAMERAS", settings.eval_cameras, policy
+        ))
     problems += [p for r in rows for p in r.problems]
     warnings = [w for r in rows for w in r.warnings] + fps_warnings([r for r in rows if r.role != "eval"])
     return rows, problems, warnings

@@ -25,7 +25,7 @@ from .procs import MARK, end_marked, popen_owned, start_guard
 from .supernode import TASK_POLL, supernode_command
 
 log = logging.getLogger("zk0")
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]  # app/: the Flower App folder holding pyproject.toml
 # Simulation: CPUs Flower's Ray backend reserves per ClientApp, so cpu_count // this many run at once.
 SIM_CPUS_PER_NODE = 1
 

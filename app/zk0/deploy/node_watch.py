@@ -28,9 +28,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from ..server.records import atomic_write_json
+from .proc_table import clientapps, process_table
 
 log = logging.getLogger("zk0")
 
@@ -177,42 +177,6 @@ def _since(start: float | None, now: float) -> float:
     return now if start is None else start
 
 
-class Proc(NamedTuple):
-    """What /proc/PID/stat says of one process."""
-
-    ppid: int
-    comm: str
-    state: str
-    exit_status: int
-
-
-def process_table() -> dict[int, Proc]:
-    """Every process's parent, name, state and (for a zombie) wait status, from /proc/PID/stat."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry.name}/stat") as f:
-                    data = f.read()
-                comm, rest = data[data.index("(") + 1:data.rindex(")")], data[data.rindex(")") + 2:].split()
-                table[int(entry.name)] = Proc(int(rest[1]), comm, rest[0], int(rest[49]) if len(rest) > 49 else 0)
-    return table
-
-
-def clientapps(table: dict[int, Proc], supernode: int) -> tuple[int, str]:
-    """(live ClientApp processes below this SuperNode, how the last ended one ended, as a clause)."""
-    execs = {pid for pid, p in table.items() if p.ppid == supernode and p.comm.startswith("flower-superexe")}
-    if not execs:
-        return 0, " (and the node's SuperExec, which starts them, is not running)"
-    apps = [p for p in table.values() if p.ppid in execs and p.comm == "flwr-clientapp"]
-    dead = [p.exit_status for p in apps if p.state == "Z"]  # not reaped yet: its SuperExec reaps at the next start
-    if not dead:
-        return len(apps), ""
-    sig = dead[-1] & 0x7F
-    how = f"was killed by {signal.Signals(sig).name}" if sig else f"exited with code {dead[-1] >> 8}"
-    return len(apps) - len(dead), f" (the last one {how})"
-
-
 class NodeWatch:
     """Follows every SuperNode of `zk0 local` in a thread: reports failing ClientApp starts, gives up on nodes."""
 
@@ -288,7 +252,8 @@ class NodeWatch:
         atomic_write_json(self.faults, faults)
         log.warning("%s: giving up on the node: its ClientApp has failed to start for %s since its %s message arrived "
                     "(%s); stopping its SuperNode, so the SuperLink reports it unavailable and the round goes on "
-                    "without it if ZK0_MIN_NODES nodes are left", tracker.label, waited, tracker.message, tracker.reasons)
+                    "without it if ZK0_MIN_NODES nodes are left",
+                    tracker.label, waited, tracker.message, tracker.reasons)
         self._signal(proc, signal.SIGTERM)
         self.stopped_at[index] = now
 

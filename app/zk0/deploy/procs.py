@@ -33,7 +33,7 @@ MARK = "ZK0GUARD"
 PR_SET_PDEATHSIG = 1
 GRACE = 2.0  # seconds between asking leftovers to stop (SIGTERM) and killing them
 POLL = 0.2  # seconds between the guard's looks at its owner
-APP_ROOT = Path(__file__).resolve().parent.parent  # the folder holding this copy of the zk0 package
+APP_ROOT = Path(__file__).resolve().parents[2]  # the folder holding this copy of the zk0 package
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -82,10 +82,10 @@ def marked(token: str) -> list[int]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        with contextlib.suppress(OSError):  # gone meanwhile, or another user's
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):  # a zombie's environment reads empty
-                    pids.append(int(entry.name))
+        # OSError: gone meanwhile, or another user's.
+        with contextlib.suppress(OSError), open(f"/proc/{entry.name}/environ", "rb") as f:
+            if needle in f.read().split(b"\0"):  # a zombie's environment reads empty
+                pids.append(int(entry.name))
     return pids
 
 

@@ -22,7 +22,7 @@ from .supernode import wait_reachable
 log = logging.getLogger("zk0")
 # The Flower App that `flwr run` packages: the source checkout next to this package, or the copy
 # the Docker image keeps (an installed package has no pyproject.toml beside it).
-APP_DIRS = (Path(__file__).resolve().parents[1], Path("/opt/zk0-src/app"))
+APP_DIRS = (Path(__file__).resolve().parents[2], Path("/opt/zk0-src/app"))
 
 
 def find_app_dir(given: Path | None) -> Path:

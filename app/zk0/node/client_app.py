@@ -14,6 +14,7 @@ virtual node would be N extra processes, each holding torch and a policy: 64 do 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 from ..deploy.node_watch import STARTED
 from ..logs import setup_logging
 from ..settings import NodeSettings
+from .messages import NodeReply, NodeRequest
 
 app = ClientApp()
 # Simulation: NodeWorkers kept per process (a Ray actor serves many virtual nodes), one per env-file
@@ -41,57 +43,54 @@ def node_settings(context: Context) -> tuple[NodeSettings, str, tuple[int, int] 
     return settings, f"sim-{index:03d}", (index, index % len(nodes))
 
 
-def _sim_run(index: int, template: int, request: dict) -> dict:
+def _sim_run(index: int, template: int, request: NodeRequest) -> NodeReply:
     """Virtual node `index`'s request, in this process: its env-file node's session, its own batches."""
     from .session import NodeWorker
 
     worker = _sim_workers.setdefault(template, NodeWorker())
     # Virtual nodes on one dataset split it the same way; each draws its own batches from the training episodes.
-    request["config"]["batch-seed-offset"] = index
-    return worker.handle(request)
+    return worker.handle(replace(request, batch_seed_offset=index))
 
 
-def _request(op: str, msg: Message, context: Context) -> dict:
-    """The message as a plain request: configs, and the weights as their .npy bytes (not parsed here)."""
+def to_request(kind: str, msg: Message, node_config: dict) -> NodeRequest:
+    """The message as a request: configs, and the weights as their .npy bytes (not parsed here)."""
     arrays = msg.content["arrays"] if "arrays" in msg.content else ArrayRecord()
     if any(a.stype != "numpy.ndarray" for a in arrays.values()):
         raise TypeError("received weights must be numpy arrays (stype 'numpy.ndarray')")
-    return {
-        "op": op,
-        "node_config": dict(context.node_config),
-        "config": dict(msg.content["config"]),
-        "arrays": {k: a.data for k, a in arrays.items()},
-    }
+    return NodeRequest(kind, node_config, dict(msg.content["config"]), {k: a.data for k, a in arrays.items()})
 
 
-def _run(op: str, msg: Message, context: Context) -> Message:
+def to_reply(result: NodeReply, name: str, dataset: str, msg: Message) -> Message:
+    """The node's reply as Flower records: metrics, the weights of a train reply, what the records show per node."""
+    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in result.metrics.items()})})
+    if result.arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in result.arrays.items()})
+    if result.eval_metrics is not None:
+        # The received model's held-out metrics: a ConfigRecord, as Flower aggregates a train reply's one MetricRecord.
+        content["eval"] = ConfigRecord({k: float(v) for k, v in result.eval_metrics.items()})
+    node = {"name": name, "dataset": dataset, "layout": result.layout, **result.info}
+    if result.stats is not None:
+        node["stats"] = result.stats
+    content["node"] = ConfigRecord(node)
+    return Message(content=content, reply_to=msg)
+
+
+def _run(kind: str, msg: Message, context: Context) -> Message:
     log = setup_logging()
     settings, name, virtual = node_settings(context)
     # Flower has started this ClientApp: `zk0 local`'s watch (zk0.deploy.node_watch) stops timing its start-up here.
     log.info("%s: %s %s message", name, STARTED, msg.metadata.message_type)
-    request = _request(op, msg, context)
     if virtual is not None:
-        request["node_config"] = settings.to_flower_config()
-        result = _sim_run(*virtual, request)
+        result = _sim_run(*virtual, to_request(kind, msg, settings.to_flower_config()))
     elif settings.warm:
         from .warm import call
 
-        result = call(request)
+        result = call(to_request(kind, msg, dict(context.node_config)))
     else:
         from .session import NodeWorker
 
-        result = NodeWorker().handle(request)
-    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in result["metrics"].items()})})
-    if result["arrays"] is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in result["arrays"].items()})
-    if "eval" in result:
-        # The received model's held-out metrics: a ConfigRecord, as Flower aggregates a train reply's one MetricRecord.
-        content["eval"] = ConfigRecord({k: float(v) for k, v in result["eval"].items()})
-    node = {"name": name, "dataset": settings.dataset, "layout": result["layout"], **result.get("info", {})}
-    if "stats" in result:
-        node["stats"] = result["stats"]
-    content["node"] = ConfigRecord(node)
-    return Message(content=content, reply_to=msg)
+        result = NodeWorker().handle(to_request(kind, msg, dict(context.node_config)))
+    return to_reply(result, name, settings.dataset, msg)
 
 
 @app.train()

@@ -36,6 +36,7 @@ from ..settings import NodeSettings, default_cache_dir, resolve_device
 from ..stats import compute_stats, from_json, to_json, training_frames
 from ..train import TrainPlan, train_round
 from ..wire import DELTA, PACKED, down_format, layout_fingerprint, npy_bytes_view, pack, quantize_delta, unpack, views
+from .messages import KINDS, NodeReply, NodeRequest
 
 log = logging.getLogger("zk0")
 
@@ -91,11 +92,12 @@ class NodeSession:
         return self.features[key]
 
     def use_stats(self, stats: str) -> None:
-        """Normalise with `stats` (JSON from the server; "" = the base policy's): processors rebuilt when they change."""
+        """Normalise with `stats` (JSON from the server; "" = the base policy's), rebuilding processors on change."""
         if stats != self.stats:
             device = str(next(self.policy.parameters()).device)
             rename = parse_camera_map(self.settings.cameras)
-            self.preprocessor, self.postprocessor = load_processors(self.base, device, rename, from_json(stats) if stats else None)
+            values = from_json(stats) if stats else None
+            self.preprocessor, self.postprocessor = load_processors(self.base, device, rename, values)
             self.stats = stats
 
 
@@ -209,17 +211,17 @@ def receive_weights(session: NodeSession, arrays: dict, config: dict) -> np.ndar
 def _stamp(spec: str | None) -> tuple:
     """What changes when a local policy or dataset is rewritten in place (size and time of its files)."""
     root = Path(spec or "")
-    files = [*root.glob("*.json"), *root.glob("*.safetensors"), root / "meta" / "info.json"] if spec and root.is_dir() else []
+    if not spec or not root.is_dir():
+        return ()
+    files = [*root.glob("*.json"), *root.glob("*.safetensors"), root / "meta" / "info.json"]
     return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files) if f.is_file())
 
 
 class NodeWorker:
-    """Runs train and evaluate requests; keeps the session (policy, processors, datasets) between them.
+    """Runs a node's requests (zk0.node.messages); keeps the session (policy, processors, datasets) between them.
 
-    A request is a plain dict: op ("train" or "evaluate"), node_config and config (the SuperNode's and
-    the message's Flower configs) and arrays (the received weights as .npy bytes). The session is
-    reused while the node's settings, base policy, split seed and the files on disk are unchanged, so a
-    long-lived worker only applies the new global weights per message.
+    The session is reused while the node's settings, base policy, split seed and the files on disk are
+    unchanged, so a long-lived worker only applies the new global weights per message.
     """
 
     def __init__(self):
@@ -228,66 +230,69 @@ class NodeWorker:
 
     def open(self, settings: NodeSettings, config: dict) -> NodeSession:
         """The session for this request: the one already open when its inputs are unchanged, else a new one."""
-        base, seed, fingerprint = settings.base_policy or str(config["base-policy"]), int(config["seed"]), str(config["base-fingerprint"])
+        base, seed = settings.base_policy or str(config["base-policy"]), int(config["seed"])
+        fingerprint = str(config["base-fingerprint"])
         adapter = Adapter.from_config(config)
         key = (settings.model_dump_json(), base, seed, adapter, _stamp(base), _stamp(settings.dataset))
         session = self.session
         if session is not None and key == self.key and session.fingerprint == (fingerprint or None):
             return session
         self.session = self.key = None  # a failed open leaves nothing half-reused
-        # Built with the message's statistics: a fresh session (every message with warm=false) loads its processors once.
+        # Built with the message's statistics: a fresh session (each message with warm=false) loads processors once.
         session = open_session(settings, base, None, seed, fingerprint, str(config.get("norm-stats") or ""), adapter)
         self.session, self.key = session, key
         return session
 
-    def handle(self, request: dict) -> dict:
-        """Train, evaluate or summarise (stats) on this node.
-
-        Returns {"metrics", "arrays": packed wire arrays or None, "layout", "info": fps/cameras/frames, "stats"}, and
-        for a train request whose config sets evaluate-first, "eval": the received weights' held-out metrics.
-        """
-        started = time.perf_counter()
-        settings = NodeSettings.from_flower_config(request["node_config"])
-        config, op = request["config"], request["op"]
-        if op not in ("train", "evaluate", "stats"):
-            raise ValueError(f"unknown request {op!r}: expected 'train', 'evaluate' or 'stats'")
+    def handle(self, request: NodeRequest) -> NodeReply:
+        """Train, evaluate or summarise (stats) on this node; a train request whose config sets evaluate-first
+        also reports the received weights' held-out metrics."""
+        started, config = time.perf_counter(), request.config
+        if request.kind not in KINDS:
+            raise ValueError(f"unknown request {request.kind!r}: expected 'train', 'evaluate' or 'stats'")
         before = self.session
-        session = self.open(settings, config)
-        if op == "stats":
+        session = self.open(NodeSettings.from_flower_config(request.node_config), config)
+        if request.kind == "stats":
             stats, frames = stats_on_node(session)
-            return {"metrics": {"frames": frames}, "arrays": None, "layout": session.layout, "info": session.info, "stats": stats}
+            return NodeReply({"frames": frames}, session.layout, session.info, stats=stats)
         session.use_stats(str(config.get("norm-stats") or ""))
-        received = receive_weights(session, request["arrays"], config)
+        received = receive_weights(session, request.arrays, config)
         session.setup_seconds = time.perf_counter() - started  # for a reused session: only receiving the weights
-        layout = session.layout
         warm = {"warm": float(session is before)}  # 1: this message found the policy loaded
         evaluated = None
         # A train message may evaluate the weights it brings before training on them (ZK0_EVAL_MODE=in-train):
         # the same evaluation as an evaluate message's, on a forked RNG, so training's draws are unchanged.
-        if op == "evaluate" or config.get("evaluate-first"):
-            evaluated = {**evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]),
-                                            int(config["seed"])), **warm}
-        if op == "evaluate":
+        if request.kind == "evaluate" or config.get("evaluate-first"):
+            evaluated = evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]),
+                                         int(config["seed"]))
+            evaluated.update(warm)
+        if request.kind == "evaluate":
             from .personal import personalise  # the last round's: a personal model, kept here (imports this module)
 
             evaluated.update(personalise(session, config, evaluated))
-            return {"metrics": evaluated, "arrays": None, "layout": layout, "info": session.info}
-        server_round, steps = int(config["server-round"]), int(config["local-steps"])
-        plan = TrainPlan(
-            steps=steps,
-            start_step=(server_round - 1) * steps,
-            total_steps=int(config["total-steps"]),
-            learning_rate=float(config["learning-rate"]),
-            proximal_mu=float(config["proximal-mu"]),
-            log_every=settings.log_every,
-        )
-        # Virtual nodes that share a dataset under simulation draw different batches (zk0.node.client_app).
-        seed = int(config["seed"]) + 1000 * server_round + 1_000_003 * int(config.get("batch-seed-offset", 0))
-        state, metrics = train_on_node(session, plan, int(config["batch-size"]), seed)
-        fmt = str(config["wire-format"])
-        if fmt == DELTA:  # the update against the weights as received, not the trained weights
-            arrays = quantize_delta(pack(state, "fp32") - received.astype(np.float32))
-        else:
-            arrays = {PACKED: pack(state, fmt)}
-        reply = {"metrics": {**metrics, **warm}, "arrays": arrays, "layout": layout, "info": session.info}
-        return reply if evaluated is None else {**reply, "eval": evaluated}
+            return NodeReply(evaluated, session.layout, session.info)
+        metrics, arrays = train_and_pack(session, request, received)
+        return NodeReply({**metrics, **warm}, session.layout, session.info, arrays, evaluated)
+
+
+def train_plan(config: dict, log_every: int) -> TrainPlan:
+    """The message's round of the experiment's schedule: its steps, where they start, the learning rate, mu."""
+    server_round, steps = int(config["server-round"]), int(config["local-steps"])
+    return TrainPlan(
+        steps=steps,
+        start_step=(server_round - 1) * steps,
+        total_steps=int(config["total-steps"]),
+        learning_rate=float(config["learning-rate"]),
+        proximal_mu=float(config["proximal-mu"]),
+        log_every=log_every,
+    )
+
+
+def train_and_pack(session: NodeSession, request: NodeRequest, received: np.ndarray) -> tuple[dict, dict]:
+    """Train a round on the received weights; (metrics, the reply's arrays in the message's wire format)."""
+    config = request.config
+    plan = train_plan(config, session.settings.log_every)
+    state, metrics = train_on_node(session, plan, int(config["batch-size"]), request.batch_seed)
+    fmt = str(config["wire-format"])
+    if fmt == DELTA:  # the update against the weights as received, not the trained weights
+        return metrics, quantize_delta(pack(state, "fp32") - received.astype(np.float32))
+    return metrics, {PACKED: pack(state, fmt)}

@@ -32,11 +32,13 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
+from .messages import NodeReply, NodeRequest, WorkerExit, WorkerFailure
+
 log = logging.getLogger("zk0")
 
 IDLE_TIMEOUT = 3600.0  # seconds without a request before a worker frees its memory
 START_TIMEOUT = 60.0  # seconds for a new worker to listen (it binds before importing torch)
-APP_ROOT = Path(__file__).resolve().parent.parent  # the folder holding this copy of the zk0 package
+APP_ROOT = Path(__file__).resolve().parents[2]  # the folder holding this copy of the zk0 package
 
 
 class WorkerError(RuntimeError):
@@ -76,7 +78,7 @@ def _retire_others(address: Path, owner_pid: int) -> None:
     for other in address.parent.glob(f"{owner_pid}-*.sock"):
         if other != address and (conn := _connect(other)) is not None:
             with conn, contextlib.suppress(OSError):
-                conn.send({"op": "exit"})
+                conn.send(WorkerExit())
 
 
 def _remove_stale(directory: Path) -> None:
@@ -116,13 +118,15 @@ def connect(owner_pid: int | None = None, idle_timeout: float = IDLE_TIMEOUT) ->
                 log.info("started warm worker %d (%s)", proc.pid, address.name)
                 return conn
             if proc.poll() is not None:
-                raise WorkerError(f"warm worker exited with code {proc.returncode} before listening; see the lines above")
+                raise WorkerError(
+                    f"warm worker exited with code {proc.returncode} before listening; see the lines above"
+                )
             time.sleep(0.05)
         proc.kill()
         raise WorkerError(f"warm worker did not listen on {address} within {START_TIMEOUT:.0f}s")
 
 
-def call(request: dict, owner_pid: int | None = None) -> dict:
+def call(request: NodeRequest, owner_pid: int | None = None) -> NodeReply:
     """Send one request to the warm worker and return its reply; raises WorkerError on failure."""
     with connect(owner_pid) as conn:
         conn.send(request)
@@ -130,11 +134,11 @@ def call(request: dict, owner_pid: int | None = None) -> dict:
             reply = conn.recv()
         except (EOFError, ConnectionResetError) as err:
             raise WorkerError(
-                f"warm worker died during the {request.get('op')} request ({err or 'connection closed'}); "
+                f"warm worker died during the {request.kind} request ({err or 'connection closed'}); "
                 "its log is the SuperNode's; the next message starts a new one"
             ) from None
-    if "error" in reply:
-        raise WorkerError(reply["error"])
+    if isinstance(reply, WorkerFailure):
+        raise WorkerError(reply.error)
     return reply
 
 
@@ -186,7 +190,8 @@ def cleanup(address: Path) -> None:
 def serve(address: Path, owner_pid: int, idle_timeout: float) -> int:
     """Answer requests one at a time until told to exit or the watcher ends the process."""
     signal.signal(signal.SIGTERM, lambda *_: _exit_cleanly(address))  # before a client can find it
-    listener = Listener(str(address), family="AF_UNIX", authkey=_key(address))  # listen first: importing torch takes seconds
+    # Listen first: importing torch takes seconds.
+    listener = Listener(str(address), family="AF_UNIX", authkey=_key(address))
     watch = _Watch(address, owner_pid, idle_timeout)
     watch.start()
     from ..logs import setup_logging
@@ -205,14 +210,14 @@ def serve(address: Path, owner_pid: int, idle_timeout: float) -> int:
                 watch.busy = True
                 try:
                     request = conn.recv()
-                    if request.get("op") == "exit":
+                    if isinstance(request, WorkerExit):
                         log.info("warm worker %d exits: a newer app version took over", os.getpid())
                         return 0
                     try:
                         reply = worker.handle(request)
                     except Exception as err:  # noqa: BLE001  the ClientApp raises it; the worker lives on
-                        log.error("warm worker: %s request failed:\n%s", request.get("op"), traceback.format_exc())
-                        reply = {"error": f"{type(err).__name__}: {err}"}
+                        log.error("warm worker: %s request failed:\n%s", request.kind, traceback.format_exc())
+                        reply = WorkerFailure(f"{type(err).__name__}: {err}")
                     conn.send(reply)
                 except (EOFError, OSError) as err:  # the ClientApp was stopped mid-request
                     log.warning("warm worker: ClientApp went away: %s", err)

@@ -29,7 +29,8 @@ def _save(fig, path: Path) -> Path:
 def plot_server_eval(history: list[dict], path: Path) -> Path:
     """Server evaluation loss and action MSE per round."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "policy_loss", "policy loss"), (axes[1], "action_mse", "action MSE (action units²)")):
+    panels = ((axes[0], "policy_loss", "policy loss"), (axes[1], "action_mse", "action MSE (action units²)"))
+    for ax, key, title in panels:
         xs, ys = _series(history, lambda r, k=key: (r.get("server_eval") or {}).get(k))
         ax.plot(xs, ys, marker="o")
         ax.set(title=f"server evaluation: {title}", xlabel="round")
@@ -63,7 +64,8 @@ def plot_bytes(history: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for direction in ("sent", "received"):
         xs, ys = _series(history, lambda r, d=direction: r.get("bytes", {}).get(d))
-        ax.bar([x + (0.2 if direction == "received" else -0.2) for x in xs], [y / 2**20 for y in ys], width=0.4, label=direction)
+        offset = 0.2 if direction == "received" else -0.2
+        ax.bar([x + offset for x in xs], [y / 2**20 for y in ys], width=0.4, label=direction)
     ax.set(title="payload per round", xlabel="round", ylabel="MiB")
     ax.legend()
     return _save(fig, path)

@@ -17,7 +17,8 @@ def _is_hub_id(spec: str | None) -> bool:
 
 
 def _eval_table(history: list[dict]) -> str:
-    rows = ["| round | server policy loss | server action MSE | nodes' held-out loss | contributors |", "|---|---|---|---|---|"]
+    rows = ["| round | server policy loss | server action MSE | nodes' held-out loss | contributors |",
+            "|---|---|---|---|---|"]
     for r in history:
         server = r.get("server_eval") or {}
         held = (r.get("eval_aggregate") or {}).get("policy_loss")
@@ -30,15 +31,9 @@ def _eval_table(history: list[dict]) -> str:
 def model_card(settings, history: list[dict], server_round: int) -> str:
     """README.md text with Hub metadata, how the model was trained and how well it does."""
     nodes = {c.get("name", k): c.get("dataset", "?") for r in history for k, c in r.get("clients", {}).items()}
-    datasets = sorted({d for d in [*nodes.values(), settings.eval_dataset] if _is_hub_id(d)})
-    data = ModelCardData(
-        library_name="lerobot",
-        pipeline_tag="robotics",
-        license="apache-2.0",
-        tags=["lerobot", "smolvla", "robotics", "federated-learning", "flower", "fedprox", "zk0"],
-        base_model=settings.base_policy if _is_hub_id(settings.base_policy) else None,
-        datasets=datasets or None,
-    )
+    data = _card_data(settings, nodes)
+    schedule = "SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds"
+    repo = settings.hf_repo_id or "PATH_TO_THIS_FOLDER"
     node_lines = "\n".join(f"- `{name}`: `{dataset}`" for name, dataset in sorted(nodes.items())) or "- (none recorded)"
     return f"""---
 {data.to_yaml()}
@@ -58,7 +53,7 @@ server aggregated the trainable weights (server step: {settings.strategy}).
 - FedProx mu: {settings.proximal_mu}
 - server strategy: {settings.strategy}
 - trained weights: {_trained(settings)}
-- peak learning rate: {settings.learning_rate} (SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds)
+- peak learning rate: {settings.learning_rate} ({schedule})
 - local steps per round: {settings.local_steps}, batch size {settings.batch_size}
 - server evaluation dataset: `{settings.eval_dataset or 'none'}`
 
@@ -74,17 +69,31 @@ Deterministic evaluation (seeded flow-matching noise). Action MSE is in the data
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.policies.factory import make_pre_post_processors
 
-policy = SmolVLAPolicy.from_pretrained("{settings.hf_repo_id or 'PATH_TO_THIS_FOLDER'}")
-pre, post = make_pre_post_processors(policy.config, pretrained_path="{settings.hf_repo_id or 'PATH_TO_THIS_FOLDER'}")
+policy = SmolVLAPolicy.from_pretrained("{repo}")
+pre, post = make_pre_post_processors(policy.config, pretrained_path="{repo}")
 ```
 {_adapter_use(settings)}"""
+
+
+def _card_data(settings, nodes: dict[str, str]) -> ModelCardData:
+    """The card's Hub metadata; only Hub ids (not local paths) are named as base model and datasets."""
+    datasets = sorted({d for d in [*nodes.values(), settings.eval_dataset] if _is_hub_id(d)})
+    return ModelCardData(
+        library_name="lerobot",
+        pipeline_tag="robotics",
+        license="apache-2.0",
+        tags=["lerobot", "smolvla", "robotics", "federated-learning", "flower", "fedprox", "zk0"],
+        base_model=settings.base_policy if _is_hub_id(settings.base_policy) else None,
+        datasets=datasets or None,
+    )
 
 
 def _trained(settings) -> str:
     if getattr(settings, "trainable", "expert") != "lora":
         return "SmolVLA's action expert (the vision encoder and VLM frozen)"
     return (
-        f"LoRA adapters (rank {settings.lora_rank}, alpha {settings.lora_alpha}, {settings.lora_aggregation} aggregation) "
+        f"LoRA adapters (rank {settings.lora_rank}, alpha {settings.lora_alpha}, "
+        f"{settings.lora_aggregation} aggregation) "
         f"on `{settings.lora_targets or "LeRobot's SmolVLA default targets"}`; this folder holds the policy with the "
         "adapters merged in, and `adapter/` the adapter alone in PEFT's format"
     )
@@ -100,7 +109,9 @@ The adapter alone (PEFT format, as `lerobot-train` with PEFT saves it) is in `ad
 """
 
 
-def push_checkpoint(ckpt_dir: Path, repo_id: str, server_round: int, *, token: str | None, private: bool = False) -> str:
+def push_checkpoint(
+    ckpt_dir: Path, repo_id: str, server_round: int, *, token: str | None, private: bool = False
+) -> str:
     """Create the repo if needed, upload the checkpoint to main and tag it; return the commit id."""
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True, private=private)
@@ -132,8 +143,11 @@ class Publisher:
                 continue
             try:
                 oid = push_checkpoint(path, self.repo_id, r, token=self.token, private=self.private)
-            except Exception as err:  # a push must never stop training; the checkpoint stays on disk
-                log.warning("Hub: push of round %d to %s failed (%s); will retry at the next push", r, self.repo_id, err)
+            # Any failure (network, auth, Hub) is logged and retried: a push must never stop training.
+            except Exception as err:  # noqa: BLE001 - deliberate: reported below, the checkpoint stays on disk
+                log.warning(
+                    "Hub: push of round %d to %s failed (%s); will retry at the next push", r, self.repo_id, err
+                )
                 return False
             log.info("Hub: pushed round %d to %s (commit %s, tag round-%03d)", r, self.repo_id, oid[:8], r)
             self.pending.pop(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ class RunRecorder:
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
         self.rounds: dict[int, dict] = {}
+        self.started = time.perf_counter()  # the run's clock; the runtime restarts it when set-up is done
+
+    def elapsed(self) -> float:
+        """Seconds on the run's clock: the records' elapsed_seconds and trained_seconds."""
+        return time.perf_counter() - self.started
 
     def _round(self, server_round: int) -> dict:
         return self.rounds.setdefault(

@@ -45,7 +45,6 @@ EXPERIMENT_FIELDS = {
 STATS_FILE = "norm-stats.json"
 
 
-
 _LOCKS: dict[Path, object] = {}
 
 
@@ -107,14 +106,14 @@ class ServerRuntime:
         if self.start_round:
             self._track_finished_rounds()
         self.publisher = Publisher(settings.hf_repo_id, os.environ.get("HF_TOKEN"), settings.hf_private)
-        self.started = time.perf_counter()
+        self.recorder.started = time.perf_counter()
 
     def _track_finished_rounds(self) -> None:
         """Log the rounds before the checkpoint again: a ServerApp killed mid-run takes its WandB service down
         before that service has written what it was sent. Rounds the resumed WandB run already holds are skipped."""
         try:
             held = self.tracker.run.step if self.tracker.run is not None else 0  # the step WandB expects next
-        except Exception as err:  # tracking must never stop the experiment
+        except Exception as err:  # noqa: BLE001  tracking must never stop the experiment
             log.warning("WandB: could not read the resumed run's step (%s); not logging earlier rounds again", err)
             return
         for record in self.history():
@@ -127,7 +126,9 @@ class ServerRuntime:
         values = from_json(stats) if stats else None
         self.preprocessor, self.postprocessor = load_processors(self.settings.base_policy, self.device, stats=values)
         rename = parse_camera_map(self.settings.eval_cameras)
-        self.eval_preprocessor = load_processors(self.settings.base_policy, self.device, rename, values)[0] if rename else self.preprocessor
+        self.eval_preprocessor = self.preprocessor
+        if rename:
+            self.eval_preprocessor = load_processors(self.settings.base_policy, self.device, rename, values)[0]
         self.stats = stats
 
     def merge_node_stats(self, replies: list[tuple[str, str | None, str]]) -> None:
@@ -136,8 +137,8 @@ class ServerRuntime:
         if len(usable) < self.settings.min_nodes:
             reasons = "; ".join(f"{name}: {why}" for name, text, why in replies if not text) or "no node replied"
             raise RunFailed(
-                f"normalisation statistics came from {len(usable)} node(s), ZK0_MIN_NODES={self.settings.min_nodes} are "
-                f"required: {reasons}"
+                f"normalisation statistics came from {len(usable)} node(s), "
+                f"ZK0_MIN_NODES={self.settings.min_nodes} are required: {reasons}"
             )
         merged = to_json(merge_stats([from_json(text) for _, text in usable]))
         atomic_write_json(self.out_dir / STATS_FILE, json.loads(merged))
@@ -170,7 +171,8 @@ class ServerRuntime:
         else:
             weights = load_file(ckpt / "model.safetensors")
             apply_trainable(self.policy, {name: weights[name] for name in trainable_names(self.policy)})
-        history = json.loads((self.out_dir / "history.json").read_text()) if (self.out_dir / "history.json").is_file() else []
+        saved_history = self.out_dir / "history.json"
+        history = json.loads(saved_history.read_text()) if saved_history.is_file() else []
         # Records past the checkpoint belong to a round that did not finish: it runs again.
         self.recorder.rounds = {r["round"]: r for r in history}
         self.recorder.truncate(server_round)
@@ -205,10 +207,12 @@ class ServerRuntime:
         metrics = None
         if self.batches is not None and self.settings.is_eval_round(server_round):
             started = time.perf_counter()
-            metrics = evaluate_policy(self.policy, self.eval_preprocessor, self.postprocessor, self.batches, self.settings.seed)
+            metrics = evaluate_policy(self.policy, self.eval_preprocessor, self.postprocessor, self.batches,
+                                      self.settings.seed)
             metrics["eval_seconds"] = time.perf_counter() - started
-            log.info("round %d server eval: loss %.4f action MSE %.4f", server_round, metrics["policy_loss"], metrics["action_mse"])
-        self.recorder.set(server_round, server_eval=metrics, elapsed_seconds=time.perf_counter() - self.started)
+            log.info("round %d server eval: loss %.4f action MSE %.4f", server_round, metrics["policy_loss"],
+                     metrics["action_mse"])
+        self.recorder.set(server_round, server_eval=metrics, elapsed_seconds=self.recorder.elapsed())
         if self.settings.is_checkpoint_round(server_round):
             path = self.checkpoint(server_round)
             if self.settings.is_push_round(server_round):

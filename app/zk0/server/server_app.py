@@ -15,7 +15,8 @@ from ..logs import setup_logging
 from ..settings import ServerSettings
 from .adaptive import mu_schedule
 from .runtime import ServerRuntime
-from .strategy import Zk0FedProx, Zk0ServerOpt, error_reason, replying_node, server_optimizer
+from .server_opt import Zk0ServerOpt, server_optimizer
+from .strategy import Zk0FedProx, error_reason, replying_node
 
 app = ServerApp()
 
@@ -27,9 +28,12 @@ def collect_stats(
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < min_nodes:
         if time.monotonic() > deadline:
-            raise RunFailed(f"{len(nodes)} node(s) connected within {timeout:.0f}s, ZK0_MIN_NODES={min_nodes} are required")
+            raise RunFailed(
+                f"{len(nodes)} node(s) connected within {timeout:.0f}s, ZK0_MIN_NODES={min_nodes} are required"
+            )
         time.sleep(1)
-    query = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    query = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node, message_type=MessageType.QUERY)
+             for node in nodes]
     replies, answered = [], set()
     for reply in grid.send_and_receive(query, timeout=timeout):
         node_id = replying_node(reply, [m.metadata for m in query])
@@ -46,19 +50,14 @@ def collect_stats(
     return replies
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run FedProx (alone or under a Flower server optimiser) over SmolVLA's trainable weights, evaluating and
-    checkpointing as configured."""
-    log = setup_logging()
-    settings = ServerSettings.from_flower_config(dict(context.run_config))
-    runtime = ServerRuntime(settings)
-    log.info("settings: %s", settings.model_dump_json())
-
+def build_strategy(settings: ServerSettings, runtime: ServerRuntime) -> Zk0FedProx:
+    """FedProx with zk0's hooks, under the server optimiser ZK0_STRATEGY names, counting rounds after the checkpoint."""
     hooks = dict(
         recorder=runtime.recorder,
         is_eval_round=settings.is_eval_round,
         proximal_mu=settings.proximal_mu,
+        mu_schedule=mu_schedule(settings),  # None unless ZK0_ADAPTIVE_MU is on
+        round_offset=runtime.start_round,
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_train,  # evaluation sends the whole model too: same share of nodes
         min_train_nodes=settings.min_nodes,
@@ -73,17 +72,25 @@ def main(grid: Grid, context: Context) -> None:
         after_node_eval=runtime.log_round,
     )
     optimizer = server_optimizer(settings)  # None for ZK0_STRATEGY=fedprox: the mean is the server step
-    strategy = Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)
+    return Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)
 
-    strategy.round_offset = runtime.start_round
-    strategy.mu_schedule = mu_schedule(settings)  # None unless ZK0_ADAPTIVE_MU is on
-    first, last = runtime.start_round + 1, settings.num_rounds
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedProx (alone or under a Flower server optimiser) over SmolVLA's trainable weights, evaluating and
+    checkpointing as configured."""
+    log = setup_logging()
+    settings = ServerSettings.from_flower_config(dict(context.run_config))
+    runtime = ServerRuntime(settings)
+    log.info("settings: %s", settings.model_dump_json())
+    strategy = build_strategy(settings, runtime)
+    first, last = strategy.experiment_round(1), settings.num_rounds
     if 1 < first <= last:  # Flower's own log counts this run's rounds from 1
         span = f"round {first}" if first == last else f"rounds {first} to {last}"
         log.info("%s of %d to go: Flower's [ROUND 1/%d] is round %d", span, last, last - first + 1, first)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        experiment_round = server_round + runtime.start_round
+        experiment_round = strategy.experiment_round(server_round)
         metrics = runtime.end_round(experiment_round, arrays.to_torch_state_dict())
         if server_round > 0:
             log.info("round %d of %d done", experiment_round, settings.num_rounds)
@@ -92,13 +99,14 @@ def main(grid: Grid, context: Context) -> None:
     exit_code = 1
     try:
         if settings.stats == "federated" and not runtime.stats:
-            runtime.merge_node_stats(collect_stats(grid, runtime.train_config(), settings.min_nodes, settings.round_timeout,
-                                                   faults_file(settings.output_dir)))
+            replies = collect_stats(grid, runtime.train_config(), settings.min_nodes, settings.round_timeout,
+                                    faults_file(settings.output_dir))
+            runtime.merge_node_stats(replies)
         config = ConfigRecord(runtime.train_config())
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(runtime.initial_state()),
-            num_rounds=settings.num_rounds - runtime.start_round,
+            num_rounds=last - first + 1,
             timeout=settings.round_timeout,
             train_config=config,
             evaluate_config=config,

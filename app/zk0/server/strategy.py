@@ -1,4 +1,4 @@
-"""FedProx with zk0's hooks (records, update screening, evaluation cadence), alone or under a Flower server optimiser."""
+"""FedProx with zk0's hooks: records, update screening, evaluation cadence, rounds counted across restarts."""
 
 from __future__ import annotations
 
@@ -6,19 +6,18 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterable
-from logging import ERROR, INFO, WARNING
+from logging import ERROR, WARNING
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import FedProx
 from flwr.supercore import log
 
 from ..deploy.node_watch import read_faults
 from ..errors import RunFailed
-from ..settings import ServerSettings
 from ..wire import (
     DELTA,
     DELTA_BLOCK,
@@ -65,15 +64,18 @@ def error_reason(node_id: int, reply: Message, faults: Path | None = None) -> st
 class Zk0FedProx(FedProx):
     """FedProx that records every node's reply and drops updates that would poison the average."""
 
-    # ZK0_ADAPTIVE_MU (zk0.server.adaptive.mu_schedule): mu for the next round from the round records so far; None = fixed.
-    mu_schedule: Callable[[Iterable[dict]], float] | None = None
-
     def __init__(
-        self, recorder: RunRecorder, is_eval_round: Callable[[int], bool], wire_format: str = "fp32", layout_tag: str = "",
-        faults: Path | None = None, eval_in_train: bool = False, last_round: int = 0,
-        after_node_eval: Callable[[int], None] | None = None, **kwargs,
+        self, recorder: RunRecorder, is_eval_round: Callable[[int], bool], wire_format: str = "fp32",
+        layout_tag: str = "", faults: Path | None = None, eval_in_train: bool = False, last_round: int = 0,
+        after_node_eval: Callable[[int], None] | None = None, round_offset: int = 0,
+        mu_schedule: Callable[[Iterable[dict]], float] | None = None, **kwargs,
     ):
         super().__init__(**kwargs)
+        # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
+        self.round_offset = round_offset
+        # ZK0_ADAPTIVE_MU (zk0.server.adaptive.mu_schedule): mu for the next round from the round records so far;
+        # None keeps proximal_mu fixed.
+        self.mu_schedule = mu_schedule
         # ZK0_EVAL_MODE=in-train: round r's train message has nodes evaluate the model it brings (round r-1's)
         # first, and only the last round (`last_round`) gets an evaluate message. `after_node_eval(round)` is
         # told when an earlier round's record gained those evaluations (its WandB step is logged again).
@@ -91,11 +93,15 @@ class Zk0FedProx(FedProx):
         # This round's messages' metadata (not their weights): Flower's push gives them their ids.
         self._outbox: list[Metadata] = []
         self.faults = faults  # zk0 local's notes on the nodes it gave up on (zk0.deploy.node_watch)
-        # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
-        self.round_offset = 0
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
+    def experiment_round(self, server_round: int) -> int:
+        """The experiment's round for Flower's `server_round` of this run (which counts from 1 after a restart)."""
+        return server_round + self.round_offset
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+    ) -> Iterable[Message]:
+        server_round = self.experiment_round(server_round)
         config["evaluate-first"] = self.eval_in_train and self.is_eval_round(server_round - 1)
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         self._layout = layout_fingerprint(self._shapes, self.layout_tag)
@@ -122,7 +128,8 @@ class Zk0FedProx(FedProx):
             return "weights have the wrong names or shapes"
         if self.wire_format == DELTA:
             blocks = -(-size // DELTA_BLOCK)
-            if set(arrays) != {PACKED, SCALES} or arrays[PACKED].shape != (blocks * DELTA_BLOCK,) or arrays[SCALES].shape != (blocks,):
+            shapes = {k: v.shape for k, v in arrays.items()}
+            if shapes != {PACKED: (blocks * DELTA_BLOCK,), SCALES: (blocks,)}:
                 return "weights have the wrong names or shapes"
             return None if np.isfinite(npy_view(arrays[SCALES])).all() else "weights contain NaN or Inf"
         if list(arrays) != [PACKED] or arrays[PACKED].shape != (size,):
@@ -131,8 +138,10 @@ class Zk0FedProx(FedProx):
             return "weights contain NaN or Inf"
         return None
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.experiment_round(server_round)
         started = time.perf_counter()
         accepted, rejected, replied, evaluated = [], {}, set(), []
         for msg in replies:
@@ -147,7 +156,8 @@ class Zk0FedProx(FedProx):
                 evaluated.append((node_id, {**_node_info(msg), **dict(msg.content["eval"])}))
             info = {**_node_info(msg), **dict(msg.content["metrics"])}
             self.recorder.client(server_round, node_id, "train", info)
-            self.recorder.add_bytes(server_round, "received", _payload_bytes(msg.content["arrays"]) if "arrays" in msg.content else 0)
+            received = _payload_bytes(msg.content["arrays"]) if "arrays" in msg.content else 0
+            self.recorder.add_bytes(server_round, "received", received)
             if reason:
                 log(WARNING, "Excluding node %s from aggregation: %s", node_id, reason)
                 rejected[str(node_id)] = reason
@@ -157,15 +167,7 @@ class Zk0FedProx(FedProx):
         if evaluated:
             self._record_in_train_evals(server_round - 1, evaluated)
         if len(accepted) < self.min_train_nodes:
-            # Aggregating fewer updates than the experiment requires (or none) would checkpoint a model
-            # that did not learn from the federation: the run fails with every node's reason instead.
-            self.recorder.set(server_round, contributors=sorted(m.metadata.src_node_id for m in accepted), excluded=rejected)
-            reasons = "; ".join(f"node {n}: {why}" for n, why in rejected.items()) or "no node was sampled"
-            log(ERROR, "Round %d: %d usable update(s), ZK0_MIN_NODES=%d required: %s", server_round, len(accepted),
-                self.min_train_nodes, reasons)
-            raise RunFailed(
-                f"round {server_round}: {len(accepted)} usable update(s), ZK0_MIN_NODES={self.min_train_nodes} required; {reasons}"
-            )
+            self._fail_round(server_round, accepted, rejected)
         arrays, metrics = self._aggregate(accepted)
         self.recorder.set(
             server_round,
@@ -174,9 +176,24 @@ class Zk0FedProx(FedProx):
             train_aggregate=dict(metrics) if metrics else None,
             # What the server's side of a round costs as nodes are added (zk0 bench scale).
             aggregate_seconds=time.perf_counter() - started,
+            trained_seconds=self.recorder.elapsed(),  # the train exchange ends: zk0 bench demo splits off the rest
             server_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
         return arrays, metrics
+
+    def _fail_round(self, server_round: int, accepted: list[Message], rejected: dict[str, str]) -> None:
+        """Record the round's contributors and exclusions, then stop the run naming every node's reason."""
+        # Aggregating fewer updates than the experiment requires (or none) would checkpoint a model
+        # that did not learn from the federation: the run fails with every node's reason instead.
+        contributors = sorted(m.metadata.src_node_id for m in accepted)
+        self.recorder.set(server_round, contributors=contributors, excluded=rejected)
+        reasons = "; ".join(f"node {n}: {why}" for n, why in rejected.items()) or "no node was sampled"
+        log(ERROR, "Round %d: %d usable update(s), ZK0_MIN_NODES=%d required: %s", server_round, len(accepted),
+            self.min_train_nodes, reasons)
+        raise RunFailed(
+            f"round {server_round}: {len(accepted)} usable update(s), ZK0_MIN_NODES={self.min_train_nodes} "
+            f"required; {reasons}"
+        )
 
     def _record_in_train_evals(self, server_round: int, evaluated: list[tuple[int, dict]]) -> None:
         """Record the nodes' held-out metrics of the global model after `server_round`, sent with their next
@@ -196,15 +213,17 @@ class Zk0FedProx(FedProx):
         if self.after_node_eval is not None:
             self.after_node_eval(server_round)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+    ) -> Iterable[Message]:
+        server_round = self.experiment_round(server_round)
         # In-train evaluation leaves only the final model to an evaluate message: no later train message brings it.
         if not self.is_eval_round(server_round) or (self.eval_in_train and server_round != self.last_round):
             return []
         wire_arrays = self._to_wire(arrays, config)
         messages = list(super().configure_evaluate(server_round, wire_arrays, config, grid))
         self._outbox = [m.metadata for m in messages]
-        # The global model goes to every evaluating node as well: at scale this is as much again as training's download.
+        # The global model goes to every evaluating node as well: at scale as much again as training's download.
         self.recorder.add_bytes(server_round, "sent_eval", _payload_bytes(wire_arrays) * len(messages))
         return messages
 
@@ -220,7 +239,8 @@ class Zk0FedProx(FedProx):
             return None, None
         # Zero-copy views of the packed replies; the weighted mean is one fp32 array, then split by name.
         updates = [
-            ({k: npy_view(v) for k, v in m.content["arrays"].items()}, float(m.content["metrics"][self.weighted_by_key]))
+            ({k: npy_view(v) for k, v in m.content["arrays"].items()},
+             float(m.content["metrics"][self.weighted_by_key]))
             for m in replies
         ]
         if self.wire_format == DELTA:
@@ -236,7 +256,7 @@ class Zk0FedProx(FedProx):
         return ArrayRecord(merged), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        server_round += self.round_offset
+        server_round = self.experiment_round(server_round)
         usable = []
         for msg in replies:
             if msg.has_error():
@@ -251,83 +271,3 @@ class Zk0FedProx(FedProx):
         where = {"node_eval_in": "evaluate"} if usable else {}  # in-train evaluations of this model come next round
         self.recorder.set(server_round, eval_aggregate=dict(metrics) if metrics else None, **where)
         return metrics
-
-
-class _Averaged(FedAvg):
-    """FedAvg's place under one of Flower's server optimisers, filled by zk0's mean.
-
-    FedAvgM's and FedOpt's (FedAdam, FedYogi, FedAdagrad) `aggregate_train` ask FedAvg for the mean of the
-    replies, then step from the global model their `configure_train` noted. Here the mean is the one zk0
-    computed (screened, sample-weighted, fp32) and nothing is sent: the step itself runs as Flower ships it.
-    """
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # zk0's strategy sends the messages; the optimiser above only notes the round's global model
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self._mean
-
-    def summary(self) -> None:
-        """Nothing: sampling and keys are zk0's strategy's, which logs them."""
-
-    def step(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> tuple[ArrayRecord, MetricRecord | None]:
-        """The optimiser's `aggregate_train` on an already averaged round: the new global model."""
-        self._mean = (arrays, metrics)
-        try:
-            return self.aggregate_train(server_round, [])
-        finally:
-            del self._mean
-
-
-# ZK0_STRATEGY's server optimisers: Flower's classes with zk0's mean where FedAvg's aggregation was.
-SERVER_OPTIMIZERS = {
-    name: type(cls.__name__, (cls, _Averaged), {"__module__": __name__})
-    for name, cls in {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}.items()
-}
-
-
-def server_optimizer(settings: ServerSettings) -> _Averaged | None:
-    """The Flower optimiser ZK0_STRATEGY names, given only the settings that are set (the rest keep Flower's
-    defaults); None for fedprox, whose server step is the mean itself."""
-    if settings.strategy == "fedprox":
-        return None
-    fedavgm = settings.strategy == "fedavgm"
-    names = {"server_learning_rate": "server_learning_rate" if fedavgm else "eta", "server_momentum": "server_momentum",
-             "server_beta_1": "beta_1", "server_beta_2": "beta_2", "server_tau": "tau"}
-    kwargs = {flwr: getattr(settings, ours) for ours, flwr in names.items() if getattr(settings, ours) is not None}
-    if not fedavgm:
-        kwargs["eta_l"] = settings.learning_rate  # FedOpt only logs its client-side rate: the nodes' peak LR
-    return SERVER_OPTIMIZERS[settings.strategy](**kwargs)
-
-
-class Zk0ServerOpt(Zk0FedProx):
-    """Zk0FedProx whose mean update goes through one of Flower's server optimisers (FedAvgM, FedAdam, FedYogi, FedAdagrad).
-
-    Screening, records, wire formats and the streaming mean are Zk0FedProx's; the nodes still get `proximal-mu`
-    (FedProx's term is their loss, independent of the server step). The optimiser's state (momentum, moments)
-    lives in this process only: a restarted ServerApp resumes from the checkpoint with fresh state, and counts
-    the optimiser's rounds (FedAdam's bias correction) from 1 again, as Flower's loop does.
-    """
-
-    def __init__(self, optimizer: _Averaged, recorder: RunRecorder, is_eval_round: Callable[[int], bool], **kwargs):
-        super().__init__(recorder, is_eval_round, **kwargs)
-        self.optimizer = optimizer
-
-    def summary(self) -> None:
-        """Flower's optimiser and its settings, then FedProx's."""
-        log(INFO, "\t├──> Server optimiser: Flower's %s", type(self.optimizer).__name__)
-        self.optimizer.summary()
-        super().summary()
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.optimizer.configure_train(server_round, arrays, config, grid)  # the fp32 global model the round starts from
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None:
-            return arrays, metrics
-        arrays, metrics = self.optimizer.step(server_round, arrays, metrics)
-        # FedAdam's bias-corrected rate is a NumPy float64, which makes its result float64: the global model stays fp32.
-        fp32 = {k: v if v.dtype == "float32" else Array(v.numpy().astype(np.float32)) for k, v in arrays.items()}
-        return ArrayRecord(fp32), metrics

@@ -63,7 +63,7 @@ class Tracker:
                 project=project, id=run_id, resume="allow", dir=str(out_dir),
                 config=public_config(config), mode=mode or None, reinit="finish_previous",
             )
-        except Exception as err:  # tracking must never take the experiment down
+        except Exception as err:  # noqa: BLE001 - tracking must never take the experiment down; the error is logged
             log.warning("WandB: could not start the run (%s); continuing without tracking", err)
             return cls()
         log.info("WandB: run %s (%s mode) in project %s", run_id, mode or "online", project)
@@ -85,7 +85,7 @@ class Tracker:
             return
         try:
             self.run.log(round_metrics(record), step=server_round)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - as above: logged, and the experiment goes on
             log.warning("WandB: logging round %d failed (%s)", server_round, err)
 
     def finish(self, exit_code: int = 0) -> None:
