@@ -38,6 +38,10 @@ def _eval_seconds(rec: dict, node: str) -> float:
     return (rec["clients"].get(node, {}).get("eval") or {}).get("eval_seconds", 0.0)
 
 
+def _personal_seconds(rec: dict, node: str) -> float:
+    return (rec["clients"].get(node, {}).get("eval") or {}).get("personal_seconds", 0.0)
+
+
 def round_split(prev: dict, rec: dict) -> list[dict]:
     """One round's wall time (server clock) split along its critical path: the slowest node's work.
 
@@ -51,17 +55,18 @@ def round_split(prev: dict, rec: dict) -> list[dict]:
     work = {node: (c["train"]["train_seconds"], _eval_seconds(prev, node) if in_train else 0.0)
             for node, c in rec["clients"].items() if "train" in c}
     training, node_eval = max(work.values(), key=sum, default=(0.0, 0.0))
-    after = max((_eval_seconds(rec, node) for node in rec["clients"]), default=0.0)
+    # An evaluate message's work per node: its evaluation and, in the last round, its personalisation (training).
+    evaluate_work = {node: (_personal_seconds(rec, node), _eval_seconds(rec, node)) for node in rec["clients"]}
+    personal, after = max(evaluate_work.values(), key=sum, default=(0.0, 0.0))
     if rec.get("node_eval_in", "evaluate") != "evaluate":
-        after = 0.0  # this round's model is evaluated in the next round's train messages
+        personal = after = 0.0  # this round's model is evaluated in the next round's train messages
     server = (rec["server_eval"] or {}).get("eval_seconds", 0.0)
     trained_at = rec.get("trained_seconds")
     if not (in_train and after and trained_at):  # one row: the evaluate message (older runs: always) is inside
-        evaluation = node_eval + after + server
-        return [_row(rec["round"], wall, training, evaluation)]
+        return [_row(rec["round"], wall, training + personal, node_eval + after + server)]
     train_wall = trained_at - prev["elapsed_seconds"]
     return [_row(rec["round"], train_wall, training, node_eval),
-            _row(f"{rec['round']} final evaluation", wall - train_wall, 0.0, after + server)]
+            _row(f"{rec['round']} final evaluation", wall - train_wall, personal, after + server)]
 
 
 def _row(label, wall: float, training: float, evaluation: float) -> dict:

@@ -14,6 +14,7 @@ from ..errors import RunFailed
 from ..logs import setup_logging
 from ..settings import ServerSettings
 from .adaptive import mu_schedule
+from .grid import PromptGrid
 from .runtime import ServerRuntime
 from .server_opt import Zk0ServerOpt, server_optimizer
 from .strategy import Zk0FedProx, error_reason, replying_node
@@ -80,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run FedProx (alone or under a Flower server optimiser) over SmolVLA's trainable weights, evaluating and
     checkpointing as configured."""
     log = setup_logging()
+    grid = PromptGrid(grid)  # replies are collected within a quarter second, not up to 3 s late
     settings = ServerSettings.from_flower_config(dict(context.run_config))
     runtime = ServerRuntime(settings)
     log.info("settings: %s", settings.model_dump_json())
