@@ -116,6 +116,19 @@ def test_selection_keeps_the_personal_model_when_fine_tuning_helps_on_validation
     assert differs(kept, unfit) and info["heldout"]["personal"]["policy_loss"] == metrics["personal_policy_loss"]
 
 
+def test_too_few_training_episodes_to_validate_on_keep_the_global_model(demo, tmp_path, caplog):
+    request = evaluate_request(demo, tmp_path)  # 6 episodes, 4 held out: 2 to train on, none to spare
+    request = dataclasses.replace(request, node_config={**request.node_config, "heldout-episodes": 4})
+    with caplog.at_level("WARNING", logger="zk0"):
+        metrics = NodeWorker().handle(request).metrics
+    assert "too few to validate" in caplog.text
+    assert metrics["personal_kept"] == 0 and metrics["personal_val_episodes"] == 0
+    assert metrics["personal_policy_loss"] == metrics["policy_loss"] and "personal_tuned_policy_loss" not in metrics
+    info, kept = saved(tmp_path)
+    assert info["kept"] == "global" and info["validation_episodes"] == []
+    assert not differs(kept, trainable_state(load_policy(str(demo["base-policy"]), "cpu")))
+
+
 def test_lora_personal_model_is_saved_merged_as_a_plain_policy(demo, tmp_path):
     request = evaluate_request(demo, tmp_path, Adapter(trainable="lora"), **{"learning-rate": 1e-2})
     metrics = NodeWorker().handle(request).metrics

@@ -122,10 +122,12 @@ class ServerSettings(_Zk0Settings):
         "shared, only B trained and sent: exact averaging, half the bytes).",
     )
     # Personalisation (zk0.node.personal): after the last round each node fine-tunes the final global model on its own
-    # training episodes, with Ditto's proximal term toward it, and keeps the result; only metrics come back.
+    # training episodes, with Ditto's proximal term toward it, and keeps the result where a validation fifth of
+    # those episodes says it beats the global model; only metrics come back.
     personalize_steps: int = Field(
-        0, ge=0, description="Optimizer steps each node fine-tunes the final global model on its own episodes and "
-        "keeps as its personal model (in the node's ZK0_NODE_<i>_PERSONAL_DIR); 0 = off, else at least 1.",
+        0, ge=0, description="Optimizer steps each node fine-tunes the final global model on its own training "
+        "episodes (less a validation fifth); it keeps the result only where that validation part says it beats "
+        "the global model, else the global model (in ZK0_NODE_<i>_PERSONAL_DIR); 0 = off, else at least 1.",
     )
     personalize_mu: float = Field(
         0.01, ge=0, description="Ditto's lambda: weight of (lambda/2)*||v - w_global||^2 while personalising, >= 0.",
