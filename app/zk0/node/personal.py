@@ -41,12 +41,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import BadSamples, batch_stream, eval_batches
 from ..evaluate import evaluate_policy
 from ..model import apply_trainable, save_checkpoint, trainable_state
 from ..settings import default_cache_dir
 from ..train import TrainPlan, train_round
-from .session import NodeSession, evaluate_on_node
+from .session import NodeSession, evaluate_on_node, node_batches
 
 log = logging.getLogger("zk0")
 PREFIX = "personal_"  # reply metrics of the personal model, beside the global model's own
@@ -101,19 +100,9 @@ def choose(candidates: list[Candidate]) -> Candidate:
                                           c.steps))
 
 
-def _source(session: NodeSession, episodes: list[int]):
-    """The node's dataset for `episodes` (its frozen-feature view when the cache is on), its feature cache, bad-sample
-    counter: the way train_on_node and evaluate_on_node read the node's episodes."""
-    bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
-    features = session.image_features(episodes)
-    return (features.view if features else session.dataset(episodes)), features, bad
-
-
 def scorer(session: NodeSession, episodes: list[int], batch_size: int, max_batches: int, seed: int):
     """A function scoring the live policy on fixed batches of `episodes`, built once, as evaluate_on_node scores."""
-    ds, features, bad = _source(session, episodes)
-    batches = eval_batches(ds, batch_size, max_batches, bad)
-    batches = list(features.complete(batches, bad)) if features else batches
+    batches, _, _ = node_batches(session, episodes, batch_size, max_batches=max_batches)
     return lambda: evaluate_policy(session.policy, session.preprocessor, session.postprocessor, batches, seed)
 
 
@@ -130,9 +119,7 @@ def _observed(batches, marks: set[int], observe):
 def fine_tune(session: NodeSession, plan: TrainPlan, episodes: list[int], batch_size: int, seed: int, observe) -> dict:
     """One run of train_round on `episodes` (one optimizer and schedule, Ditto's anchor the global model), with
     observe(steps) called at every checkpoint; evaluate_policy forks the RNG, so observing leaves training as is."""
-    ds, features, bad = _source(session, episodes)
-    batches = batch_stream(ds, batch_size, seed, session.settings.num_workers, bad)
-    batches = features.complete(batches, bad) if features else batches
+    batches, _, _ = node_batches(session, episodes, batch_size, seed)
     torch.manual_seed(seed)  # flow-matching noise and time, as train_on_node seeds them
     marks = set(checkpoint_steps(plan.steps)[:-1])
     metrics = train_round(session.policy, session.preprocessor, _observed(batches, marks, observe), plan)

@@ -158,6 +158,19 @@ def stats_on_node(session: NodeSession) -> tuple[str, int]:
     return to_json(compute_stats(frames)), len(next(iter(frames.values())))
 
 
+def node_batches(session: NodeSession, episodes: list[int], batch_size: int, seed=0, max_batches=None):
+    """(batches, bad-sample counter, feature cache or None) of `episodes` as the node reads them: max_batches fixed
+    evaluation batches, else the seeded training stream; on the frozen-feature cache when it is on."""
+    bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
+    features = session.image_features(episodes)
+    ds = features.view if features else session.dataset(episodes)
+    if max_batches is None:
+        batches = batch_stream(ds, batch_size, seed, session.settings.num_workers, bad)
+        return (features.complete(batches, bad) if features else batches), bad, features
+    batches = eval_batches(ds, batch_size, max_batches, bad)
+    return (list(features.complete(batches, bad)) if features else batches), bad, features
+
+
 def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: int) -> tuple[dict, dict]:
     """Train locally on the node's training episodes; return (the trained parameters, uncopied; metrics)."""
     started = time.perf_counter()
@@ -166,10 +179,7 @@ def train_on_node(session: NodeSession, plan: TrainPlan, batch_size: int, seed: 
         "%s: training %d steps on %d episodes (%d frames), held out %s",
         session.settings.display_name, plan.steps, len(session.train_episodes), len(ds), session.heldout_episodes,
     )
-    bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
-    features = session.image_features(session.train_episodes)
-    batches = batch_stream(features.view if features else ds, batch_size, seed, session.settings.num_workers, bad)
-    batches = features.complete(batches, bad) if features else batches
+    batches, bad, features = node_batches(session, session.train_episodes, batch_size, seed)
     torch.manual_seed(seed)  # flow-matching noise and time: a rerun of a round reproduces it
     metrics = train_round(session.policy, session.preprocessor, batches, plan)
     metrics["skipped_samples"] = bad.count
@@ -184,11 +194,7 @@ def evaluate_on_node(session: NodeSession, batch_size: int, max_batches: int, se
     if not session.heldout_episodes:
         return {"policy_loss": float("nan"), "action_mse": float("nan"), "num-samples": 0}
     started = time.perf_counter()
-    ds = session.dataset(session.heldout_episodes)
-    bad = BadSamples(session.settings.max_bad_samples, session.settings.dataset)
-    features = session.image_features(session.heldout_episodes)
-    batches = eval_batches(features.view if features else ds, batch_size, max_batches, bad)
-    batches = list(features.complete(batches, bad)) if features else batches
+    batches, bad, _ = node_batches(session, session.heldout_episodes, batch_size, max_batches=max_batches)
     metrics = evaluate_policy(session.policy, session.preprocessor, session.postprocessor, batches, seed)
     return {
         **metrics, "skipped_samples": bad.count, "eval_seconds": time.perf_counter() - started,
