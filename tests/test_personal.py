@@ -17,7 +17,7 @@ from zk0.lora import Adapter
 from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
 from zk0.node.messages import NodeRequest
 from zk0.node.personal import checkpoint_steps, validation_split
-from zk0.node.session import NodeWorker
+from zk0.node.worker import NodeWorker
 from zk0.server.adaptive import next_mu, round_losses
 from zk0.settings import ServerSettings, SettingsError
 from zk0.wire import PACKED, layout_fingerprint, pack

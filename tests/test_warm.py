@@ -17,7 +17,7 @@ from flwr.app import Array
 from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
 from zk0.node import warm
 from zk0.node.messages import NodeRequest, WorkerExit
-from zk0.node.session import NodeWorker
+from zk0.node.worker import NodeWorker
 from zk0.wire import DELTA, PACKED, SCALES, aggregate_deltas, layout_fingerprint, npy_bytes_view, pack
 
 

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> dict:
     clock.mark("import_transformers_lerobot")
     from zk0.node import client_app
     from zk0.node.messages import NodeReply
-    from zk0.node.session import NodeWorker, receive_weights, train_and_pack
+    from zk0.node.session import receive_weights
+    from zk0.node.worker import NodeWorker, train_and_pack
     from zk0.settings import NodeSettings
 
     clock.mark("import_zk0_app")

@@ -45,7 +45,7 @@ def node_settings(context: Context) -> tuple[NodeSettings, str, tuple[int, int] 
 
 def _sim_run(index: int, template: int, request: NodeRequest) -> NodeReply:
     """Virtual node `index`'s request, in this process: its env-file node's session, its own batches."""
-    from .session import NodeWorker
+    from .worker import NodeWorker
 
     worker = _sim_workers.setdefault(template, NodeWorker())
     # Virtual nodes on one dataset split it the same way; each draws its own batches from the training episodes.
@@ -87,7 +87,7 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
 
         result = call(to_request(kind, msg, dict(context.node_config)))
     else:
-        from .session import NodeWorker
+        from .worker import NodeWorker
 
         result = NodeWorker().handle(to_request(kind, msg, dict(context.node_config)))
     return to_reply(result, name, settings.dataset, msg)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,8 +34,7 @@ from ..model import (
 from ..settings import NodeSettings, default_cache_dir, resolve_device
 from ..stats import compute_stats, from_json, to_json, training_frames
 from ..train import TrainPlan, train_round
-from ..wire import DELTA, PACKED, down_format, layout_fingerprint, npy_bytes_view, pack, quantize_delta, unpack, views
-from .messages import KINDS, NodeReply, NodeRequest
+from ..wire import PACKED, down_format, layout_fingerprint, npy_bytes_view, unpack, views
 
 log = logging.getLogger("zk0")
 
@@ -212,93 +210,3 @@ def receive_weights(session: NodeSession, arrays: dict, config: dict) -> np.ndar
     received = npy_bytes_view(arrays[PACKED])
     apply_trainable(session.policy, views(unpack(received, session.shapes), down_format(str(config["wire-format"]))))
     return received
-
-
-def _stamp(spec: str | None) -> tuple:
-    """What changes when a local policy or dataset is rewritten in place (size and time of its files)."""
-    root = Path(spec or "")
-    if not spec or not root.is_dir():
-        return ()
-    files = [*root.glob("*.json"), *root.glob("*.safetensors"), root / "meta" / "info.json"]
-    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files) if f.is_file())
-
-
-class NodeWorker:
-    """Runs a node's requests (zk0.node.messages); keeps the session (policy, processors, datasets) between them.
-
-    The session is reused while the node's settings, base policy, split seed and the files on disk are
-    unchanged, so a long-lived worker only applies the new global weights per message.
-    """
-
-    def __init__(self):
-        self.session: NodeSession | None = None
-        self.key: tuple | None = None
-
-    def open(self, settings: NodeSettings, config: dict) -> NodeSession:
-        """The session for this request: the one already open when its inputs are unchanged, else a new one."""
-        base, seed = settings.base_policy or str(config["base-policy"]), int(config["seed"])
-        fingerprint = str(config["base-fingerprint"])
-        adapter = Adapter.from_config(config)
-        key = (settings.model_dump_json(), base, seed, adapter, _stamp(base), _stamp(settings.dataset))
-        session = self.session
-        if session is not None and key == self.key and session.fingerprint == (fingerprint or None):
-            return session
-        self.session = self.key = None  # a failed open leaves nothing half-reused
-        # Built with the message's statistics: a fresh session (each message with warm=false) loads processors once.
-        session = open_session(settings, base, None, seed, fingerprint, str(config.get("norm-stats") or ""), adapter)
-        self.session, self.key = session, key
-        return session
-
-    def handle(self, request: NodeRequest) -> NodeReply:
-        """Train, evaluate or summarise (stats) on this node; a train request whose config sets evaluate-first
-        also reports the received weights' held-out metrics."""
-        started, config = time.perf_counter(), request.config
-        if request.kind not in KINDS:
-            raise ValueError(f"unknown request {request.kind!r}: expected 'train', 'evaluate' or 'stats'")
-        before = self.session
-        session = self.open(NodeSettings.from_flower_config(request.node_config), config)
-        if request.kind == "stats":
-            stats, frames = stats_on_node(session)
-            return NodeReply({"frames": frames}, session.layout, session.info, stats=stats)
-        session.use_stats(str(config.get("norm-stats") or ""))
-        received = receive_weights(session, request.arrays, config)
-        session.setup_seconds = time.perf_counter() - started  # for a reused session: only receiving the weights
-        warm = {"warm": float(session is before)}  # 1: this message found the policy loaded
-        evaluated = None
-        # A train message may evaluate the weights it brings before training on them (ZK0_EVAL_MODE=in-train):
-        # the same evaluation as an evaluate message's, on a forked RNG, so training's draws are unchanged.
-        if request.kind == "evaluate" or config.get("evaluate-first"):
-            evaluated = evaluate_on_node(session, int(config["batch-size"]), int(config["eval-batches"]),
-                                         int(config["seed"]))
-            evaluated.update(warm)
-        if request.kind == "evaluate":
-            from .personal import personalise  # the last round's: a personal model, kept here (imports this module)
-
-            evaluated.update(personalise(session, config, evaluated))
-            return NodeReply(evaluated, session.layout, session.info)
-        metrics, arrays = train_and_pack(session, request, received)
-        return NodeReply({**metrics, **warm}, session.layout, session.info, arrays, evaluated)
-
-
-def train_plan(config: dict, log_every: int) -> TrainPlan:
-    """The message's round of the experiment's schedule: its steps, where they start, the learning rate, mu."""
-    server_round, steps = int(config["server-round"]), int(config["local-steps"])
-    return TrainPlan(
-        steps=steps,
-        start_step=(server_round - 1) * steps,
-        total_steps=int(config["total-steps"]),
-        learning_rate=float(config["learning-rate"]),
-        proximal_mu=float(config["proximal-mu"]),
-        log_every=log_every,
-    )
-
-
-def train_and_pack(session: NodeSession, request: NodeRequest, received: np.ndarray) -> tuple[dict, dict]:
-    """Train a round on the received weights; (metrics, the reply's arrays in the message's wire format)."""
-    config = request.config
-    plan = train_plan(config, session.settings.log_every)
-    state, metrics = train_on_node(session, plan, int(config["batch-size"]), request.batch_seed)
-    fmt = str(config["wire-format"])
-    if fmt == DELTA:  # the update against the weights as received, not the trained weights
-        return metrics, quantize_delta(pack(state, "fp32") - received.astype(np.float32))
-    return metrics, {PACKED: pack(state, fmt)}

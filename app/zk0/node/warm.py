@@ -195,7 +195,7 @@ def serve(address: Path, owner_pid: int, idle_timeout: float) -> int:
     watch = _Watch(address, owner_pid, idle_timeout)
     watch.start()
     from ..logs import setup_logging
-    from .session import NodeWorker
+    from .worker import NodeWorker
 
     setup_logging()
     worker = NodeWorker()
