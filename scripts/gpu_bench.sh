@@ -19,7 +19,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$VENV/bin/pip" install -q --no-index --find-links "$WHEELS" -e ./app
 "$VENV/bin/python" -c 'import torch, sys; ok = torch.cuda.is_available(); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", ok); sys.exit(0 if ok else 3)'
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled FLWR_TELEMETRY_ENABLED=0
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 # A quick check that everything runs (small model, seconds), then the real figures.
 "$VENV/bin/python" -m zk0.bench.perf gpu --smoke --json "$OUT/gpu-smoke.json"
 "$VENV/bin/python" -m zk0.bench.perf gpu --batch-sizes 16 64 --steps "${STEPS:-20}" --json "$OUT/gpu.json"

@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # else every Flower process asks api.flower.ai
 
 # Tests run at normal priority: a realtime policy (seen here: SCHED_FIFO 99 on the suite's process)
 # is inherited by every child, and Go children (docker, docker-compose) livelock under it.

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -109,24 +108,22 @@ def _stat(pid: int) -> tuple[int, str]:
 
 
 class Starver(threading.Thread):
-    """Starves one node's ClientApps of CPU as a host under heavy load does: each one is stopped the moment
-    it appears, before it can check in with its SuperNode, and let go after HOLD seconds, past Flower's
-    30 s task-token window, so it meets Flower's "Runtime task-token authentication failed" (401) and
-    Flower starts it again, for ever."""
-
-    HOLD = 35.0
+    """Hangs one node's ClientApp starts: the node's ClientApp fork server (zk0.deploy.app_forks) is stopped
+    (SIGSTOP) as soon as it runs and let go only at the end, so every ClientApp Flower's SuperExec asks for
+    stays queued and none ever runs, as when a host is too loaded to start one. A stopped process cannot
+    be outrun; a forked ClientApp checks in with its SuperNode within milliseconds of its start."""
 
     def __init__(self, out: Path, node: str):
         super().__init__(daemon=True)
         self.home = f"FLWR_HOME={out / 'local' / 'flwr-home'}".encode()
         self.name_arg = f'name="{node}"'.encode()
-        self.held: dict[int, float] = {}
+        self.held: set[int] = set()
         self.done = threading.Event()
 
     def supernode(self) -> int | None:
         for entry in Path("/proc").iterdir():
             try:
-                if (entry.name.isdigit() and b"flower-supernode" in (entry / "cmdline").read_bytes()
+                if (entry.name.isdigit() and b"zk0.deploy.node_loop" in (entry / "cmdline").read_bytes()
                         and self.name_arg in (entry / "cmdline").read_bytes()
                         and self.home in (entry / "environ").read_bytes().split(b"\0")):
                     return int(entry.name)
@@ -153,14 +150,10 @@ class Starver(threading.Thread):
                 continue
             table = self.table()
             execs = {pid for pid, (parent, name) in table.items() if parent == node and name == "flower-superexe"}
-            apps = {pid for pid, (parent, name) in table.items() if parent in execs and name == "flwr-clientapp"}
-            for pid in apps - set(self.held):
+            forks = {pid for pid, (parent, name) in table.items() if parent in execs and name == "zk0-app-forks"}
+            for pid in forks - self.held:
                 self._signal(pid, signal.SIGSTOP)
-                self.held[pid] = time.monotonic()
-            for pid, since in self.held.items():
-                if since and time.monotonic() - since > self.HOLD:
-                    self._signal(pid, signal.SIGCONT)
-                    self.held[pid] = 0.0
+                self.held.add(pid)
         for pid in self.held:
             self._signal(pid, signal.SIGCONT)
 
@@ -188,7 +181,7 @@ def test_a_node_whose_clientapp_cannot_start_is_reported_and_given_up_on(demo, t
     finally:
         starver.done.set()
         starver.join(timeout=10)
-    assert len(starver.held) >= 2, "Flower should have started node-1's ClientApp again"
+    assert starver.held, "node-1's ClientApp fork server never ran"
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     # zk0 local's own lines: node-1, Flower's reason, within a minute of the message; then the give-up.
@@ -196,7 +189,7 @@ def test_a_node_whose_clientapp_cannot_start_is_reported_and_given_up_on(demo, t
                          r"failed to start \((\d+) s after the message arrived\): (.*)$", res.stderr, re.M)
     assert reports and len(reports) <= MAX_LINES, res.stderr
     assert int(reports[0][3]) < 60
-    assert any("Runtime task-token authentication failed" in r[4] for r in reports), reports
+    assert any("no ClientApp process has run for it" in r[4] for r in reports), reports
     (give_up,) = re.findall(r"^(\d\d:\d\d:\d\d) zk0 WARNING: node-1 \(SuperNode (\d+)\): giving up on the node: its "
                             r"ClientApp has failed to start for (\d+) s since its (\w+) message arrived",
                             res.stderr, re.M)
@@ -211,7 +204,7 @@ def test_a_node_whose_clientapp_cannot_start_is_reported_and_given_up_on(demo, t
     # The ServerApp's log (streamed to stdout) names the node and why, and the round went on without it.
     named = [line for line in res.stdout.splitlines()
              if f"node {node_id}" in line and "given up on by zk0 local" in line]
-    assert named and "node-1" in named[0] and "Runtime task-token authentication failed" in named[0], res.stdout[-3000:]
+    assert named and "node-1" in named[0] and "no ClientApp process has run for it" in named[0], res.stdout[-3000:]
     elapsed = float(re.search(r"finished:completed after ([\d.]+)s", res.stderr).group(1))
     assert elapsed < 1800 / 2, "the run waited on ZK0_ROUND_TIMEOUT"
     history = json.loads((out / "history.json").read_text())

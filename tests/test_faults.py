@@ -55,7 +55,7 @@ def supernode_pid(port: int, name: str) -> int | None:
         except OSError:
             continue
         text = b" ".join(args).decode(errors="replace")
-        if "flower-supernode" in text and f"127.0.0.1:{port}" in text and f'name="{name}"' in text:
+        if "zk0.deploy.node_loop" in text and f"127.0.0.1:{port}" in text and f'name="{name}"' in text:
             return int(proc.name)
     return None
 

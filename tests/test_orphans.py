@@ -123,7 +123,8 @@ def test_kill_9_of_zk0_local_leaves_nothing_and_the_rerun_resumes(demo, tmp_path
         run.wait()
         end_leftovers(mark)
     commands = " ".join(procs.values())
-    for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "zk0.node.warm"):
+    for name in ("flower-superlink", "zk0.deploy.node_loop", "zk0.deploy.exec_loop", "app_forks.py", "flwr-serverapp",
+                 "zk0.node.warm"):
         assert name in commands, f"no {name} was running when zk0 local was killed"
     assert ended, f"outlived zk0 local: {left}"
     assert len(ports) >= 2 and not ports & set(listeners().values()), ports  # the SuperLink's and the SuperNode's
@@ -137,7 +138,7 @@ def test_kill_9_of_zk0_local_leaves_nothing_and_the_rerun_resumes(demo, tmp_path
     assert [r["round"] for r in json.loads((out / "history.json").read_text())] == [0, 1, 2]
     # A normal end leaves nothing either, and the killed nodes' worker sockets, keys and locks are gone.
     assert wait_until(lambda: not started_by(again), 10), started_by(again)
-    killed = {str(pid) for pid, cmd in procs.items() if "flower-superexec" in cmd}
+    killed = {str(pid) for pid, cmd in procs.items() if "app_forks.py" in cmd}
     assert not [p.name for p in warm.worker_dir().iterdir() if p.name.split("-")[0] in killed]
 
 
@@ -176,14 +177,14 @@ def test_kill_9_of_zk0_supernode_ends_its_superexec_and_warm_worker(demo, tmp_pa
         node = popen_logged([*ZK0, "supernode", "--superlink", f"127.0.0.1:{superlink.getsockname()[1]}",
                              "--port", str(free_port())], tmp_path / "node.log", env=node_env, start_new_session=True)
         try:
-            started = wait_until(lambda: running(mark, "flower-superexec"), 300, every=0.5)
+            started = wait_until(lambda: running(mark, "app_forks.py"), 300, every=0.5)
             assert started, (tmp_path / "node.log").read_text()[-3000:]
-            # What the node's first ClientApp does: start the warm worker that belongs to its SuperExec.
-            with warm.connect(running(mark, "flower-superexec")[0]):
+            # What the node's first ClientApp does: start the warm worker that belongs to its parent, the fork server.
+            with warm.connect(running(mark, "app_forks.py")[0]):
                 pass
             procs = started_by(mark)
             ports = ports_of(procs)
-            os.kill(node.pid, signal.SIGKILL)  # `zk0 supernode` has become flower-supernode; not reaped until the end
+            os.kill(node.pid, signal.SIGKILL)  # `zk0 supernode` became the node; reaped only at the end
             ended = wait_until(lambda: not started_by(mark), 10)
             left = started_by(mark)
         finally:
@@ -191,7 +192,7 @@ def test_kill_9_of_zk0_supernode_ends_its_superexec_and_warm_worker(demo, tmp_pa
             node.wait()
             end_leftovers(mark)
     commands = " ".join(procs.values())
-    for name in ("flower-supernode", "flower-superexec", "zk0.node.warm", "zk0.deploy.procs"):
+    for name in ("zk0.deploy.node_loop", "zk0.deploy.exec_loop", "app_forks.py", "zk0.node.warm", "zk0.deploy.procs"):
         assert name in commands, f"no {name} was running when the node was killed"
     assert ended, f"outlived the node: {left}"
     assert ports and not ports & set(listeners().values()), ports  # the SuperNode's runtime API

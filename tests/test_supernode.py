@@ -14,6 +14,9 @@ from pathlib import Path
 
 from federation import ZK0, write_env
 
+from zk0.deploy.supernode import supernode_command
+from zk0.settings import NodeSettings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -171,3 +174,42 @@ def test_a_nodes_own_variables_outrank_the_ones_every_node_gets(monkeypatch):
     assert not nodes and "ZK0_NODE_2_HELDOUT_EPISODES (" in problems[0]
     (missing,) = node_settings_from_env(env, 3)[2]  # no node 3 at all: its dataset variable is named
     assert missing.startswith("node 3:") and "ZK0_NODE_3_DATASET (" in missing
+
+
+def test_node_loop_caps_flowers_waits_starts_zk0s_superexec_and_changes_nothing_in_another_flower(monkeypatch):
+    from flwr.supernode import start_client_internal as loop
+
+    from zk0.deploy import node_loop
+
+    monkeypatch.setattr(loop, "time", time)  # undone after the test: this process runs no SuperNode
+    monkeypatch.setattr(loop, "subprocess", subprocess)
+    monkeypatch.setattr(node_loop, "IDLE_WAIT", "time.sleep(30)")  # a loop without the line it shortens
+    assert not node_loop.shorten_waits() and loop.time is time
+    monkeypatch.setattr(node_loop, "IDLE_WAIT", "time.sleep(3)")
+    assert node_loop.shorten_waits(0.05) and loop.time is not time
+    started = time.monotonic()
+    loop.time.sleep(3)  # Flower's idle wait, as its loop calls it
+    assert time.monotonic() - started < 1 and loop.time.monotonic is time.monotonic
+    superexec = loop.subprocess.Popen(["flower-superexec", "--help"], stdout=subprocess.PIPE, text=True)
+    assert "zk0.deploy.exec_loop" in " ".join(superexec.args) and "--runtime-api-address" in superexec.communicate()[0]
+    command = supernode_command("127.0.0.1:9092", NodeSettings(dataset="/data/so100"))
+    assert command[:3] == [sys.executable, "-m", "zk0.deploy.node_loop"] and "--insecure" in command
+
+
+def test_no_flower_process_zk0_starts_calls_home(tmp_path):
+    """Flower 1.42 asks api.flower.ai for updates from every program's start unless told not to."""
+    import threading
+
+    from flwr.supercore.update_check import warn_if_flwr_update_available
+
+    from zk0.deploy.flwr_cli import QUIET
+    from zk0.deploy.local import _process_env
+
+    env = _process_env({"PATH": "/usr/bin"}, tmp_path)
+    assert {k: env[k] for k in QUIET} == QUIET == {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert all(f"{k}={v}" in dockerfile for k, v in QUIET.items())
+    assert os.environ["FLWR_DISABLE_UPDATE_CHECK"] == "1"  # conftest: the suite's own Flower processes too
+    before = set(threading.enumerate())
+    warn_if_flwr_update_available(process_name="flower-supernode")  # Flower's own check, under that setting
+    assert set(threading.enumerate()) == before  # no thread went to ask

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..deploy.flwr_cli import QUIET
 from .report import BenchError, target
 
 # One mistake of each kind, each in its own variable (the refusal must name all five).
@@ -38,7 +39,7 @@ def bad_env(path: Path, demo_dir: Path) -> Path:
 def timed(argv: list[str], repeats: int) -> tuple[list[float], subprocess.CompletedProcess]:
     """Wall seconds of `zk0 ARGV` in fresh processes, and the last one's result."""
     times, done = [], None
-    env = {"HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PATH": "/usr/bin:/bin"}
+    env = {"HF_HUB_OFFLINE": "1", **QUIET, "PATH": "/usr/bin:/bin"}
     for _ in range(repeats):
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "zk0.cli", *argv], env=env, capture_output=True, text=True,

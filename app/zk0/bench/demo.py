@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..deploy.flwr_cli import QUIET
 from .report import BenchError, target
 
 SPLIT = ["training", "evaluation", "overhead"]
@@ -24,7 +25,7 @@ def run_demo(env_file: Path, out: Path, demo_dir: Path, timeout: float) -> float
     shutil.rmtree(out, ignore_errors=True)  # a previous run's checkpoint would be resumed, not rerun
     # The shell outranks the env-file in `zk0 local`: only the output folder is ours to choose.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}
-    env.update(ZK0_OUTPUT_DIR=str(out), HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0")
+    env.update(ZK0_OUTPUT_DIR=str(out), HF_HUB_OFFLINE="1", **QUIET)
     cmd = [sys.executable, "-m", "zk0.cli", "local", "--env-file", str(env_file)]
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..cameras import full_key
+from ..deploy.flwr_cli import QUIET
 from ..settings import ServerSettings
 from ..train import TrainPlan
 from .learning_report import METRICS, NODES, REFERENCE, SERVER
@@ -110,7 +111,7 @@ def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float) -> li
     env_file = out / "bench.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in run_env(s, demo, out).items()))
     # The shell outranks an env-file in `zk0 local`: drop ZK0_ variables so FedAvg really gets mu = 0.
-    env = {"HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    env = {"HF_HUB_OFFLINE": "1", **QUIET}
     env.update({k: v for k, v in os.environ.items() if not k.startswith("ZK0_")})
     log_path = out / "zk0-local.log"
     log.info("%s (mu=%g): zk0 local, log in %s", arm, s.proximal_mu, log_path)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .. import wire
+from ..deploy.flwr_cli import QUIET
 from ..server.records import atomic_write_json
 from .aggregate import bench_aggregate
 from .cli import bench_cli
@@ -56,7 +57,7 @@ def _write_message(path: Path, base: str, fmt: str, steps: int, batch_size: int,
 
 def _run_client(message_path: Path, node_config: dict, warm: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}
-    env.update(HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", WANDB_MODE="disabled")
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", **QUIET)
     cmd = [sys.executable, "-m", "zk0.bench.perf_client", "--message", str(message_path),
            "--node-config", json.dumps(node_config)]
     # Files, not pipes: a worker the message starts inherits them and lives on, so a pipe never ends.

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..deploy.flwr_cli import QUIET
 from ..deploy.procs import die_with_parent
 from .report import MIB, BenchError, target
 
@@ -58,8 +59,8 @@ class DbSampler(threading.Thread):
 def simulated_run(env_file: Path, nodes: int, out: Path, timeout: float) -> dict:
     """Run N virtual nodes; the per-round costs from the records and the sampled database size."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}
-    env.update(ZK0_OUTPUT_DIR=str(out), ZK0_MIN_NODES=str(nodes), HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
-               WANDB_MODE="disabled")
+    env.update(ZK0_OUTPUT_DIR=str(out), ZK0_MIN_NODES=str(nodes), HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+               **QUIET)
     cmd = [sys.executable, "-m", "zk0.cli", "local", "--env-file", str(env_file), "--simulation", str(nodes)]
     sampler = DbSampler(out)
     sampler.start()

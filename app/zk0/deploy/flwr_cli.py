@@ -19,6 +19,10 @@ log = logging.getLogger("zk0")
 # A SuperLink that keeps going away is not a blip to ride out: at most this many losses per experiment
 # are (each a resubmission, and for `zk0 local` a restart of its own SuperLink).
 MAX_RETRIES = 3
+# Flower's programs call home unless told not to: usage telemetry, and (1.42) an update check that asks
+# api.flower.ai from every start of flwr, flower-superlink, flower-supernode and flower-superexec.
+# zk0 runs where there is no Internet (and must not try): every Flower process zk0 starts gets these.
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 # What a `watch` hook of see_run_through returns when the SuperLink went away and is back.
 LOST = "lost"
 

@@ -18,7 +18,7 @@ import tomli_w
 
 from ..settings import NodeSettings, ServerSettings, SettingsError
 from .check import raise_problems
-from .flwr_cli import LOST, MAX_RETRIES, Flwr, bin_path, see_run_through, write_connection
+from .flwr_cli import LOST, MAX_RETRIES, QUIET, Flwr, bin_path, see_run_through, write_connection
 from .node_watch import NodeWatch
 from .preflight import absolute_node_paths, preflight
 from .procs import MARK, end_marked, popen_owned, start_guard
@@ -258,7 +258,7 @@ def _process_env(env: dict[str, str], flwr_home: Path) -> dict[str, str]:
     """The environment of every process `zk0 local` starts, carrying the guard's mark (zk0.deploy.procs)."""
     # Flower spawns flower-superexec by name: the interpreter's bin directory must be on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return start_guard({**TASK_POLL, **env, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+    return start_guard({**TASK_POLL, **env, "PATH": path, "FLWR_HOME": str(flwr_home), **QUIET,
                         "PYTHONUNBUFFERED": "1"})
 
 

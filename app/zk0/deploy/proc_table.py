@@ -35,8 +35,10 @@ def clientapps(table: dict[int, Proc], supernode: int) -> tuple[int, str]:
     execs = {pid for pid, p in table.items() if p.ppid == supernode and p.comm.startswith("flower-superexe")}
     if not execs:
         return 0, " (and the node's SuperExec, which starts them, is not running)"
-    apps = [p for p in table.values() if p.ppid in execs and p.comm == "flwr-clientapp"]
-    dead = [p.exit_status for p in apps if p.state == "Z"]  # not reaped yet: its SuperExec reaps at the next start
+    # Flower's SuperExec starts them; zk0's forks them from its fork server (zk0.deploy.app_forks), its child.
+    forks = {pid for pid, p in table.items() if p.ppid in execs and p.comm == "zk0-app-forks"}
+    apps = [p for p in table.values() if p.ppid in execs | forks and p.comm == "flwr-clientapp"]
+    dead = [p.exit_status for p in apps if p.state == "Z"]  # not reaped yet: reaped at the next start
     if not dead:
         return len(apps), ""
     sig = dead[-1] & 0x7F

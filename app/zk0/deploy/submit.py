@@ -15,7 +15,7 @@ from pathlib import Path
 import tomli_w
 
 from ..settings import SettingsError
-from .flwr_cli import Flwr, see_run_through, write_connection
+from .flwr_cli import QUIET, Flwr, see_run_through, write_connection
 from .preflight import preflight
 from .supernode import wait_reachable
 
@@ -58,7 +58,7 @@ def submit_and_wait(
     with tempfile.TemporaryDirectory(prefix="zk0-submit-") as tmp:
         flwr_home = Path(experiment.env.get("FLWR_HOME") or Path(tmp) / "flwr-home")
         conn = write_connection(flwr_home, address, root_certificates)
-        flwr = Flwr({**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}, conn)
+        flwr = Flwr({**os.environ, "FLWR_HOME": str(flwr_home), **QUIET}, conn)
         run_config = Path(tmp) / "run-config.toml"
         run_config.write_text(tomli_w.dumps(settings.to_flower_config()))
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import tomli_w
 
 from ..settings import NodeSettings, SettingsError
-from .flwr_cli import bin_path
+from .flwr_cli import QUIET
+from .node_loop import POLL_SECONDS
 from .preflight import preflight
 from .procs import start_guard
 
@@ -21,7 +22,7 @@ log = logging.getLogger("zk0")
 
 # Flower's SuperExec looks for a new message's task every second by default; a quarter second takes
 # ~0.4 s off every message on average for a few cheap loopback requests.
-TASK_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+TASK_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(POLL_SECONDS)}
 
 
 class UnreachableError(RuntimeError):
@@ -71,8 +72,9 @@ def supernode_command(
     host: str = "127.0.0.1",
     port: int = 9094,
 ) -> list[str]:
-    """The flower-supernode command line for one node: TLS when a CA is given, else --insecure."""
-    cmd = [bin_path("flower-supernode"), "--superlink", superlink, "--node-config", node_config(node)]
+    """The flower-supernode command line for one node (zk0.deploy.node_loop: Flower's, with shorter waits):
+    TLS when a CA is given, else --insecure."""
+    cmd = [sys.executable, "-m", "zk0.deploy.node_loop", "--superlink", superlink, "--node-config", node_config(node)]
     if root_certificates is not None:
         cmd += ["--root-certificates", str(root_certificates)]
     else:
@@ -110,8 +112,7 @@ def run_supernode(args) -> int:
     )
     log.info("SuperLink %s reachable; starting %s", args.superlink, " ".join(cmd[:3]))
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    for key, value in TASK_POLL.items():
+    for key, value in {**QUIET, **TASK_POLL}.items():
         env.setdefault(key, value)
     env = start_guard(env)
     sys.stdout.flush()
