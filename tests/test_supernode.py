@@ -213,3 +213,15 @@ def test_no_flower_process_zk0_starts_calls_home(tmp_path):
     before = set(threading.enumerate())
     warn_if_flwr_update_available(process_name="flower-supernode")  # Flower's own check, under that setting
     assert set(threading.enumerate()) == before  # no thread went to ask
+
+
+def test_fork_server_runs_flowers_clientapp_once_per_request_and_ends_with_its_input():
+    from zk0.deploy.exec_loop import FORK_SERVER
+
+    server = subprocess.Popen([sys.executable, "-P", str(FORK_SERVER)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    requests = [{"args": ["--help"], "quiet": False}, {"args": ["--help"], "quiet": True}]
+    # Output ends once the server and every child it forked have ended: the server ends with its input.
+    out = server.communicate("".join(json.dumps(r) + "\n" for r in requests), timeout=120)[0]
+    assert server.returncode == 0, out
+    assert out.count("usage: flwr-clientapp") == 1 and "--token" in out, out  # Flower's own parser; quiet is quiet
