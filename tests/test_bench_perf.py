@@ -125,6 +125,9 @@ def test_demo_splits_every_round_of_a_finished_run(capsys, tmp_path, finished_ru
     assert final["wall"] == pytest.approx(history[-1]["elapsed_seconds"] - history[-1]["trained_seconds"])
     assert result["totals_s"]["wall"] == pytest.approx(history[-1]["elapsed_seconds"] - history[0]["elapsed_seconds"])
     assert result["wall_s"] is None  # nothing was launched, so the command's wall time is unknown
+    warm = rounds[1:]  # train exchanges after the first, whose nodes load their policy
+    share = sum(r["overhead"] for r in warm) / sum(r["wall"] for r in warm)
+    assert result["warm_overhead_share"] == pytest.approx(share)
 
 
 def test_demo_refuses_a_folder_without_a_run(capsys, tmp_path):
