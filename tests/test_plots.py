@@ -48,3 +48,15 @@ def test_a_run_stopped_before_round_1_still_gets_its_plots(tmp_path):
     """Only round 0 evaluated, no node ever replied: empty series, no legend to draw; still three PNGs."""
     paths = write_plots([{"round": 0, "server_eval": {"policy_loss": 2.3, "action_mse": 0.9}, "clients": {}}], tmp_path)
     assert [png_size(p)[1] for p in paths] == [400, 400, 400]
+
+
+def test_the_plotter_writes_each_history_in_turn_off_the_round_and_finishes_before_the_run_ends(tmp_path):
+    history = [{"round": 0, "server_eval": {"policy_loss": 2.3, "action_mse": 0.9}, "clients": {}, "bytes": {}}]
+    plotter = plots.Plotter(tmp_path)
+    plotter.submit(history)
+    history.append({"round": 1, "server_eval": {"policy_loss": 1.9, "action_mse": 0.7}, "clients": {}, "bytes": {}})
+    plotter.submit(history)
+    plotter.wait()
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert written == ["bytes.png", "client_loss.png", "server_eval.png"]  # no partial file left behind
+    assert all(png_size(tmp_path / "plots" / name)[0] > 0 for name in written)

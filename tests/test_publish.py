@@ -118,6 +118,7 @@ def test_model_card_has_metadata_and_the_runs_numbers(demo, tmp_path):
 def test_plots_are_written_after_evaluation_rounds(demo, tmp_path):
     rt = runtime(demo, tmp_path / "out")
     rt.end_round(0, rt.initial_state())
+    rt.plotter.wait()  # written beside the next round's work, finished before the run ends (server_app.main)
     for name in ("server_eval.png", "client_loss.png", "bytes.png"):
         data = (tmp_path / "out" / "plots" / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000

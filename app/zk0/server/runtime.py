@@ -29,7 +29,7 @@ from ..model import (
 )
 from ..settings import ServerSettings, SettingsError, resolve_device
 from ..stats import from_json, merge_stats, to_json
-from .plots import write_plots
+from .plots import Plotter
 from .publish import Publisher, model_card
 from .records import RunRecorder, atomic_write_json
 from .tracking import Tracker
@@ -101,6 +101,7 @@ class ServerRuntime:
         self.use_stats(self.stats)
         self.lock = lock_output(self.out_dir)
         self.recorder = RunRecorder(self.out_dir)
+        self.plotter = Plotter(self.out_dir)
         self.start_round = self._resume()
         self.tracker = Tracker.open(self.out_dir, settings.wandb_project, settings.model_dump(mode="json"))
         if self.start_round:
@@ -219,7 +220,7 @@ class ServerRuntime:
                 self.publisher.push(server_round, path)
         history = self.history()
         if metrics is not None:
-            write_plots(history, self.out_dir)
+            self.plotter.submit(history)
         self.tracker.log_round(server_round, history[-1])
         return metrics
 

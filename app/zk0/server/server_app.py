@@ -116,5 +116,6 @@ def main(grid: Grid, context: Context) -> None:
         )
         exit_code = 0
     finally:
+        runtime.plotter.wait()
         runtime.tracker.finish(exit_code)
     log.info("run finished: outputs in %s", runtime.out_dir)
