@@ -98,19 +98,24 @@ def test_kill_9_of_zk0_local_leaves_nothing_and_the_rerun_resumes(demo, tmp_path
     from zk0.node import warm
 
     out = tmp_path / "out"
-    env_file = write_env(tmp_path / "demo.env", demo, out, nodes=1, ZK0_NUM_ROUNDS=2, ZK0_LOCAL_STEPS=4,
+    env_file = write_env(tmp_path / "demo.env", demo, out, nodes=1, ZK0_NUM_ROUNDS=2, ZK0_LOCAL_STEPS=20,
                          ZK0_MIN_NODES=1, ZK0_EVAL_BATCHES=1, WANDB_MODE="disabled")
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
     cmd = [*ZK0, "local", "--env-file", str(env_file)]
     first, mark = tmp_path / "first.log", uuid.uuid4().hex
     run = popen_logged(cmd, first, env={**env, MARK: mark}, start_new_session=True)
     try:
-        # Killed in round 2: after round 1's checkpoint, once the nodes have their next messages.
-        round_1 = out / "checkpoints" / "round-001" / "zk0.json"
-        started = wait_until(lambda: round_1.is_file() or run.poll() is not None, 600, every=0.5)
+        # Killed in round 2: after round 1's checkpoint, once the node's ClientApp for round 2 has started
+        # (a round takes a second or two: a fixed wait would let the run finish).
+        node_log = out / "local" / "logs" / "supernode-0.log"
+
+        def in_round_2() -> bool:
+            seen = node_log.read_text(errors="replace") if node_log.is_file() else ""
+            return seen.count("ClientApp started for the train message") >= 2 or run.poll() is not None
+
+        started = wait_until(in_round_2, 600, every=0.05)
         assert started, first.read_text()[-3000:]
-        assert run.poll() is None, first.read_text()[-3000:]
-        time.sleep(2)
+        assert run.poll() is None and (out / "checkpoints" / "round-001" / "zk0.json").is_file(), first.read_text()
         procs = started_by(mark)
         ports = ports_of(procs)
         # The whole process group, as an OOM killer, a closed terminal or a crashed shell would; not reaped
