@@ -94,6 +94,12 @@ def newest_checkpoint(out: Path) -> int:
     return max(int(p.name.removeprefix("round-")) for p in done)
 
 
+def train_messages(node_log: Path) -> int:
+    """How many train messages' ClientApps a node's log says have started."""
+    text = node_log.read_text(errors="replace") if node_log.is_file() else ""
+    return text.count("ClientApp started for the train message")
+
+
 def test_kill_9_of_zk0_local_leaves_nothing_and_the_rerun_resumes(demo, tmp_path):
     from zk0.node import warm
 
@@ -108,12 +114,7 @@ def test_kill_9_of_zk0_local_leaves_nothing_and_the_rerun_resumes(demo, tmp_path
         # Killed in round 2: after round 1's checkpoint, once the node's ClientApp for round 2 has started
         # (a round takes a second or two: a fixed wait would let the run finish).
         node_log = out / "local" / "logs" / "supernode-0.log"
-
-        def in_round_2() -> bool:
-            seen = node_log.read_text(errors="replace") if node_log.is_file() else ""
-            return seen.count("ClientApp started for the train message") >= 2 or run.poll() is not None
-
-        started = wait_until(in_round_2, 600, every=0.05)
+        started = wait_until(lambda: train_messages(node_log) >= 2 or run.poll() is not None, 600, every=0.05)
         assert started, first.read_text()[-3000:]
         assert run.poll() is None and (out / "checkpoints" / "round-001" / "zk0.json").is_file(), first.read_text()
         procs = started_by(mark)
