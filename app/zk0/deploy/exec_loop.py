@@ -1,7 +1,8 @@
 """Flower's SuperExec, with ClientApp processes forked from one that has imported Flower: a zk0 node's SuperExec.
 
 Flower 1.42's subprocess executor starts `flwr-clientapp --token T` for every message; each start
-imports Flower again, about 1.2 s of CPU, four at once on a 4-node host, every round. This executor
+imports Flower again (1.1-1.3 s measured alone on an idle 2-core host), four at once on a 4-node
+host, every round. This executor
 starts one fork server when it is built (zk0.deploy.app_forks: Flower's `flwr-clientapp`, imported
 once) and hands it each ClientApp task's arguments; the server forks a child that runs Flower's
 `flwr-clientapp` with them, in milliseconds. Tasks other than ClientApps, tasks that install runtime

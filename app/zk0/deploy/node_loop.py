@@ -3,10 +3,10 @@
 Flower 1.42's SuperNode loop (flwr/supernode/start_client_internal.py) asks the SuperLink for a message,
 and when there is none sleeps a fixed 3 s; while a ClientApp runs it looks for the reply every 0.5 s.
 Nodes' loops are out of phase, so a round's train message reaches the last of four nodes 2.25 s after it
-was sent on average (the largest of four waits spread over 3 s): a quarter of a warm demo round. Here the
-same loop runs with every wait of that module capped at POLL_SECONDS, a few cheap requests per second per
-node. The SuperExec it starts is zk0's (zk0.deploy.exec_loop: Flower's, with a ClientApp process started
-one message ahead). Everything else is Flower's own `flower-supernode`, arguments included. When the
+was sent in expectation (the largest of four waits spread evenly over 3 s). Here the same loop runs with
+every wait of that module capped at POLL_SECONDS, a few cheap requests per second per node. The SuperExec
+it starts is zk0's (zk0.deploy.exec_loop: Flower's, with each ClientApp forked from a process that has
+already imported Flower). Everything else is Flower's own `flower-supernode`, arguments included. When the
 pinned loop is not the one this was written against, nothing is changed and a line says so.
 """
 
