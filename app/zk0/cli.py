@@ -16,6 +16,10 @@ DEFAULT_DEMO_DIR = Path("demo-data")
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.sim:
+        from .sim.cli import run_demo
+
+        return run_demo(args)
     from .demo import write_demo
 
     paths = write_demo(args.out, episodes=args.episodes, frames=args.frames, seed=args.seed)
@@ -144,6 +148,9 @@ def _add_demo_check_local_parsers(sub) -> None:
     demo = sub.add_parser("demo", help="write the offline demo: four synthetic SO-100 datasets and a tiny SmolVLA")
     demo.add_argument("--out", type=Path, default=DEFAULT_DEMO_DIR, help="target folder (default: demo-data)")
     demo.add_argument("--episodes", type=int, default=8, help="episodes per node dataset")
+    demo.add_argument("--sim", action="store_true",
+                      help="record the simulated labs' datasets with the SO-101 simulator's expert instead (under "
+                      "OUT/sim; needs pip install 'zk0[sim]'); see experiments/sim.env")
     demo.add_argument("--frames", type=int, default=40, help="frames per episode")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
@@ -194,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_supernode_parser(sub)
     _add_submit_parser(sub)
     _add_push_bench_parsers(sub)
+    from .sim.cli import add_eval_parser
+
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -147,6 +147,20 @@ class ServerSettings(_Zk0Settings):
     adaptive_mu_max: float = Field(
         1.0, gt=0, description="ZK0_ADAPTIVE_MU=loss: largest mu, > 0 and >= ZK0_PROXIMAL_MU."
     )
+    # Closed-loop evaluation (zk0.sim, the optional simulator): the global model drives a simulated SO-101 arm on each
+    # simulated lab's task; success rates beside the offline losses.
+    sim_eval_every: int = Field(
+        0, ge=0, description="Score the global model in the SO-101 simulator every N rounds (round 0 and the last "
+        "too); 0 = off. Needs the simulator: pip install 'zk0[sim]'.",
+    )
+    sim_labs: str | None = Field(
+        None, description="Simulated labs whose tasks the global model is scored on, comma-separated (lift-top, "
+        "lift-front, place-laptop, lift-up); unset = all.",
+    )
+    sim_episodes: int = Field(5, ge=1, description="Simulated episodes per lab per evaluation; at least 1.")
+    sim_videos: int = Field(
+        1, ge=0, description="Episodes per lab saved as MP4 (OUTPUT_DIR/videos/) and logged to WandB; 0 = none."
+    )
     wandb_project: str = Field("zk0", min_length=1, description="WandB project of the experiment's run.")
     hf_repo_id: str | None = Field(
         None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo to push checkpoints to (owner/name); needs HF_TOKEN."
@@ -155,6 +169,13 @@ class ServerSettings(_Zk0Settings):
     push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
 
     _cameras = field_validator("eval_cameras")(_camera_map)
+
+    @field_validator("sim_labs")
+    @classmethod
+    def _labs(cls, value: str | None) -> str | None:
+        from .sim.labs import parse_labs
+
+        return ",".join(lab.name for lab in parse_labs(value, setting="names")) if value else None
 
     @field_validator("lora_targets")
     @classmethod
@@ -193,6 +214,11 @@ class ServerSettings(_Zk0Settings):
     def is_eval_round(self, server_round: int) -> bool:
         """Round 0, every `eval_every` rounds and the last round are evaluated."""
         return server_round == 0 or server_round % self.eval_every == 0 or server_round == self.num_rounds
+
+    def is_sim_round(self, server_round: int) -> bool:
+        """Round 0, every `sim_eval_every` rounds and the last round, when the simulator evaluation is on."""
+        every = self.sim_eval_every
+        return every > 0 and (server_round == 0 or server_round % every == 0 or server_round == self.num_rounds)
 
     def is_push_round(self, server_round: int) -> bool:
         """Checkpoint rounds that are also every `push_every` rounds, and the last round."""

@@ -35,15 +35,33 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_server_eval(history: list[dict], path: Path) -> Path:
-    """Server evaluation loss and action MSE per round."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    """Server evaluation loss and action MSE per round; simulated success beside them when it was measured."""
+    sim = any(r.get("sim_eval") for r in history)
+    fig, axes = plt.subplots(1, 3 if sim else 2, figsize=(15 if sim else 10, 4))
     panels = ((axes[0], "policy_loss", "policy loss"), (axes[1], "action_mse", "action MSE (action units²)"))
     for ax, key, title in panels:
         xs, ys = _series(history, lambda r, k=key: (r.get("server_eval") or {}).get(k))
         ax.plot(xs, ys, marker="o")
         ax.set(title=f"server evaluation: {title}", xlabel="round")
         ax.grid(alpha=0.3)
+    if sim:
+        plot_success(history, axes[2])
     return _save(fig, path)
+
+
+def plot_success(history: list[dict], ax) -> None:
+    """Per simulated lab and over all labs: success rate per round with its 95% interval."""
+    labs = sorted({lab for r in history for lab in (r.get("sim_eval") or {})})
+    for lab in labs:
+        points = [(r["round"], r["sim_eval"][lab]) for r in history if lab in (r.get("sim_eval") or {})]
+        xs, ys = [x for x, _ in points], [p["success_rate"] for _, p in points]
+        err = [[y - p["ci_low"] for y, (_, p) in zip(ys, points, strict=True)],
+               [p["ci_high"] - y for y, (_, p) in zip(ys, points, strict=True)]]
+        ax.errorbar(xs, ys, yerr=err if lab == "all" else None, marker="o", capsize=3, label=lab,
+                    lw=2.5 if lab == "all" else 1, alpha=1 if lab == "all" else 0.6)
+    ax.set(title="simulated success rate (95% CI: all labs)", xlabel="round", ylim=(-0.05, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_client_loss(history: list[dict], path: Path) -> Path:

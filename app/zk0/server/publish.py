@@ -17,13 +17,15 @@ def _is_hub_id(spec: str | None) -> bool:
 
 
 def _eval_table(history: list[dict]) -> str:
-    rows = ["| round | server policy loss | server action MSE | nodes' held-out loss | contributors |",
-            "|---|---|---|---|---|"]
+    rows = ["| round | server policy loss | server action MSE | nodes' held-out loss | simulated success | "
+            "contributors |", "|---|---|---|---|---|---|"]
     for r in history:
         server = r.get("server_eval") or {}
         held = (r.get("eval_aggregate") or {}).get("policy_loss")
         cells = [server.get("policy_loss"), server.get("action_mse"), held]
         text = [f"{c:.4f}" if isinstance(c, float) else "–" for c in cells]
+        sim = (r.get("sim_eval") or {}).get("all")
+        text.append(f"{sim['successes']}/{sim['episodes']} ({sim['ci_low']:.2f}-{sim['ci_high']:.2f})" if sim else "–")
         rows.append(f"| {r['round']} | {' | '.join(text)} | {len(r.get('contributors', [])) or '–'} |")
     return "\n".join(rows)
 
@@ -59,7 +61,9 @@ server aggregated the trainable weights (server step: {settings.strategy}).
 
 ## Evaluation
 
-Deterministic evaluation (seeded flow-matching noise). Action MSE is in the dataset's action units.
+Deterministic evaluation (seeded flow-matching noise). Action MSE is in the dataset's action units. Simulated
+success: episodes where the policy made the simulated SO-101 arm succeed at its lab's task (zk0.sim, all labs
+scored; 95% Wilson interval), on scenes never recorded.
 
 {_eval_table([r for r in history if r['round'] <= server_round])}
 

@@ -32,6 +32,7 @@ from ..stats import from_json, merge_stats, to_json
 from .plots import Plotter
 from .publish import Publisher, model_card
 from .records import RunRecorder, atomic_write_json
+from .simulated import SimScorer
 from .tracking import Tracker
 
 log = logging.getLogger("zk0")
@@ -93,6 +94,7 @@ class ServerRuntime:
             self.batches = eval_batches(ds, settings.batch_size, settings.eval_batches)
             if settings.eval_feature_cache:  # decoded once already; the frozen encoder then runs once too
                 self.batches = precompute(self.policy, ds, settings.eval_cameras, self.batches)
+        self.sim = SimScorer.maybe(settings, self.out_dir)
         self.stats = ""  # merged normalisation statistics (JSON); "" while the base policy's are used
         saved = self.out_dir / STATS_FILE
         if settings.stats == "federated" and saved.is_file():
@@ -213,15 +215,20 @@ class ServerRuntime:
             metrics["eval_seconds"] = time.perf_counter() - started
             log.info("round %d server eval: loss %.4f action MSE %.4f", server_round, metrics["policy_loss"],
                      metrics["action_mse"])
-        self.recorder.set(server_round, server_eval=metrics, elapsed_seconds=self.recorder.elapsed())
+        sim, videos = None, []
+        if self.sim is not None and self.settings.is_sim_round(server_round):
+            sim, videos = self.sim.score(self.policy, from_json(self.stats) if self.stats else None, server_round)
+        self.recorder.set(server_round, server_eval=metrics, elapsed_seconds=self.recorder.elapsed(),
+                          **({"sim_eval": sim} if sim else {}))
         if self.settings.is_checkpoint_round(server_round):
             path = self.checkpoint(server_round)
             if self.settings.is_push_round(server_round):
                 self.publisher.push(server_round, path)
         history = self.history()
-        if metrics is not None:
+        if metrics is not None or sim is not None:
             self.plotter.submit(history)
         self.tracker.log_round(server_round, history[-1])
+        self.tracker.log_videos(server_round, videos)
         return metrics
 
     def log_round(self, server_round: int) -> None:

@@ -27,6 +27,9 @@ def round_metrics(record: dict) -> dict[str, float]:
         for kind in ("train", "eval"):
             for key, value in (client.get(kind) or {}).items():
                 out[f"client_{name}/{kind}/{key}"] = value
+    for lab, result in (record.get("sim_eval") or {}).items():
+        for key, value in result.items():
+            out[f"sim/{lab}/{key}"] = value
     for key, value in record.get("bytes", {}).items():
         out[f"bytes/{key}"] = value
     if "contributors" in record:
@@ -87,6 +90,17 @@ class Tracker:
             self.run.log(round_metrics(record), step=server_round)
         except Exception as err:  # noqa: BLE001 - as above: logged, and the experiment goes on
             log.warning("WandB: logging round %d failed (%s)", server_round, err)
+
+    def log_videos(self, server_round: int, paths: list[Path]) -> None:
+        """Simulated episodes as WandB videos, under sim/video/<file name>."""
+        if self.run is None or not paths:
+            return
+        try:
+            import wandb
+
+            self.run.log({f"sim/video/{p.stem}": wandb.Video(str(p), format="mp4") for p in paths}, step=server_round)
+        except Exception as err:  # noqa: BLE001 - as above
+            log.warning("WandB: logging round %d's videos failed (%s)", server_round, err)
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (marked failed when exit_code is not 0)."""

@@ -79,3 +79,22 @@ def _save_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
     # libx264 needs even sizes.
     h, w = (frames[0].shape[0] // 2) * 2, (frames[0].shape[1] // 2) * 2
     write_video(path, [f[:h, :w] for f in frames], fps)
+
+
+def evaluate_labs(policy, path: str, stats: dict | None, labs: list[Lab], episodes: int, seed: int = 0,
+                  video_dir: Path | None = None, videos: int = 0) -> dict:
+    """Every lab's task: the processors saved at `path` (with `stats`, None = theirs) and the lab's camera map."""
+    from ..cameras import parse_camera_map
+    from ..model import load_processors
+
+    device, out = str(next(policy.parameters()).device), {}
+    for lab in labs:
+        pre, post = load_processors(path, device, parse_camera_map(lab.camera_map), stats)
+        out[lab.name] = evaluate_lab(policy, pre, post, lab, episodes, seed, video_dir, videos)
+        log.info("sim %s: success %d/%d (95%% CI %.2f-%.2f) in %.1fs", lab.name, out[lab.name]["successes"], episodes,
+                 out[lab.name]["ci_low"], out[lab.name]["ci_high"], out[lab.name]["seconds"])
+    total = sum(r["successes"] for r in out.values())
+    n = episodes * len(labs)
+    lo, hi = wilson(total, n)
+    out["all"] = {"success_rate": total / n, "ci_low": lo, "ci_high": hi, "successes": total, "episodes": n}
+    return out
