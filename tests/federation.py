@@ -38,3 +38,23 @@ def run_zk0(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     # The env-file decides WandB's mode here, so the shell's WANDB_MODE must not outrank it.
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
     return subprocess.run([*ZK0, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def marked_processes(variable: str, value: str) -> dict[int, list[str]]:
+    """Live processes whose environment carries variable=value: {pid: argv}.
+
+    A test sets a variable of its own before it starts a command; every process below that command
+    inherits it (as zk0's guard mark, zk0.deploy.procs), however deep and whoever adopted it, so the test
+    finds its own run's processes and never another run's beside it.
+    """
+    needle = f"{variable}={value}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            # A zombie's environment reads empty: only live processes are found.
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0"):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                found[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
+        except OSError:
+            continue
+    return found

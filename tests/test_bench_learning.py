@@ -138,3 +138,47 @@ def test_table_and_targets_are_printed(smoke):
 def test_plot_is_a_png(smoke):
     _, out, _, _ = smoke
     assert (out / "server-eval.png").read_bytes().startswith(b"\x89PNG")
+
+
+# One federated arm's run, as `zk0 bench learning` starts it, long enough to be stopped mid-run.
+ONE_ARM = """
+import sys
+from pathlib import Path
+from zk0.bench.learning_arms import arm_settings, demo_assets, run_federated
+from zk0.settings import ServerSettings
+demo = demo_assets(Path(sys.argv[1]))
+s = ServerSettings.load(num_rounds=50, local_steps=2, min_nodes=4, base_policy=str(demo["base-policy"]),
+                        eval_dataset=str(demo["datasets"]["server-eval"]), eval_cameras=demo["cameras"]["server-eval"])
+run_federated("fedprox", arm_settings(s, "fedprox", Path(sys.argv[2])), demo, 600)
+"""
+
+
+def test_a_bench_stopped_mid_run_stops_its_zk0_local_and_everything_below(demo, tmp_path):
+    import signal
+    import time
+    import uuid
+
+    from federation import marked_processes
+
+    mark = uuid.uuid4().hex  # inherited by every process below the benchmark, however deep
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ZK0_")}, "BENCH_TEST_MARK": mark}
+    bench = subprocess.Popen([sys.executable, "-c", ONE_ARM, str(demo["root"]), str(tmp_path)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "fedprox" / "local" / "logs" / "superlink.log").exists():  # past the preflight
+            assert bench.poll() is None and time.monotonic() < deadline, "the run never started"
+            time.sleep(0.2)
+        ours = marked_processes("BENCH_TEST_MARK", mark)
+        local = [pid for pid, argv in ours.items() if argv[2:4] == ["zk0.cli", "local"]]
+        assert len(local) == 1, ours
+        bench.send_signal(signal.SIGTERM)  # no handler: the benchmark dies at once, as a service manager's stop
+        bench.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while (left := marked_processes("BENCH_TEST_MARK", mark)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, left  # zk0 local, its SuperLink, SuperNodes and everything they started
+    finally:
+        bench.kill()
+        bench.wait()
+        for pid in marked_processes("BENCH_TEST_MARK", mark):
+            os.kill(pid, signal.SIGKILL)

@@ -3,27 +3,46 @@
 import json
 import math
 import os
+import subprocess
+import uuid
 from pathlib import Path
 
-from federation import run_zk0, write_env
+from federation import marked_processes, run_zk0, write_env
 
 from zk0.bench import perf as bench_perf
 
+# Set for the run under test and inherited by every process below it (Ray's daemons included): the test
+# looks only at its own run's processes, so it passes while another federation runs on this host.
+# Not a ZK0_ name: zk0 refuses unknown ZK0_ variables.
+MARK = "SIMULATION_TEST_MARK"
 
-def _alive(*names: str) -> list[str]:
-    """Command lines of running processes whose program is one of `names` (Ray's and Flower's daemons),
-    on this host rather than in a container (the Compose tests' SuperLink is not ours to see here)."""
-    found, ours = [], os.readlink("/proc/self/ns/mnt")
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if os.readlink(proc / "ns" / "mnt") != ours:
-                continue
-        except OSError:
-            continue
-        if argv and any(Path(a.decode(errors="replace")).name in names for a in argv[:2] if a):
-            found.append(" ".join(a.decode(errors="replace") for a in argv))
+
+def _alive(mark: str, *names: str) -> list[str]:
+    """Command lines of this run's live processes whose program is one of `names` (Ray's and Flower's daemons)."""
+    found = []
+    for argv in marked_processes(MARK, mark).values():
+        if any(Path(a).name in names for a in argv[:2] if a):
+            found.append(" ".join(argv))
     return found
+
+
+def test_only_the_runs_own_processes_are_looked_at():
+    """A process of another run, of the same name, is not this run's leftover; one carrying the mark is."""
+    mark = uuid.uuid4().hex
+    named = ["bash", "-c", "exec -a flower-superlink sleep 60"]
+    ours = subprocess.Popen(named, env={**os.environ, MARK: mark})
+    other = subprocess.Popen(named, env={**os.environ, MARK: "another-run"})
+    try:
+        for _ in range(50):  # until exec has replaced bash's command line
+            if found := _alive(mark, "flower-superlink"):
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert found == ["flower-superlink 60"]
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
+    assert not _alive(mark, "flower-superlink")
 
 
 def test_simulation_problems_are_refused_together_before_anything_starts(demo, tmp_path):
@@ -50,7 +69,9 @@ def test_simulation_without_ray_is_refused_with_what_to_install(monkeypatch):
         check_simulation(4, ServerSettings.load(min_nodes=2), None)
 
 
-def test_bench_scale_smoke_runs_virtual_labs_and_fits_each_cost(capsys, tmp_path, demo):
+def test_bench_scale_smoke_runs_virtual_labs_and_fits_each_cost(capsys, tmp_path, demo, monkeypatch):
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)
     out = tmp_path / "scale"
     figures = tmp_path / "figures.json"
     assert bench_perf.main(["scale", "--smoke", "--demo-dir", str(demo["root"]), "--out", str(out),
@@ -81,4 +102,4 @@ def test_bench_scale_smoke_runs_virtual_labs_and_fits_each_cost(capsys, tmp_path
     assert all(math.isfinite(s) for s in result["slopes"].values())
     assert Path(result["plot"]).is_file()
     # Nothing the simulation started outlives it: Ray's daemons and Flower's processes are gone.
-    assert not _alive("raylet", "gcs_server", "flower-superlink", "flwr-simulation"), _alive("raylet", "gcs_server")
+    assert not (left := _alive(mark, "raylet", "gcs_server", "flower-superlink", "flwr-simulation")), left

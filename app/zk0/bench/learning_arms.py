@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..cameras import full_key
 from ..deploy.flwr_cli import QUIET
+from ..deploy.procs import die_with_parent
 from ..settings import ServerSettings
 from ..train import TrainPlan
 from .learning_report import METRICS, NODES, REFERENCE, SERVER
@@ -117,7 +118,10 @@ def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float) -> li
     log.info("%s (mu=%g): zk0 local, log in %s", arm, s.proximal_mu, log_path)
     with open(log_path, "wb") as logfile:
         cmd = [sys.executable, "-m", "zk0.cli", "local", "--env-file", str(env_file)]
-        rc = _wait_or_stop(subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT), timeout)
+        # A benchmark that dies (SIGTERM, kill -9) stops its run: `zk0 local` ends everything it started on SIGTERM.
+        proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
+        rc = _wait_or_stop(proc, timeout)
     if rc != 0:
         outcome = f"exited with {rc}" if rc is not None else f"was stopped after {timeout:.0f}s"
         raise RuntimeError(f"{arm}: `zk0 local` {outcome}; see {log_path}")

@@ -236,27 +236,38 @@ def raise_problems(problems: list[str], what: str = "the experiment", error: typ
         raise error(f"{what} cannot start, {len(problems)} problem(s):\n{listed}")
 
 
-def check_nodes(nodes: list, base_policy: str, prefixes: list[str]) -> tuple[list[DatasetCheck], list[str]]:
-    """Check each node's dataset (NodeSettings) against its base policy; `prefixes[i]` names its variables."""
+def _variable(prefix: str, field: str, env: dict[str, str] | None) -> str:
+    """The variable a node's setting came from: its own (prefix + FIELD) or, when only that is set, the
+    generic ZK0_<FIELD> that applies to every node."""
+    own, generic = f"{prefix}{field}", f"ZK0_{field}"
+    return generic if env is not None and not env.get(own) and env.get(generic) else own
+
+
+def check_nodes(
+    nodes: list, base_policy: str, prefixes: list[str], env: dict[str, str] | None = None
+) -> tuple[list[DatasetCheck], list[str]]:
+    """Check each node's dataset (NodeSettings) against its base policy; `prefixes[i]` names its variables
+    (or, given `env`, the generic ZK0_<FIELD> where the node has no variable of its own)."""
     rows, problems, layouts = [], [], {}
     for node, prefix in zip(nodes, prefixes, strict=True):
         base = node.base_policy or base_policy
         if base not in layouts:
             layouts[base] = policy_layout(base)
             problems += [layouts[base][1]] if layouts[base][1] else []
+        dataset, cameras, heldout = (_variable(prefix, f, env) for f in ("DATASET", "CAMERAS", "HELDOUT_EPISODES"))
         rows.append(check_dataset(
-            node.display_name, node.dataset, f"{prefix}DATASET", f"{prefix}CAMERAS", node.cameras, layouts[base][0],
-            heldout=node.heldout_episodes, partitions=node.num_partitions, heldout_setting=f"{prefix}HELDOUT_EPISODES",
+            node.display_name, node.dataset, dataset, cameras, node.cameras, layouts[base][0],
+            heldout=node.heldout_episodes, partitions=node.num_partitions, heldout_setting=heldout,
         ))
     return rows, problems
 
 
 def check_experiment(
-    settings, nodes: list, prefixes: list[str] | None = None
+    settings, nodes: list, prefixes: list[str] | None = None, env: dict[str, str] | None = None
 ) -> tuple[list[DatasetCheck], list[str], list[str]]:
     """(rows, problems, warnings) for an experiment's nodes (NodeSettings) and its evaluation set (ServerSettings)."""
     prefixes = prefixes or [f"ZK0_NODE_{i}_" for i in range(len(nodes))]
-    rows, problems = check_nodes(nodes, settings.base_policy, prefixes)
+    rows, problems = check_nodes(nodes, settings.base_policy, prefixes, env)
     if settings.eval_dataset:
         policy, problem = policy_layout(settings.base_policy)
         if problem and problem not in problems:

@@ -22,6 +22,7 @@ from .flwr_cli import LOST, MAX_RETRIES, QUIET, Flwr, bin_path, see_run_through,
 from .node_watch import NodeWatch
 from .preflight import absolute_node_paths, preflight
 from .procs import MARK, end_marked, popen_owned, start_guard
+from .run_lock import lock_run, release_run
 from .supernode import TASK_POLL, supernode_command
 
 log = logging.getLogger("zk0")
@@ -233,6 +234,8 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: in
     if tls is None and not simulation:
         log.warning("no --tls: SuperLink and SuperNodes talk without TLS or node authentication; "
                     "fine on one workstation, use --tls DIR (superlink/make-certs.sh) for anything else")
+    # One run per output folder, refused before anything starts (zk0.deploy.run_lock).
+    lock = lock_run(settings.output_dir)
     workdir = settings.output_dir / "local"
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     _stop_on_sigterm()
@@ -250,6 +253,7 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: in
     finally:
         watch.stop()
         dep.stop()
+        release_run(lock)
     log.info("run %s: %s after %.1fs; outputs in %s", run_id, status, time.monotonic() - started, settings.output_dir)
     return 0 if status == "finished:completed" else 1
 

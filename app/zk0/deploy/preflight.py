@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 from dotenv import dotenv_values
@@ -23,12 +24,16 @@ from .check import absolute_spec, check_experiment, check_nodes, fps_warnings, l
 # with the first message): its dataset is checked against this layout.
 DEFAULT_BASE = ServerSettings.model_fields["base_policy"].default
 Role = Literal["experiment", "server", "node"]
+# The server settings its evaluation set's check reads.
+EVAL_VARS = ("ZK0_BASE_POLICY", "ZK0_EVAL_DATASET", "ZK0_EVAL_CAMERAS")
 
 
 def read_env_file(env_file: Path | None) -> dict[str, str]:
     """The env-file's variables (none without a file)."""
     if env_file is None:
         return {}
+    if env_file.is_dir():
+        raise SettingsError(f"env-file {env_file} is a directory; pass a file such as experiments/demo.env")
     if not env_file.is_file():
         raise SettingsError(f"env-file {env_file} does not exist; pass a file such as experiments/demo.env")
     return {k: v for k, v in dotenv_values(env_file).items() if v is not None}
@@ -45,8 +50,9 @@ def node_settings_from_env(
 ) -> tuple[list[NodeSettings], list[str], list[str]]:
     """(one NodeSettings per ZK0_NODE_<i>_* group, or group `only`; their variable prefixes; the problems).
 
-    A node's own variables outrank the generic ZK0_<FIELD> ones of this process's environment (what
-    compose.cpu.yaml sets for every node); a problem names the variable it came from.
+    A node's own variables outrank the generic ZK0_<FIELD> ones, which apply to every node whether the
+    env-file or the shell sets them (compose.cpu.yaml sets them for every node); a problem names the
+    variable it came from.
     """
     groups: dict[int, dict[str, str]] = {} if only is None else {only: {}}
     for name, value in env.items():
@@ -56,15 +62,18 @@ def node_settings_from_env(
                 group[match.group(2).lower()] = value
     if not groups:
         return [], [], ["no nodes configured: set ZK0_NODE_0_DATASET (and _1, _2, ...) in the env-file"]
+    # The shell's generic variables reach NodeSettings through this process's environment; the env-file's
+    # only through `env`. A node's name defaults to node-<i> over a generic ZK0_NAME, as it always has.
+    generic = {f: env[f"ZK0_{f.upper()}"] for f in NodeSettings.model_fields if env.get(f"ZK0_{f.upper()}")}
     nodes, prefixes, problems = [], [], []
     for index in sorted(groups):
         try:
-            nodes.append(_home_expanded(NodeSettings.load(**{"name": f"node-{index}", **groups[index]})))
+            nodes.append(_home_expanded(NodeSettings.load(**{**generic, "name": f"node-{index}", **groups[index]})))
             prefixes.append(f"ZK0_NODE_{index}_")
         except SettingsError as err:  # it names ZK0_<FIELD>: name the node's own variable instead
             text = str(err)
             for name in NodeSettings.model_fields:
-                if name in groups[index] or f"ZK0_{name.upper()}" not in os.environ:
+                if name in groups[index] or name not in generic:
                     text = text.replace(f"ZK0_{name.upper()} (", f"ZK0_NODE_{index}_{name.upper()} (")
             problems.append(f"node {index}: {text}")
     return nodes, prefixes, problems
@@ -120,14 +129,16 @@ def preflight(env_file: Path | None, role: Role = "experiment", index: int | Non
         problems.append(str(err))
     env = {**values, **os.environ}
     found = Experiment(env)
+    server_problem = ""
     if role != "node":
         try:
             found.settings = absolute_paths(settings_from_env(ServerSettings, env))
         except SettingsError as err:
-            problems.append(str(err))
+            server_problem = str(err)
+            problems.append(server_problem)
     found.nodes, prefixes, node_problems = _nodes(env, role, index)
     problems += node_problems
-    rows, dataset_problems, warnings = _check(found, prefixes, role)
+    rows, dataset_problems, warnings = _check(found, prefixes, role, server_problem)
     echo(table(rows))
     for warning in warnings:
         echo(f"warning: {warning}")
@@ -148,17 +159,30 @@ def _nodes(env: dict[str, str], role: Role, index: int | None) -> tuple[list[Nod
         return [], [], [str(err)]
 
 
-def _check(found: Experiment, prefixes: list[str], role: Role):
+def _check(found: Experiment, prefixes: list[str], role: Role, server_problem: str = ""):
     """(rows, problems, warnings) of zk0 check for what the role runs."""
     if found.settings is not None:
-        return check_experiment(found.settings, found.nodes, prefixes)
+        return check_experiment(found.settings, found.nodes, prefixes, found.env)
+    if role == "experiment" and (eval_only := _eval_settings(found.env, server_problem)) is not None:
+        return check_experiment(eval_only, found.nodes, prefixes, found.env)
     # No server settings (a node, or invalid ones): the nodes' datasets are still checked, against the
     # base policy the env-file names or zk0's default.
     base = found.env.get("ZK0_BASE_POLICY") if role == "experiment" else None
-    rows, problems = check_nodes(found.nodes, base or DEFAULT_BASE, prefixes)
+    rows, problems = check_nodes(found.nodes, base or DEFAULT_BASE, prefixes, found.env)
     problems += [p for r in rows for p in r.problems]
     warnings = [w for r in rows for w in r.warnings] + fps_warnings(rows) if role == "node" else []
     return rows, problems, warnings
+
+
+def _eval_settings(env: dict[str, str], server_problem: str) -> SimpleNamespace | None:
+    """What check_experiment reads of the server's settings, when those are invalid but not in the variables
+    of its evaluation set: that set's row is then checked and shown all the same."""
+    if not env.get("ZK0_EVAL_DATASET") or any(v in server_problem for v in EVAL_VARS):
+        return None
+    return SimpleNamespace(
+        base_policy=absolute_spec(env.get("ZK0_BASE_POLICY") or DEFAULT_BASE),
+        eval_dataset=absolute_spec(env["ZK0_EVAL_DATASET"]), eval_cameras=env.get("ZK0_EVAL_CAMERAS") or None,
+    )
 
 
 def _with_lines(problem: str, env_file: Path | None, values: dict[str, str]) -> str:
@@ -169,6 +193,8 @@ def _with_lines(problem: str, env_file: Path | None, values: dict[str, str]) -> 
     for number, line in enumerate(env_file.read_text().splitlines(), 1):
         if (name := line.split("=", 1)[0].strip().removeprefix("export ").strip()) in values:
             lines[name] = number
-    mentioned = set(re.findall(r"ZK0_[A-Z0-9_]+", problem.split("; known:")[0]))  # not the list of known names
+    # Not the list of known names, nor the one suggested for a misspelt name.
+    named_here = re.sub(r"\(did you mean [A-Z0-9_]+\?\)", "", problem.split("; known:")[0])
+    mentioned = set(re.findall(r"ZK0_[A-Z0-9_]+", named_here))
     named = [f"{env_file.name}:{lines[v]} ({v})" for v in sorted(mentioned & set(lines), key=lines.get)]
     return f"[{', '.join(named)}] {problem}" if named else problem
