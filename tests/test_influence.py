@@ -73,13 +73,13 @@ def test_a_node_claiming_a_million_samples_does_not_decide_the_model(tmp_path):
     replies = [reply(i + 1, n, ROUND, "fp16") for i, n in enumerate(honest)] + [reply(4, liar, 1e6, "fp16")]
     unguarded, _ = strategy(tmp_path, max_share=None, max_samples=None, norm_factor=0).aggregate_train(1, replies)
     assert unguarded["w"].numpy().mean() > 8.9  # today's weighting: the claim takes the model
-    s = strategy(tmp_path, norm_factor=0)  # the claim check alone
+    s = strategy(tmp_path, norm_factor=0, node_frames={"node-4": 120})  # the claim check alone
     arrays, metrics = s.aggregate_train(1, replies)
     mean = np.mean([n["w"].numpy() for n in honest + [liar]], axis=0)  # the claim counts as one round's samples
     np.testing.assert_allclose(arrays["w"].numpy(), mean, rtol=1e-6)
     assert metrics["loss"] == pytest.approx((1 + 2 + 3 + 4) / 4)  # nor does it outweigh the others' metrics
     why = s.recorder.rounds[1]["clipped"]["4"]
-    assert "claimed 1e+06 samples" in why and f"= {ROUND}" in why
+    assert "claimed 1e+06 samples" in why and f"= {ROUND}" in why and "120 training frames" in why
     # The share cap alone (claims believed): the liar's weight is half, the rest shared by the honest three.
     s = strategy(tmp_path, max_samples=None, norm_factor=0)
     arrays, _ = s.aggregate_train(2, replies)
@@ -139,3 +139,14 @@ def test_int8_delta_scales_do_not_hide_an_update(tmp_path):
     arrays = quantize_delta(delta)
     assert set(arrays) == {PACKED, SCALES}
     assert update_norm(arrays, np.zeros(5000, np.float32), DELTA) == pytest.approx(np.linalg.norm(delta), rel=1e-2)
+
+
+@pytest.mark.parametrize("claim", [-1e6, 0, float("nan")])
+def test_a_claim_that_is_no_positive_count_is_excluded(tmp_path, claim):
+    """A negative weight would subtract the node's update from the others'; NaN would poison every weight."""
+    s = strategy(tmp_path)
+    replies = [reply(i + 1, node_state(1.0, noise=i), ROUND, "fp16") for i in range(3)]
+    replies.append(reply(4, node_state(-50.0), claim, "fp16"))
+    arrays, _ = s.aggregate_train(1, replies)
+    assert s.recorder.rounds[1]["contributors"] == [1, 2, 3]
+    assert "num-samples" in s.recorder.rounds[1]["excluded"]["4"] and arrays["w"].numpy().min() > 0.9

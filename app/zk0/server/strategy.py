@@ -129,6 +129,9 @@ class Zk0FedProx(FedProx):
         size = sum(math.prod(s) for s in self._shapes.values())
         if not node or node.get("layout") != self._layout:
             return "weights have the wrong names or shapes"
+        claim = msg.content["metrics"].get(self.weighted_by_key)
+        if not isinstance(claim, int | float) or not claim > 0:  # a negative weight would subtract the update
+            return f"{self.weighted_by_key} {claim!r} is not a positive number"
         if self.wire_format == DELTA:
             blocks = -(-size // DELTA_BLOCK)
             shapes = {k: v.shape for k, v in arrays.items()}
