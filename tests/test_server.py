@@ -69,9 +69,11 @@ def test_merged_statistics_reach_nodes_checkpoints_and_a_restarted_server(demo, 
     rt.merge_node_stats(replies)
     merged = from_json(rt.train_config()["norm-stats"])
     assert merged["action"]["count"][0] == 2 * 4 * 30
+    assert rt.node_frames == {"node-0": 4 * 30, "node-2": 4 * 30}  # each lab's own count, for the round records
     # The evaluation and the checkpoints normalise with them, not with the base policy's.
     normalizer = next(s for s in rt.preprocessor.steps if type(s).__name__ == "NormalizerProcessorStep")
     mean = normalizer._tensor_stats["action"]["mean"].double()
     torch.testing.assert_close(mean, torch.tensor(merged["action"]["mean"]))
     again = runtime(demo, tmp_path / "out", min_nodes=2)
     assert again.stats == rt.stats  # a restarted server asks nobody: it reads OUTPUT_DIR/norm-stats.json
+    assert again.node_frames == rt.node_frames

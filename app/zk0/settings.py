@@ -14,8 +14,9 @@ from .node_settings import NodeSettings
 from .settings_base import ENV_PREFIX, SettingsError, _camera_map, _Zk0Settings, default_cache_dir, resolve_device
 
 __all__ = [
-    "DEPLOYMENT_NODE_FIELDS", "DEPLOYMENT_VARS", "ENV_PREFIX", "NODE_VAR", "SERVER_OPT_SETTINGS", "NodeSettings",
-    "ServerSettings", "SettingsError", "check_env_names", "default_cache_dir", "resolve_device",
+    "AGGREGATION_SETTINGS", "DEPLOYMENT_NODE_FIELDS", "DEPLOYMENT_VARS", "ENV_PREFIX", "NODE_VAR",
+    "SERVER_OPT_SETTINGS", "NodeSettings", "ServerSettings", "SettingsError", "check_env_names", "default_cache_dir",
+    "resolve_device",
 ]
 
 
@@ -28,6 +29,36 @@ SERVER_OPT_SETTINGS = {
     "fedyogi": ("server_learning_rate", "server_beta_1", "server_beta_2", "server_tau"),
     "fedadagrad": ("server_learning_rate", "server_tau"),
 }
+
+# ZK0_AGGREGATION's own settings, and the fewest updates a round needs with f = ZK0_BYZANTINE_NODES: (a, b) for
+# a*f + b (Krum: Blanchard et al. 2017, n >= 2f + 3; Bulyan: El Mhamdi et al. 2018, n >= 4f + 3).
+AGGREGATION_SETTINGS = {
+    "mean": (), "median": (), "trimmed": ("trim_fraction",), "krum": ("byzantine_nodes",),
+    "multikrum": ("byzantine_nodes", "multikrum_select"), "bulyan": ("byzantine_nodes",),
+}
+_FEWEST = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}
+
+
+def aggregation_problems(s: ServerSettings) -> list[str]:
+    """Every reason the bounded-influence and ZK0_AGGREGATION settings cannot work together, naming the variables."""
+    rule, f, problems = s.aggregation, s.byzantine_nodes or 0, []
+    for name in ("trim_fraction", "byzantine_nodes", "multikrum_select"):
+        if getattr(s, name) is not None and name not in AGGREGATION_SETTINGS[rule]:
+            users = ", ".join(r for r, takes in AGGREGATION_SETTINGS.items() if name in takes)
+            problems.append(f"{ENV_PREFIX}{name.upper()}: not used by {ENV_PREFIX}AGGREGATION={rule} (only by "
+                            f"{users}); unset it, or choose an aggregation that uses it")
+    if rule in _FEWEST and s.min_nodes < (need := _FEWEST[rule][0] * f + _FEWEST[rule][1]):
+        problems.append(f"{ENV_PREFIX}AGGREGATION={rule} with {ENV_PREFIX}BYZANTINE_NODES={f} needs at least "
+                        f"{need} updates a round, {ENV_PREFIX}MIN_NODES={s.min_nodes}: raise {ENV_PREFIX}MIN_NODES "
+                        f"(and run that many nodes) or lower {ENV_PREFIX}BYZANTINE_NODES")
+    if rule == "multikrum" and (s.multikrum_select or 1) > s.min_nodes - f:
+        problems.append(f"{ENV_PREFIX}MULTIKRUM_SELECT={s.multikrum_select} is above {ENV_PREFIX}MIN_NODES - "
+                        f"{ENV_PREFIX}BYZANTINE_NODES = {s.min_nodes - f}: MultiKrum averages at most the n - f "
+                        "best-scored updates; lower it")
+    if 0 < s.norm_bound_factor < 1:
+        problems.append(f"{ENV_PREFIX}NORM_BOUND_FACTOR={s.norm_bound_factor}: below 1 it would clip the median "
+                        "update itself; use 0 (off) or a value >= 1")
+    return problems
 
 
 class ServerSettings(_Zk0Settings):
@@ -61,6 +92,32 @@ class ServerSettings(_Zk0Settings):
     server_tau: float | None = Field(
         None, gt=0, description="FedAdam/FedYogi/FedAdagrad adaptivity tau (added to the root of the second moment), "
         "> 0; unset = Flower's 1e-3.",
+    )
+    # Bounded influence (zk0.server.influence): on by default, loose enough that honest nodes, which all claim
+    # ZK0_LOCAL_STEPS x ZK0_BATCH_SIZE samples, are never capped or clipped.
+    max_node_share: float = Field(
+        0.5, gt=0, le=1, description="Largest share of a round's aggregation weight one node may get, in (0, 1]; "
+        "weights above it are capped and the rest shared out again (1 = off).",
+    )
+    norm_bound_factor: float = Field(
+        3.0, ge=0, description="With 3 or more updates, one further from the round's global model than this many "
+        "times the median distance is scaled back to that bound; 0 = off, else >= 1.",
+    )
+    aggregation: Literal["mean", "median", "trimmed", "krum", "multikrum", "bulyan"] = Field(
+        "mean", description="How updates combine: mean (sample-weighted) or Flower's robust FedMedian, FedTrimmedAvg "
+        "(trimmed), Krum, MultiKrum, Bulyan; server optimisers (ZK0_STRATEGY) step on its result.",
+    )
+    trim_fraction: float | None = Field(
+        None, ge=0, lt=0.5, description="ZK0_AGGREGATION=trimmed: share cut off each tail per value, in [0, 0.5); "
+        "unset = Flower's 0.2.",
+    )
+    byzantine_nodes: int | None = Field(
+        None, ge=0, description="ZK0_AGGREGATION=krum, multikrum or bulyan: how many nodes may be malicious (f), "
+        ">= 0; unset = Flower's 0.",
+    )
+    multikrum_select: int | None = Field(
+        None, ge=1, description="ZK0_AGGREGATION=multikrum: how many of the best-scored updates are averaged, >= 1; "
+        "unset = Flower's 1 (Krum).",
     )
     fraction_train: float = Field(
         1.0, gt=0, le=1, description="Share of nodes sampled per round for training and evaluation, in (0, 1]."
@@ -200,6 +257,12 @@ class ServerSettings(_Zk0Settings):
                 f"{', '.join(stray)}: not used by {ENV_PREFIX}STRATEGY={self.strategy} (it takes {allowed}); "
                 "unset it, or choose a strategy that uses it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _aggregation_settings(self) -> Self:
+        if problems := aggregation_problems(self):
+            raise ValueError("\n  ".join(problems))
         return self
 
     @model_validator(mode="after")

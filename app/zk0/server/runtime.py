@@ -42,8 +42,10 @@ EXPERIMENT_FIELDS = {
     "stats", "trainable", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_aggregation",
     "strategy", "server_learning_rate", "server_momentum", "server_beta_1", "server_beta_2", "server_tau",
     "adaptive_mu", "adaptive_mu_step", "adaptive_mu_patience", "adaptive_mu_max",
+    "max_node_share", "norm_bound_factor", "aggregation", "trim_fraction", "byzantine_nodes", "multikrum_select",
 }
 STATS_FILE = "norm-stats.json"
+FRAMES_FILE = "node-frames.json"  # training frames each node counted in its statistics, by node name
 
 
 _LOCKS: dict[Path, object] = {}
@@ -96,6 +98,8 @@ class ServerRuntime:
                 self.batches = precompute(self.policy, ds, settings.eval_cameras, self.batches)
         self.sim = SimScorer.maybe(settings, self.out_dir)
         self.stats = ""  # merged normalisation statistics (JSON); "" while the base policy's are used
+        frames = self.out_dir / FRAMES_FILE
+        self.node_frames: dict[str, int] = json.loads(frames.read_text()) if frames.is_file() else {}
         saved = self.out_dir / STATS_FILE
         if settings.stats == "federated" and saved.is_file():
             self.stats = to_json(from_json(saved.read_text()))  # a restarted server keeps the statistics it merged
@@ -143,7 +147,12 @@ class ServerRuntime:
                 f"normalisation statistics came from {len(usable)} node(s), "
                 f"ZK0_MIN_NODES={self.settings.min_nodes} are required: {reasons}"
             )
-        merged = to_json(merge_stats([from_json(text) for _, text in usable]))
+        parts = {name: from_json(text) for name, text in usable}
+        # What each lab said it trains on: the round records show it beside a claim of more samples than a round uses.
+        # In place: the strategy's limits hold this dict.
+        self.node_frames.update({name: int(p["action"]["count"][0]) for name, p in parts.items() if "action" in p})
+        atomic_write_json(self.out_dir / FRAMES_FILE, self.node_frames)
+        merged = to_json(merge_stats(list(parts.values())))
         atomic_write_json(self.out_dir / STATS_FILE, json.loads(merged))
         log.info("normalisation statistics merged from %s", ", ".join(name for name, _ in usable))
         self.use_stats(merged)

@@ -15,6 +15,8 @@ from ..logs import setup_logging
 from ..settings import ServerSettings
 from .adaptive import mu_schedule
 from .grid import PromptGrid
+from .influence import Limits
+from .robust import robust_rule
 from .runtime import ServerRuntime
 from .server_opt import Zk0ServerOpt, server_optimizer
 from .strategy import Zk0FedProx, error_reason, replying_node
@@ -71,6 +73,9 @@ def build_strategy(settings: ServerSettings, runtime: ServerRuntime) -> Zk0FedPr
         eval_in_train=settings.eval_mode == "in-train",
         last_round=settings.num_rounds,
         after_node_eval=runtime.log_round,
+        limits=Limits(max_share=settings.max_node_share, max_samples=settings.local_steps * settings.batch_size,
+                      norm_factor=settings.norm_bound_factor, node_frames=runtime.node_frames),
+        rule=robust_rule(settings),  # None: the weighted mean
     )
     optimizer = server_optimizer(settings)  # None for ZK0_STRATEGY=fedprox: the mean is the server step
     return Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)

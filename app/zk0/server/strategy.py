@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedProx
+from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.supercore import log
 
 from ..deploy.node_watch import read_faults
@@ -23,8 +23,6 @@ from ..wire import (
     DELTA_BLOCK,
     PACKED,
     SCALES,
-    aggregate,
-    aggregate_deltas,
     down_format,
     is_finite,
     layout_fingerprint,
@@ -32,7 +30,9 @@ from ..wire import (
     pack,
     unpack,
 )
+from .influence import Limits, decode, update_norm, weighted_mean
 from .records import NODE_FIELDS, RunRecorder
+from .robust import robust_aggregate
 
 
 def _payload_bytes(arrays: ArrayRecord) -> int:
@@ -68,9 +68,12 @@ class Zk0FedProx(FedProx):
         self, recorder: RunRecorder, is_eval_round: Callable[[int], bool], wire_format: str = "fp32",
         layout_tag: str = "", faults: Path | None = None, eval_in_train: bool = False, last_round: int = 0,
         after_node_eval: Callable[[int], None] | None = None, round_offset: int = 0,
-        mu_schedule: Callable[[Iterable[dict]], float] | None = None, **kwargs,
+        mu_schedule: Callable[[Iterable[dict]], float] | None = None, limits: Limits | None = None,
+        rule: FedAvg | None = None, **kwargs,
     ):
         super().__init__(**kwargs)
+        self.limits = limits or Limits()  # bounded influence; off unless given (the ServerApp gives the settings')
+        self.rule = rule  # ZK0_AGGREGATION's Flower class (zk0.server.robust); None: the weighted mean
         # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
         self.round_offset = round_offset
         # ZK0_ADAPTIVE_MU (zk0.server.adaptive.mu_schedule): mu for the next round from the round records so far;
@@ -88,7 +91,7 @@ class Zk0FedProx(FedProx):
         self.is_eval_round = is_eval_round
         self._shapes: dict[str, tuple] = {}
         self._layout = ""
-        self._base = None  # int8-delta: the fp32 global model of this round, flat, that updates are added to
+        self._base = None  # the round's fp32 global model, flat: int8 updates are added to it, updates measured from it
         self._sent: set[int] = set()  # nodes asked to train this round
         # This round's messages' metadata (not their weights): Flower's push gives them their ids.
         self._outbox: list[Metadata] = []
@@ -105,7 +108,7 @@ class Zk0FedProx(FedProx):
         config["evaluate-first"] = self.eval_in_train and self.is_eval_round(server_round - 1)
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         self._layout = layout_fingerprint(self._shapes, self.layout_tag)
-        if self.wire_format == DELTA:
+        if self.wire_format == DELTA or self.limits.norm_factor:  # updates are measured from it
             self._base = pack(arrays.to_torch_state_dict(), "fp32")
         if self.mu_schedule is not None:  # FedProx's configure_train sends self.proximal_mu as the round's mu
             self.proximal_mu = self.mu_schedule(self.recorder.rounds.values())
@@ -126,6 +129,9 @@ class Zk0FedProx(FedProx):
         size = sum(math.prod(s) for s in self._shapes.values())
         if not node or node.get("layout") != self._layout:
             return "weights have the wrong names or shapes"
+        claim = msg.content["metrics"].get(self.weighted_by_key)
+        if not isinstance(claim, int | float) or not claim > 0:  # a negative weight would subtract the update
+            return f"{self.weighted_by_key} {claim!r} is not a positive number"
         if self.wire_format == DELTA:
             blocks = -(-size // DELTA_BLOCK)
             shapes = {k: v.shape for k, v in arrays.items()}
@@ -168,11 +174,12 @@ class Zk0FedProx(FedProx):
             self._record_in_train_evals(server_round - 1, evaluated)
         if len(accepted) < self.min_train_nodes:
             self._fail_round(server_round, accepted, rejected)
-        arrays, metrics = self._aggregate(accepted)
+        arrays, metrics, limited = self._aggregate(accepted)
         self.recorder.set(
             server_round,
             contributors=sorted(m.metadata.src_node_id for m in accepted),
             excluded=rejected,
+            clipped=limited,  # node: how its weight or update was limited (zk0.server.influence)
             train_aggregate=dict(metrics) if metrics else None,
             # What the server's side of a round costs as nodes are added (zk0 bench scale).
             aggregate_seconds=time.perf_counter() - started,
@@ -232,28 +239,37 @@ class Zk0FedProx(FedProx):
         config["weights-layout"] = layout_fingerprint({k: tuple(v.shape) for k, v in arrays.items()}, self.layout_tag)
         return ArrayRecord({PACKED: Array(pack(arrays.to_torch_state_dict(), down_format(self.wire_format)))})
 
-    def _aggregate(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sample-weighted mean in fp32 of the packed replies (or their int8 updates added to the global model)."""
+    def _aggregate(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
+        """The new global model from the screened replies, in fp32: claims and shares limited, far-off updates
+        scaled back (`self.limits`), then the weighted mean or Flower's robust rule; and what the limits changed."""
         replies, _ = self._check_and_log_replies(replies, is_train=True)
         if not replies:
-            return None, None
-        # Zero-copy views of the packed replies; the weighted mean is one fp32 array, then split by name.
-        updates = [
-            ({k: npy_view(v) for k, v in m.content["arrays"].items()},
-             float(m.content["metrics"][self.weighted_by_key]))
-            for m in replies
-        ]
-        if self.wire_format == DELTA:
-            merged = {k: Array(v) for k, v in unpack(aggregate_deltas(self._base, updates), self._shapes).items()}
+            return None, None, {}
+        nodes = [m.metadata.src_node_id for m in replies]
+        names = [str((m.content.get("node") or {}).get("name", n)) for m, n in zip(replies, nodes, strict=True)]
+        # Zero-copy views of the packed replies
+        arrays = [{k: npy_view(v) for k, v in m.content["arrays"].items()} for m in replies]
+        claims = [float(m.content["metrics"][self.weighted_by_key]) for m in replies]
+        weights, notes = self.limits.weigh(names, claims)
+        norms = [update_norm(a, self._base, self.wire_format) for a in arrays] if self.limits.norm_factor else []
+        scales, scaled = self.limits.bound(norms)
+        scales = scales or [1.0] * len(replies)
+        for i, why in scaled.items():
+            notes[i] = "; ".join(filter(None, [notes.get(i), why]))
+        key = self.weighted_by_key
+        metrics = [{**dict(m.content["metrics"]), key: w} for m, w in zip(replies, weights, strict=True)]
+        if self.rule is None:
+            merged = {k: Array(v) for k, v in weighted_mean(arrays, weights, scales, self._base, self.wire_format,
+                                                             self._shapes)}
+            aggregated = self.train_metrics_aggr_fn([RecordDict({"m": MetricRecord(m)}) for m in metrics],
+                                                    self.weighted_by_key)
         else:
-            # One tensor at a time, each mean handed to its Array (which copies it) before the next: the
-            # peak is the result plus one tensor, not a flat fp32 mean and the result beside it.
-            views = [(unpack(arrays[PACKED], self._shapes), weight) for arrays, weight in updates]
-            merged = {}
-            for name in self._shapes:
-                merged[name] = Array(aggregate([({name: v[name]}, w) for v, w in views], self.wire_format)[name])
-        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
-        return ArrayRecord(merged), metrics
+            flats = [decode(a, self._base, self.wire_format, s) for a, s in zip(arrays, scales, strict=True)]
+            flat, aggregated = robust_aggregate(self.rule, nodes, flats, metrics)
+            merged = {k: Array(np.ascontiguousarray(v)) for k, v in unpack(flat, self._shapes).items()}
+        for i, why in notes.items():
+            log(WARNING, "Limiting node %s's influence: %s", nodes[i], why)
+        return ArrayRecord(merged), aggregated, {str(nodes[i]): why for i, why in sorted(notes.items())}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round = self.experiment_round(server_round)
