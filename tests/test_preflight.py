@@ -6,7 +6,8 @@ import pytest
 from federation import run_zk0, write_env
 
 from zk0.deploy.preflight import preflight
-from zk0.settings import SettingsError, check_env_names
+from zk0.settings import SettingsError
+from zk0.settings_names import check_env_names
 
 
 def _refusal(env_file, **kwargs) -> tuple[str, list[str]]:

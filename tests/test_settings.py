@@ -2,7 +2,8 @@
 
 import pytest
 
-from zk0.settings import NodeSettings, ServerSettings, SettingsError, check_env_names
+from zk0.settings import NodeSettings, ServerSettings, SettingsError
+from zk0.settings_names import check_env_names
 
 
 def test_defaults_are_valid():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Literal, Self
@@ -14,9 +13,8 @@ from .node_settings import NodeSettings
 from .settings_base import ENV_PREFIX, SettingsError, _camera_map, _Zk0Settings, default_cache_dir, resolve_device
 
 __all__ = [
-    "AGGREGATION_SETTINGS", "DEPLOYMENT_NODE_FIELDS", "DEPLOYMENT_VARS", "ENV_PREFIX", "NODE_VAR",
-    "SERVER_OPT_SETTINGS", "NodeSettings", "ServerSettings", "SettingsError", "check_env_names", "default_cache_dir",
-    "resolve_device",
+    "AGGREGATION_SETTINGS", "ENV_PREFIX", "SERVER_OPT_SETTINGS", "NodeSettings", "ServerSettings", "SettingsError",
+    "default_cache_dir", "resolve_device",
 ]
 
 
@@ -293,37 +291,3 @@ class ServerSettings(_Zk0Settings):
     def is_checkpoint_round(self, server_round: int) -> bool:
         """Every `checkpoint_every` rounds and the last round are checkpointed."""
         return server_round > 0 and (server_round % self.checkpoint_every == 0 or server_round == self.num_rounds)
-
-# `zk0 local` and compose give each SuperNode its own variables: ZK0_NODE_<i>_DATASET etc.
-NODE_VAR = re.compile(rf"^{ENV_PREFIX}NODE_(\d+)_([A-Z_]+)$")
-# Variables that only the deployment reads (compose.yaml and .env.example): an env-file shared by
-# `zk0 local` and Compose may hold them. Node i is pinned to GPU ZK0_NODE_<i>_GPU.
-DEPLOYMENT_NODE_FIELDS = {"GPU"}
-DEPLOYMENT_VARS = {f"{ENV_PREFIX}{name}" for name in ("IMAGE", "DATASETS_DIR", "TLS_DIR", "SERVER_GPU")}
-
-
-def check_env_names(names: set[str]) -> None:
-    """Reject unknown ZK0_ variables so a typo never passes silently; name the nearest known one."""
-    known = ServerSettings.env_names() | NodeSettings.env_names() | DEPLOYMENT_VARS
-    node_fields = {n.upper() for n in NodeSettings.model_fields} | DEPLOYMENT_NODE_FIELDS
-    unknown = []
-    for name in sorted(n for n in names if n.startswith(ENV_PREFIX)):
-        match = NODE_VAR.match(name)
-        if name in known or (match and match.group(2) in node_fields):
-            continue
-        unknown.append(name + _did_you_mean(name, known, node_fields))
-    if unknown:
-        raise SettingsError(
-            f"unknown variable(s) {', '.join(unknown)}: check the spelling; "
-            f"known: {', '.join(sorted(known))} and ZK0_NODE_<i>_<FIELD>"
-        )
-
-
-def _did_you_mean(name: str, known: set[str], node_fields: set[str]) -> str:
-    """' (did you mean ZK0_X?)' for the nearest known name, or '' when none is near."""
-    if match := re.match(rf"^{ENV_PREFIX}NODE_(\d+)_(.*)$", name):
-        candidates = {f"{ENV_PREFIX}NODE_{match.group(1)}_{field}" for field in node_fields}
-    else:
-        candidates = known
-    near = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.8)
-    return f" (did you mean {near[0]}?)" if near else ""

@@ -45,11 +45,18 @@ def run_bench(s: ServerSettings, demo: dict, out: Path, args: argparse.Namespace
     for seed in range(s.seed, s.seed + args.seeds):
         log.info("seed %d (%d of %d)", seed, seed - s.seed + 1, args.seeds)
         seeds.append(run_seed(s.model_copy(update={"seed": seed}), demo, out / f"seed-{seed}", args.run_timeout, arms,
-                              args.personalize_steps, args.retries))
+                              args.personalize_steps, args.retries, args.sim_options))
         if args.json:  # every finished seed's figures survive a run stopped before the last
             atomic_write_json(args.json.with_name(f"{args.json.stem}.seeds.json"), seeds)
     load.append(os.getloadavg()[0])
     summary = rep.summarise(seeds)
+    sim = None
+    if args.sim_options:
+        from . import learning_sim
+
+        sim = learning_sim.result([x["sim"]["table"] for x in seeds], [x["sim"]["agreement"] for x in seeds], arms,
+                                  args.sim_options["labs"], args.sim_options["episodes"],
+                                  sum(x["sim"]["seconds"] for x in seeds))
     others = [a for a in arms if a != rep.REFERENCE] if rep.REFERENCE in arms else []
     return {
         "definition": rep.DEFINITION,
@@ -65,6 +72,7 @@ def run_bench(s: ServerSettings, demo: dict, out: Path, args: argparse.Namespace
         "timings_s": {"per_seed": statistics.fmean(x["timings_s"]["total"] for x in seeds),
                       "total": time.perf_counter() - started},
         "load_average": load,
+        **({"sim": sim} if sim else {}),
     }
 
 
@@ -86,6 +94,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds before a federated run is stopped")
     p.add_argument("--retries", type=int, default=1, help="times a failed federated run is run again (default 1)")
     p.add_argument("--smoke", action="store_true", help="2 rounds of 2 steps and one evaluation batch (tests)")
+    p.add_argument("--sim", action="store_true", help="the simulated labs (zk0 demo --sim, under DEMO_DIR/sim) instead "
+                   "of the synthetic demo, every model also scored by success in the simulator (needs zk0[sim])")
+    p.add_argument("--sim-episodes", type=int, default=5, help="--sim: unseen scenes per lab and model (default 5)")
+    p.add_argument("--sim-record", type=int, default=12, help="--sim: episodes each lab records (default 12)")
     args = p.parse_args(argv)
     args.arms = list(ARMS) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
     if unknown := [a for a in args.arms if a not in ARMS]:
@@ -103,7 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     local_steps = args.local_steps or (2 if args.smoke else 30)
     args.personalize_steps = local_steps if args.personalize_steps is None else args.personalize_steps
     try:
-        demo = demo_assets(args.demo_dir)
+        args.sim_options = None
+        if not args.sim:
+            demo = demo_assets(args.demo_dir)
+        else:
+            from ..sim.demo import write_sim_demo
+            from ..sim.labs import parse_labs
+
+            demo = write_sim_demo(args.demo_dir / "sim", episodes=args.sim_record, seed=0)
+            args.sim_options = {"labs": parse_labs(",".join(demo["labs"])), "episodes": args.sim_episodes}
         s = ServerSettings.load(
             num_rounds=rounds, local_steps=local_steps, seed=args.seed,
             batch_size=args.batch_size, learning_rate=args.learning_rate, eval_batches=1 if args.smoke else None,
@@ -120,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     result["plot"] = str(out / "server-eval.png")
     rep.plot(result, out / "server-eval.png")
     print(rep.report(result))
+    if "sim" in result:
+        from .learning_sim import report as sim_report
+
+        print("\n" + sim_report(result["sim"]))
     print(f"plot: {result['plot']}")
     if args.json:
         atomic_write_json(args.json, result)

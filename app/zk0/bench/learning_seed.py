@@ -11,7 +11,7 @@ from ..node.session import NodeSession, stats_on_node
 from ..settings import ServerSettings, resolve_device
 from ..stats import from_json, merge_stats
 from . import learning_report as rep
-from .learning_arms import arm_settings, federated_steps, reproduction_gap, run_with_retries
+from .learning_arms import arm_settings, federated_steps, personal_dirs, reproduction_gap, run_with_retries
 from .learning_models import eval_sets, evaluate_model, node_sessions, train_centralized, train_local_only
 from .learning_report import LOCAL_OWN, NODES, PERSONAL, mean_row, own_heldout_row
 
@@ -67,8 +67,11 @@ def history_figures(histories: dict, rows: dict) -> dict:
 
 def run_seed(
     s: ServerSettings, demo: dict, out: Path, run_timeout: float, arms: list[str], personalize: int, retries: int = 1,
+    sim: dict | None = None,
 ) -> dict:
-    """Train and evaluate every arm with one seed; the figures for the tables, the JSON and the plot."""
+    """Train and evaluate every arm with one seed; the figures for the tables, the JSON and the plot.
+
+    sim ({"labs", "episodes"}): every model is also scored in the simulator on every lab's task (learning_sim)."""
     timings, started, rows, choices = {}, time.perf_counter(), {}, {}
     options = {"personalize": personalize, "run_timeout": run_timeout, "retries": retries}
     histories, steps, retried = run_arms(s, demo, out, arms, options, timings)
@@ -77,6 +80,10 @@ def run_seed(
     sessions = node_sessions(demo, s, trainable_state(base_policy))
     sets = eval_sets(demo, sessions, base_policy.config, s)
     score = partial(evaluate_model, sets=sets, cameras=demo["cameras"], seed=s.seed)
+    if sim:
+        from .learning_sim import with_sim
+
+        score = with_sim(score, sim["labs"], sim["episodes"], s.seed)
     for arm in arms:  # the checkpoint's processors hold the statistics the federation merged
         ckpt = str(out / arm / "checkpoints" / f"round-{s.num_rounds:03d}")
         rows[arm] = score(load_policy(ckpt, device), ckpt, None)
@@ -85,8 +92,10 @@ def run_seed(
         choices = rep.personal_choices(histories[rep.REFERENCE])
     references, frames, drawn = train_references(sessions, s, score, timings, steps)
     rows.update(references)
+    sim_part = _sim_part(rows, histories, out, arms, personalize, sim, s.seed, device) if sim else None
     timings["total"] = time.perf_counter() - started
     return {
+        **({"sim": sim_part} if sim_part else {}),
         "seed": s.seed,
         "heldout_episodes": {n: x.heldout_episodes for n, x in zip(NODES, sessions, strict=True)},
         "training_frames": dict(zip(NODES, frames, strict=True)),
@@ -98,3 +107,17 @@ def run_seed(
         "timings_s": timings,
         "retried": retried,  # federated runs that failed (e.g. under load) and ran again
     }
+
+
+def _sim_part(rows: dict, histories: dict, out: Path, arms: list[str], personalize: int, sim: dict, seed: int,
+              device: str) -> dict:
+    """This seed's success table (personal models on their own lab's task) and the losses' rank agreement."""
+    from .learning_sim import loss_vs_success, personal_sim, seed_table
+
+    personal = None
+    if personalize and rep.REFERENCE in arms:
+        personal = personal_sim(personal_dirs(out / rep.REFERENCE), sim["labs"], sim["episodes"], seed, device)
+    table = seed_table(rows, personal, sim["labs"])
+    seconds = sum(r["sim"][lab.name]["seconds"] for r in rows.values() if "sim" in r for lab in sim["labs"])
+    seconds += sum(p["seconds"] for p in (personal or {}).values())
+    return {"table": table, "agreement": loss_vs_success(rows, table), "seconds": seconds}

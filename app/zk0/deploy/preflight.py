@@ -17,7 +17,8 @@ from typing import Literal
 
 from dotenv import dotenv_values
 
-from ..settings import NODE_VAR, NodeSettings, ServerSettings, SettingsError, check_env_names
+from ..settings import NodeSettings, ServerSettings, SettingsError
+from ..settings_names import NODE_VAR, check_env_names
 from .check import absolute_spec, check_experiment, check_nodes, fps_warnings, local_path, raise_problems, table
 
 # What a node trains when neither it nor the server has said yet (the server's base policy arrives

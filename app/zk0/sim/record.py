@@ -16,7 +16,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from . import PIN
@@ -48,7 +47,7 @@ def stamp(lab: Lab, episodes: int, seed: int) -> dict:
     return json.loads(json.dumps(made))  # as read back from the file: tuples become lists
 
 
-def expert_episode(arm: SimArm, episode_seed: int, cameras: bool = True) -> tuple[list[dict], bool]:
+def expert_episode(arm: SimArm, episode_seed: int) -> tuple[list[dict], bool]:
     """One expert episode: frames (state, images, action) until HOLD_FRAMES after success, or the time limit."""
     obs, _ = arm.reset(seed=episode_seed)
     expert, frames, left = Expert(arm), [], None
