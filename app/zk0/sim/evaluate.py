@@ -7,8 +7,11 @@ conversion, the policy's processors with the lab's camera map, `select_action`) 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -44,8 +47,12 @@ def _rollout(policy, preprocessor, postprocessor, arm: SimArm, seed: int, frames
     venv = gym.vector.SyncVectorEnv([lambda: arm], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     callback = None if frames is None else (lambda v: frames.append(v.envs[0].render()))
     identity = PolicyProcessorPipeline(steps=[])
-    return rollout(venv, policy, identity, identity, preprocessor, postprocessor, seeds=[seed],
-                   render_callback=callback)
+    # LeRobot's rollout draws a progress bar it offers no switch for: kept on a terminal, dropped from logs (it
+    # would write one line of thousands of characters per episode into the ServerApp's log).
+    quiet = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        return rollout(venv, policy, identity, identity, preprocessor, postprocessor, seeds=[seed],
+                       render_callback=callback)
 
 
 def evaluate_lab(policy, preprocessor, postprocessor, lab: Lab, episodes: int, seed: int = 0,
@@ -56,7 +63,9 @@ def evaluate_lab(policy, preprocessor, postprocessor, lab: Lab, episodes: int, s
     try:
         for i, episode_seed in enumerate(eval_seeds(lab, seed, episodes)):
             frames = [] if video_dir is not None and i < videos else None
-            with torch.inference_mode():
+            # Flow matching samples noise per action chunk: seeded per scene, every model meets the same draws.
+            with torch.random.fork_rng(), torch.inference_mode():
+                torch.manual_seed(episode_seed)
                 out = _rollout(policy, preprocessor, postprocessor, arm, episode_seed, frames)
             success = out["success"][0]
             if bool(success.any()):

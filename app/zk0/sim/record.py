@@ -73,6 +73,9 @@ def record_lab(lab: Lab, root: Path, episodes: int, seed: int = 0, repo_id: str 
         log.info("%s: recorded already (%s)", lab.name, root)
         return root
     shutil.rmtree(root, ignore_errors=True)
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # LeRobot's writer maps every episode through `datasets`, each with a progress bar
     os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder logs its whole configuration per video otherwise
     writer = _writer(lab, root, repo_id or f"zk0-sim/{lab.name}")
     arm = SimArm(lab)
