@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from pathlib import Path
 
 from .learning_report import NODES, PERSONAL, REFERENCE, UNION, _cell, _spread
 
@@ -33,7 +34,11 @@ def personal_sim(node_dirs: dict, labs: list, episodes: int, seed: int, device: 
 
     out = {}
     for node, lab in zip(NODES, labs, strict=True):
-        path = str(node_dirs[node])
+        saved = sorted(Path(node_dirs[node]).glob("round-*/config.json"))
+        if not saved:  # too few episodes to personalise: the node kept nothing
+            log.warning("%s: no personal model in %s; left out of the personalised row", node, node_dirs[node])
+            continue
+        path = str(saved[-1].parent)
         out[node] = evaluate_labs(load_policy(path, device), path, None, [lab], episodes, seed)[lab.name]
     return out
 
@@ -47,7 +52,7 @@ def seed_table(rows: dict, personal: dict | None, labs: list) -> dict:
     own = {n: local[i][names[i]] for i, n in enumerate(NODES)}
     table["local-own"] = {**own, OWN: statistics.fmean(own.values())}
     if personal:
-        mine = {n: personal[n]["success_rate"] for n in NODES}
+        mine = {n: personal[n]["success_rate"] for n in NODES if n in personal}
         table[PERSONAL] = {**mine, OWN: statistics.fmean(mine.values())}
     for model in [m for m in table if m not in ("local-own", PERSONAL)]:
         table[model][OWN] = statistics.fmean(table[model][names[i]] for i in range(len(NODES)))
@@ -84,7 +89,9 @@ def loss_vs_success(rows: dict, table: dict) -> dict:
 
 def summarise(tables: list[dict]) -> dict:
     """{model: {column: {mean, std, values}}} over seeds."""
-    return {m: {c: _spread([t[m][c] for t in tables]) for c in tables[0][m]} for m in tables[0]}
+    models = [m for m in tables[0] if all(m in t for t in tables)]
+    return {m: {c: _spread([t[m][c] for t in tables]) for c in tables[0][m] if all(c in t[m] for t in tables)}
+            for m in models}
 
 
 def targets(summary: dict, federated: list[str]) -> list[dict]:
@@ -99,7 +106,7 @@ def targets(summary: dict, federated: list[str]) -> list[dict]:
                 "passed": fed["mean"] - local["mean"] > max(fed["std"], local["std"]),
                 "detail": f"{best} {_cell(fed)} vs local-only mean {_cell(local)}"})
     if PERSONAL in summary:
-        for node in NODES:
+        for node in [n for n in NODES if n in summary[PERSONAL]]:
             mine, theirs = summary[PERSONAL][node], summary["local-own"][node]
             out.append({"target": f"{node}: personalised >= local-only on its own task, beyond the spread",
                         "passed": mine["mean"] - theirs["mean"] > max(mine["std"], theirs["std"]),
