@@ -172,7 +172,7 @@ def test_two_lab_sim_federation_records_success_per_evaluated_round(sim_demo, tm
         "ZK0_BATCH_SIZE": 4, "ZK0_MIN_NODES": 2, "ZK0_EVAL_BATCHES": 1, "ZK0_HELDOUT_EPISODES": 1,
         "ZK0_SIM_EVAL_EVERY": 2, "ZK0_SIM_LABS": "lift-top,lift-front", "ZK0_SIM_EPISODES": 1, "ZK0_SIM_VIDEOS": 1,
         "ZK0_OUTPUT_DIR": out,
-        "ZK0_DEVICE": "cpu", "WANDB_MODE": "disabled",
+        "ZK0_DEVICE": "cpu", "WANDB_MODE": "offline", "WANDB_RUN_ID": "zk0-sim-test",
         **{f"ZK0_NODE_{i}_DATASET": sim_demo["datasets"][f"node-{i}"] for i in range(2)},
         **{f"ZK0_NODE_{i}_CAMERAS": sim_demo["cameras"][f"node-{i}"] for i in range(2)},
     }
@@ -190,3 +190,10 @@ def test_two_lab_sim_federation_records_success_per_evaluated_round(sim_demo, tm
         "lift-front-episode-0.mp4", "lift-top-episode-0.mp4"]
     card = (out / "checkpoints" / "round-002" / "README.md").read_text()
     assert "simulated success" in card and (out / "plots" / "server_eval.png").is_file()
+    from wandb_reader import read_offline_run
+
+    (run,) = (out / "wandb").glob("offline-run-*/run-zk0-sim-test.wandb")
+    logged, _ = read_offline_run(run)
+    for step in (0, 2):
+        assert logged[step]["sim/all/success_rate"] == scored[step]["all"]["success_rate"]
+    assert any(key.startswith("sim/video/lift-top") for key in logged[2])
