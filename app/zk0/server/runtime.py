@@ -27,6 +27,7 @@ from ..model import (
     trainable_names,
     trainable_state,
 )
+from ..portable import describe
 from ..settings import ServerSettings, SettingsError, resolve_device
 from ..stats import from_json, merge_stats, to_json
 from .plots import Plotter
@@ -250,7 +251,8 @@ class ServerRuntime:
 
     def checkpoint(self, server_round: int) -> Path:
         """Save the global model in LeRobot's format under checkpoints/round-NNN."""
-        info = {"round": server_round, "base_policy": self.settings.base_policy, "base_fingerprint": self.fingerprint}
+        base = describe(self.settings.base_policy, self.out_dir)  # a Hub id, or a path relative to the experiment
+        info = {"round": server_round, "base_policy": base, "base_fingerprint": self.fingerprint}
         path = save_checkpoint(
             self.policy, self.preprocessor, self.postprocessor,
             self.out_dir / "checkpoints" / f"round-{server_round:03d}", info,

@@ -28,7 +28,6 @@ def write_sim_demo(out: Path, labs: list[Lab] | None = None, episodes: int = 12,
 
     from ..demo import build_base_policy
     from ..tiny_vlm import build_tiny_vlm
-
     from . import require
 
     require()

@@ -16,7 +16,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from . import PIN
