@@ -3,6 +3,7 @@ scored on the same held-out batches as the global model, and the node's session 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,10 +46,12 @@ def with_config(request: NodeRequest, **changes) -> NodeRequest:
 
 
 def saved(tmp_path) -> tuple[dict, dict]:
-    """The kept model's zk0.json and trainable weights, loaded with plain LeRobot (processors included)."""
+    """The kept model's zk0.json and trainable weights, loaded with plain LeRobot (processors included) from inside
+    its folder: the demo's VLM travels in it as vlm/, named relatively (zk0.portable)."""
     path = tmp_path / "personal" / "round-003"
-    loaded = SmolVLAPolicy.from_pretrained(str(path))
-    make_pre_post_processors(PreTrainedConfig.from_pretrained(str(path)), pretrained_path=str(path))
+    with contextlib.chdir(path):
+        loaded = SmolVLAPolicy.from_pretrained(".")
+        make_pre_post_processors(PreTrainedConfig.from_pretrained("."), pretrained_path=".")
     return json.loads((path / "zk0.json").read_text()), trainable_state(loaded)
 
 
@@ -135,7 +138,8 @@ def test_lora_personal_model_is_saved_merged_as_a_plain_policy(demo, tmp_path):
     path = tmp_path / "personal" / "round-003"
     assert math.isfinite(metrics["personal_policy_loss"]) and math.isfinite(metrics["personal_tuned_policy_loss"])
     assert not PreTrainedConfig.from_pretrained(str(path)).use_peft and (path / "adapter").is_dir()
-    SmolVLAPolicy.from_pretrained(str(path))
+    with contextlib.chdir(path):
+        SmolVLAPolicy.from_pretrained(".")
 
 
 def test_adaptive_mu_follows_fedprox_rule():

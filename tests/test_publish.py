@@ -113,6 +113,11 @@ def test_model_card_has_metadata_and_the_runs_numbers(demo, tmp_path):
     assert "federated-learning" in card and "FedProx mu: 0.05" in card
     assert f"{metrics0['policy_loss']:.4f}" in card and f"{metrics1['action_mse']:.4f}" in card
     assert metrics0["policy_loss"] != metrics1["policy_loss"]
+    # Copied to another machine, neither the card nor the checkpoint's files name this one's folders.
+    ckpt = tmp_path / "out" / "checkpoints" / "round-001"
+    for path in [ckpt / "README.md", *ckpt.glob("*.json")]:
+        assert str(demo["root"]) not in path.read_text(), path.name
+    assert json.loads((ckpt / "zk0.json").read_text())["base_policy"].endswith("base-policy")
 
 
 def test_plots_are_written_after_evaluation_rounds(demo, tmp_path):

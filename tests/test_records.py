@@ -45,3 +45,14 @@ def test_truncate_forgets_rounds_that_did_not_finish(tmp_path):
 def test_values_json_cannot_hold_are_written_as_null(tmp_path):
     atomic_write_json(tmp_path / "sub" / "x.json", {"loss": float("nan"), "inf": [float("inf"), 1.0], 3: (2, 3)})
     assert read(tmp_path / "sub", "x.json") == {"loss": None, "inf": [None, 1.0], "3": [2, 3]}
+
+
+def test_a_round_is_incomplete_until_said_otherwise_and_truncate_returns_what_it_dropped(tmp_path):
+    recorder = RunRecorder(tmp_path)
+    recorder.set(0, server_eval={"policy_loss": 2.0}, complete=True)
+    recorder.set(1, proximal_mu=0.1)  # a round that started: its record is a stub
+    assert read(tmp_path, "round-001.json")["complete"] is False
+    atomic_write_json(tmp_path / "round-002.json", {"round": 2, "complete": False})  # a file the history lacks
+    dropped = recorder.truncate(0)
+    assert {r: rec["complete"] for r, rec in dropped.items()} == {1: False, 2: False}
+    assert sorted(p.name for p in tmp_path.glob("round-*.json")) == ["round-000.json"]

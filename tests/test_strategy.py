@@ -160,3 +160,28 @@ def test_a_resumed_run_records_rounds_after_its_checkpoint(tmp_path):
     assert s.configure_evaluate(2, ArrayRecord(), ConfigRecord({}), None) == [] and asked == [5]
     s.aggregate_evaluate(2, [])
     assert list(s.recorder.rounds) == [5]
+
+
+def test_statistics_travel_beside_the_config_and_reach_the_node_unchanged(tmp_path):
+    """Flower logs the config at start: it holds the statistics' digest, the message the statistics themselves."""
+    from zk0.bench.scale_agg import _Fleet
+    from zk0.node.client_app import to_request
+    from zk0.stats import DIGEST_KEY, STATS_KEY, digest
+
+    stats = '{"action": {"mean": [' + ", ".join(["0.125"] * 500) + "]}}"
+    s = Zk0FedProx(RunRecorder(tmp_path), lambda r: True, proximal_mu=0.1, weighted_by_key="num-samples",
+                   min_train_nodes=2, min_available_nodes=2, stats=lambda: stats)
+    config = ConfigRecord({DIGEST_KEY: digest(stats), "seed": 0})
+    messages = s.configure_train(1, ArrayRecord(state(1.0)), config, _Fleet(2))
+    assert len(messages) == 2 and len(str(config)) < 200
+    for msg in messages:
+        assert STATS_KEY not in msg.content["config"]
+        assert to_request("train", msg, {}).config[STATS_KEY] == stats
+    messages[0].content[STATS_KEY] = ConfigRecord({"json": stats.replace("0.125", "0.5", 1)})
+    with pytest.raises(ValueError, match="do not match the digest"):
+        to_request("train", messages[0], {})
+    # Before the statistics are merged nothing travels beside the config, and the node uses the base policy's.
+    plain = Zk0FedProx(RunRecorder(tmp_path), lambda r: True, proximal_mu=0.1, weighted_by_key="num-samples",
+                       min_train_nodes=2, min_available_nodes=2)
+    msg = plain.configure_train(1, ArrayRecord(state(1.0)), ConfigRecord({DIGEST_KEY: ""}), _Fleet(2))[0]
+    assert STATS_KEY not in msg.content and to_request("train", msg, {}).config.get(STATS_KEY) is None

@@ -14,6 +14,8 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
+from .portable import TOKENIZER_STEP, bundle_vlm, localize
+
 log = logging.getLogger("zk0")
 
 
@@ -32,7 +34,7 @@ def _load_plain(path: str, device: str) -> SmolVLAPolicy:
     # Denormal floats (seen in near-zero activations of a freshly initialised expert) make
     # every CPU op ~50x slower; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
-    config = PreTrainedConfig.from_pretrained(path)
+    config = _config(path)
     config.device = device
     # Every weight is about to be read from the file, so the random initialisation LeRobot's
     # from_pretrained runs first is wasted (seconds for the full-size model, on every message).
@@ -58,6 +60,9 @@ def load_processors(path: str, device: str, rename_map: dict[str, str] | None = 
     config = PreTrainedConfig.from_pretrained(path)
     pre: dict = {"device_processor": {"device": device}}
     post: dict = {}
+    if inside := localize(path, config.vlm_model_name):  # a checkpoint's own VLM copy, from any working directory
+        config.vlm_model_name = inside
+        pre[TOKENIZER_STEP] = {"tokenizer_name": inside}
     if rename_map:
         pre["rename_observations_processor"] = {"rename_map": dict(rename_map)}
     if stats is not None:
@@ -66,6 +71,14 @@ def load_processors(path: str, device: str, rename_map: dict[str, str] | None = 
     return make_pre_post_processors(
         config, pretrained_path=path, preprocessor_overrides=pre, postprocessor_overrides=post
     )
+
+
+def _config(path: str) -> PreTrainedConfig:
+    """The saved policy config, its relative VLM name (a checkpoint's own copy) made absolute."""
+    config = PreTrainedConfig.from_pretrained(path)
+    if inside := localize(path, config.vlm_model_name):
+        config.vlm_model_name = inside
+    return config
 
 
 def trainable_names(policy: torch.nn.Module) -> list[str]:
@@ -120,7 +133,8 @@ def frozen_fingerprint(policy: torch.nn.Module) -> str:
 def save_checkpoint(
     policy, preprocessor, postprocessor, out_dir: Path, info: dict, extra_files: dict[str, str] | None = None
 ) -> Path:
-    """Write a LeRobot-format checkpoint atomically: a crash never leaves a half directory."""
+    """Write a LeRobot-format checkpoint atomically: a crash never leaves a half directory. A local VLM folder
+    is copied in and named relatively (zk0.portable), so the checkpoint loads wherever it is copied."""
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -132,6 +146,8 @@ def save_checkpoint(
         policy.save_pretrained(staging)
     preprocessor.save_pretrained(staging)
     postprocessor.save_pretrained(staging)
+    base = policy.get_base_model() if hasattr(policy, "peft_config") else policy
+    bundle_vlm(staging, base.config.vlm_model_name)
     (staging / "zk0.json").write_text(json.dumps(info, indent=2))
     for name, text in (extra_files or {}).items():
         (staging / name).write_text(text)

@@ -16,6 +16,17 @@ import numpy as np
 
 # The features LeRobot's normaliser scales for SmolVLA (images are IDENTITY).
 STATS_FEATURES = ("observation.state", "action")
+# The run's merged statistics travel in their own record beside a message's config (STATS_KEY: {"json": ...}),
+# the config holding only their digest: Flower logs the whole config, and the JSON runs to thousands of characters.
+STATS_KEY = "norm-stats"
+DIGEST_KEY = "norm-stats-digest"
+
+
+def digest(stats: str) -> str:
+    """A short hash naming one set of statistics (JSON); "" for none (the base policy's)."""
+    import hashlib
+
+    return hashlib.sha256(stats.encode()).hexdigest()[:16] if stats else ""
 
 
 def training_frames(root: Path, episodes: list[int], keys=STATS_FEATURES) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from .check import raise_problems
 from .flwr_cli import LOST, MAX_RETRIES, QUIET, Flwr, bin_path, see_run_through, write_connection
 from .node_watch import NodeWatch
 from .preflight import absolute_node_paths, preflight
-from .procs import MARK, end_marked, popen_owned, start_guard
+from .procs import MARK, end_children, end_marked, popen_owned, start_guard
 from .run_lock import lock_run, release_run
 from .supernode import TASK_POLL, supernode_command
 
@@ -133,6 +133,11 @@ class LocalDeployment:
     def stop(self) -> None:
         """SIGTERM every process group (nodes deregister at once), SIGKILL what lingers, then end what
         their processes started in sessions of their own (SuperExecs, ServerApp, warm workers)."""
+        superlink = self.procs.get("superlink")
+        if superlink is not None and superlink.poll() is None:
+            # The SuperLink gives its SuperExec 1 s to exit and warns when it takes longer, as it does (its
+            # exit handlers stop a gRPC server with a 1 s grace): the SuperExec is stopped first.
+            end_children(superlink.pid, timeout=10)
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)

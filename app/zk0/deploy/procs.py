@@ -89,6 +89,30 @@ def marked(token: str) -> list[int]:
     return pids
 
 
+def _parent_and_state(pid: int) -> tuple[int, str] | None:
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[0]
+
+
+def end_children(parent: int, timeout: float) -> list[int]:
+    """SIGTERM the live children of `parent` (not ours: its to reap) and wait up to `timeout` s until each has
+    exited (gone or a zombie); return their ids."""
+    pids = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    kids = [pid for pid in pids if (found := _parent_and_state(pid)) and found[0] == parent and found[1] != "Z"]
+    for pid in kids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any((found := _parent_and_state(pid)) and found[1] != "Z" for pid in kids):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return kids
+
+
 def end_marked(token: str | None, grace: float = GRACE) -> int:
     """SIGTERM every process marked with token, SIGKILL those left after `grace` s; return how many there were.
 

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from ..deploy.node_watch import STARTED
 from ..logs import setup_logging
 from ..settings import NodeSettings
+from ..stats import DIGEST_KEY, STATS_KEY, digest
 from .messages import NodeReply, NodeRequest
 
 app = ClientApp()
@@ -57,7 +58,12 @@ def to_request(kind: str, msg: Message, node_config: dict) -> NodeRequest:
     arrays = msg.content["arrays"] if "arrays" in msg.content else ArrayRecord()
     if any(a.stype != "numpy.ndarray" for a in arrays.values()):
         raise TypeError("received weights must be numpy arrays (stype 'numpy.ndarray')")
-    return NodeRequest(kind, node_config, dict(msg.content["config"]), {k: a.data for k, a in arrays.items()})
+    config = dict(msg.content["config"])
+    if STATS_KEY in msg.content:  # the run's statistics, sent beside the config (zk0.stats.STATS_KEY)
+        config[STATS_KEY] = str(msg.content[STATS_KEY]["json"])
+    if DIGEST_KEY in config and config[DIGEST_KEY] != digest(str(config.get(STATS_KEY) or "")):
+        raise ValueError("the normalisation statistics received do not match the digest in the message's config")
+    return NodeRequest(kind, node_config, config, {k: a.data for k, a in arrays.items()})
 
 
 def to_reply(result: NodeReply, name: str, dataset: str, msg: Message) -> Message:

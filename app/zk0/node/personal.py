@@ -43,6 +43,7 @@ import torch
 
 from ..evaluate import evaluate_policy
 from ..model import apply_trainable, save_checkpoint, trainable_state
+from ..portable import describe
 from ..settings import default_cache_dir
 from ..train import TrainPlan, train_round
 from .session import NodeSession, evaluate_on_node, node_batches
@@ -202,7 +203,8 @@ def save_personal(
     server's checkpoints are), with the node's processors: its camera map and the federation's statistics."""
     server_round = int(config["server-round"])
     info = {
-        "round": server_round, "base_policy": session.base, "base_fingerprint": session.fingerprint,
+        "round": server_round, "base_policy": describe(session.base, personal_dir(session)),
+        "base_fingerprint": session.fingerprint,
         "node": session.settings.display_name, "kept": "personal" if chosen.steps else "global",
         "chosen_steps": chosen.steps, "personalize_steps": plan.steps, "personalize_mu": plan.proximal_mu,
         "learning_rate": plan.learning_rate, "heldout_episodes": session.heldout_episodes,

@@ -8,6 +8,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCardData
 
 from ..deploy.check import local_path
+from ..portable import describe
 
 log = logging.getLogger("zk0")
 
@@ -34,6 +35,9 @@ def model_card(settings, history: list[dict], server_round: int) -> str:
     """README.md text with Hub metadata, how the model was trained and how well it does."""
     nodes = {c.get("name", k): c.get("dataset", "?") for r in history for k, c in r.get("clients", {}).items()}
     data = _card_data(settings, nodes)
+    # Local folders are named relative to the experiment's folder: a card never carries this machine's paths.
+    here = Path(settings.output_dir)
+    nodes = {name: describe(dataset, here) for name, dataset in nodes.items()}
     schedule = "SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds"
     repo = settings.hf_repo_id or "PATH_TO_THIS_FOLDER"
     node_lines = "\n".join(f"- `{name}`: `{dataset}`" for name, dataset in sorted(nodes.items())) or "- (none recorded)"
@@ -43,7 +47,7 @@ def model_card(settings, history: list[dict], server_round: int) -> str:
 
 # SmolVLA fine-tuned with federated learning (zk0), round {server_round}
 
-This policy was fine-tuned from `{settings.base_policy}` by {len(nodes)} robot labs that never shared
+This policy was fine-tuned from `{describe(settings.base_policy, here)}` by {len(nodes)} robot labs that never shared
 their data: each Flower SuperNode trained on its own dataset with FedProx's proximal term and a
 server aggregated the trainable weights (server step: {settings.strategy}).
 
@@ -57,7 +61,7 @@ server aggregated the trainable weights (server step: {settings.strategy}).
 - trained weights: {_trained(settings)}
 - peak learning rate: {settings.learning_rate} ({schedule})
 - local steps per round: {settings.local_steps}, batch size {settings.batch_size}
-- server evaluation dataset: `{settings.eval_dataset or 'none'}`
+- server evaluation dataset: `{describe(settings.eval_dataset, here) or 'none'}`
 
 ## Evaluation
 

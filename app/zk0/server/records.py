@@ -46,8 +46,10 @@ class RunRecorder:
         return time.perf_counter() - self.started
 
     def _round(self, server_round: int) -> dict:
+        # "complete" turns true once the round's evaluation and (in a checkpoint round) its checkpoint are written:
+        # a record that stays false belongs to a round that was cut short.
         return self.rounds.setdefault(
-            server_round, {"round": server_round, "server_eval": None, "clients": {}, "bytes": {}}
+            server_round, {"round": server_round, "complete": False, "server_eval": None, "clients": {}, "bytes": {}}
         )
 
     def set(self, server_round: int, **fields: Any) -> None:
@@ -69,13 +71,18 @@ class RunRecorder:
         # Written with the round's next set(), which follows every batch of replies: flushing per reply
         # rewrote the files N times a round, a cost quadratic in the number of nodes.
 
-    def truncate(self, last_round: int) -> None:
-        """Forget rounds after `last_round` (they did not finish) on disk and in memory."""
+    def truncate(self, last_round: int) -> dict[int, dict]:
+        """Forget rounds after `last_round` (no checkpoint holds their model) on disk and in memory; return the
+        records forgotten, by round (round files the history lacks included)."""
+        files = {int(p.stem.split("-")[1]): p for p in self.out_dir.glob("round-[0-9][0-9][0-9].json")}
+        dropped = {r: self.rounds.get(r) or json.loads(files[r].read_text()) for r in sorted({*self.rounds, *files})
+                   if r > last_round}
         self.rounds = {r: rec for r, rec in self.rounds.items() if r <= last_round}
-        for path in self.out_dir.glob("round-[0-9][0-9][0-9].json"):
-            if int(path.stem.split("-")[1]) > last_round:
-                path.unlink()
+        for r in dropped:
+            if r in files:
+                files[r].unlink()
         atomic_write_json(self.out_dir / "history.json", [self.rounds[r] for r in sorted(self.rounds)])
+        return dropped
 
     def flush(self, server_round: int) -> None:
         """Rewrite this round's file and the history."""

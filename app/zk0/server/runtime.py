@@ -27,8 +27,9 @@ from ..model import (
     trainable_names,
     trainable_state,
 )
+from ..portable import describe
 from ..settings import ServerSettings, SettingsError, resolve_device
-from ..stats import from_json, merge_stats, to_json
+from ..stats import DIGEST_KEY, digest, from_json, merge_stats, to_json
 from .plots import Plotter
 from .publish import Publisher, model_card
 from .records import RunRecorder, atomic_write_json
@@ -163,6 +164,31 @@ class ServerRuntime:
 
     def _resume(self) -> int:
         """Continue an interrupted experiment from its newest checkpoint; return that round (0 if fresh)."""
+        self._check_identity()
+        ckpt = latest_checkpoint(self.out_dir / "checkpoints")
+        server_round = json.loads((ckpt / "zk0.json").read_text())["round"] if ckpt else 0
+        saved_history = self.out_dir / "history.json"
+        history = json.loads(saved_history.read_text()) if saved_history.is_file() else []
+        # Records past the checkpoint belong to rounds no checkpoint holds: they run again. Without a
+        # checkpoint every round does, round 0's evaluation included.
+        self.recorder.rounds = {r["round"]: r for r in history}
+        for r, record in self.recorder.truncate(server_round if ckpt else -1).items():
+            log.info("round %d's record discarded: %s; it runs again", r, self._why_discarded(r, record, ckpt))
+        if ckpt is None:
+            log.info("no checkpoint in %s: starting at round 1", self.out_dir)
+            return 0
+        if self.adapter.lora:  # the checkpoint's model.safetensors is merged; the adapter itself is beside it
+            load_adapter(self.policy, ckpt)
+        else:
+            weights = load_file(ckpt / "model.safetensors")
+            apply_trainable(self.policy, {name: weights[name] for name in trainable_names(self.policy)})
+        if server_round in self.recorder.rounds:  # cut short after its checkpoint: nothing of it is missing
+            self.recorder.set(server_round, complete=True)
+        log.info("resuming after round %d of %d (checkpoint %s)", server_round, self.settings.num_rounds, ckpt)
+        return server_round
+
+    def _check_identity(self) -> None:
+        """Refuse an output folder that holds another experiment; note this one's settings there."""
         identity = self.settings.model_dump(mode="json", include=EXPERIMENT_FIELDS)
         saved = self.out_dir / "experiment.json"
         before = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -173,23 +199,15 @@ class ServerRuntime:
                 "set ZK0_OUTPUT_DIR to a new folder, or restore the settings to resume it"
             )
         atomic_write_json(saved, identity)
-        ckpt = latest_checkpoint(self.out_dir / "checkpoints")
+
+    def _why_discarded(self, server_round: int, record: dict, ckpt: Path | None) -> str:
+        if self.settings.is_checkpoint_round(server_round):
+            return "its checkpoint was never written"
+        if record.get("complete") is False:
+            return "the round did not finish"
         if ckpt is None:
-            log.info("no checkpoint in %s: starting at round 1", self.out_dir)
-            return 0
-        server_round = json.loads((ckpt / "zk0.json").read_text())["round"]
-        if self.adapter.lora:  # the checkpoint's model.safetensors is merged; the adapter itself is beside it
-            load_adapter(self.policy, ckpt)
-        else:
-            weights = load_file(ckpt / "model.safetensors")
-            apply_trainable(self.policy, {name: weights[name] for name in trainable_names(self.policy)})
-        saved_history = self.out_dir / "history.json"
-        history = json.loads(saved_history.read_text()) if saved_history.is_file() else []
-        # Records past the checkpoint belong to a round that did not finish: it runs again.
-        self.recorder.rounds = {r["round"]: r for r in history}
-        self.recorder.truncate(server_round)
-        log.info("resuming after round %d of %d (checkpoint %s)", server_round, self.settings.num_rounds, ckpt)
-        return server_round
+            return "no checkpoint was written before the run stopped"
+        return f"no checkpoint holds its model (the newest is {ckpt.name})"
 
     def train_config(self) -> dict:
         """What every node needs to train one round, in Flower's kebab-case."""
@@ -204,7 +222,7 @@ class ServerRuntime:
             "eval-batches": s.eval_batches,
             "seed": s.seed,
             "wire-format": s.wire_format,
-            "norm-stats": self.stats,
+            DIGEST_KEY: digest(self.stats),  # the statistics themselves go beside the config (zk0.stats.STATS_KEY)
             # Read by the nodes in the last round's evaluate message (zk0.node.personal).
             "personalize-steps": s.personalize_steps,
             "personalize-mu": s.personalize_mu,
@@ -233,6 +251,7 @@ class ServerRuntime:
             path = self.checkpoint(server_round)
             if self.settings.is_push_round(server_round):
                 self.publisher.push(server_round, path)
+        self.recorder.set(server_round, complete=True)  # evaluated and, when due, checkpointed
         history = self.history()
         if metrics is not None or sim is not None:
             self.plotter.submit(history)
@@ -250,7 +269,8 @@ class ServerRuntime:
 
     def checkpoint(self, server_round: int) -> Path:
         """Save the global model in LeRobot's format under checkpoints/round-NNN."""
-        info = {"round": server_round, "base_policy": self.settings.base_policy, "base_fingerprint": self.fingerprint}
+        base = describe(self.settings.base_policy, self.out_dir)  # a Hub id, or a path relative to the experiment
+        info = {"round": server_round, "base_policy": base, "base_fingerprint": self.fingerprint}
         path = save_checkpoint(
             self.policy, self.preprocessor, self.postprocessor,
             self.out_dir / "checkpoints" / f"round-{server_round:03d}", info,

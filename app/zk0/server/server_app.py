@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import textwrap
 import time
 from pathlib import Path
 
@@ -76,6 +78,7 @@ def build_strategy(settings: ServerSettings, runtime: ServerRuntime) -> Zk0FedPr
         limits=Limits(max_share=settings.max_node_share, max_samples=settings.local_steps * settings.batch_size,
                       norm_factor=settings.norm_bound_factor, node_frames=runtime.node_frames),
         rule=robust_rule(settings),  # None: the weighted mean
+        stats=lambda: runtime.stats,  # merged after the strategy is built (collect_stats)
     )
     optimizer = server_optimizer(settings)  # None for ZK0_STRATEGY=fedprox: the mean is the server step
     return Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)
@@ -89,7 +92,10 @@ def main(grid: Grid, context: Context) -> None:
     grid = PromptGrid(grid)  # replies are collected within a quarter second, not up to 3 s late
     settings = ServerSettings.from_flower_config(dict(context.run_config))
     runtime = ServerRuntime(settings)
-    log.info("settings: %s", settings.model_dump_json())
+    # Several lines of at most ~200 characters: one line with every setting ran past a thousand.
+    lines = textwrap.wrap(json.dumps(settings.model_dump(mode="json")), 200)
+    for i, line in enumerate(lines):
+        log.info("settings (%d/%d): %s", i + 1, len(lines), line)
     strategy = build_strategy(settings, runtime)
     first, last = strategy.experiment_round(1), settings.num_rounds
     if 1 < first <= last:  # Flower's own log counts this run's rounds from 1

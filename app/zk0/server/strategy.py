@@ -18,6 +18,7 @@ from flwr.supercore import log
 
 from ..deploy.node_watch import read_faults
 from ..errors import RunFailed
+from ..stats import STATS_KEY
 from ..wire import (
     DELTA,
     DELTA_BLOCK,
@@ -61,6 +62,13 @@ def error_reason(node_id: int, reply: Message, faults: Path | None = None) -> st
     return (read_faults(faults).get(str(node_id)) if faults else None) or reply.error.reason
 
 
+def _with_stats(messages: list[Message], stats: str) -> list[Message]:
+    # Beside the config, not in it: Flower's strategy logs its configs at start, one line each.
+    for msg in messages if stats else []:
+        msg.content[STATS_KEY] = ConfigRecord({"json": stats})
+    return messages
+
+
 class Zk0FedProx(FedProx):
     """FedProx that records every node's reply and drops updates that would poison the average."""
 
@@ -69,9 +77,10 @@ class Zk0FedProx(FedProx):
         layout_tag: str = "", faults: Path | None = None, eval_in_train: bool = False, last_round: int = 0,
         after_node_eval: Callable[[int], None] | None = None, round_offset: int = 0,
         mu_schedule: Callable[[Iterable[dict]], float] | None = None, limits: Limits | None = None,
-        rule: FedAvg | None = None, **kwargs,
+        rule: FedAvg | None = None, stats: Callable[[], str] = str, **kwargs,
     ):
         super().__init__(**kwargs)
+        self.stats = stats  # the run's normalisation statistics (JSON; "": the base policy's), sent with messages
         self.limits = limits or Limits()  # bounded influence; off unless given (the ServerApp gives the settings')
         self.rule = rule  # ZK0_AGGREGATION's Flower class (zk0.server.robust); None: the weighted mean
         # Rounds already done before a restart: Flower's loop counts from 1 again, the records do not.
@@ -114,7 +123,7 @@ class Zk0FedProx(FedProx):
             self.proximal_mu = self.mu_schedule(self.recorder.rounds.values())
         self.recorder.set(server_round, proximal_mu=self.proximal_mu)
         arrays = self._to_wire(arrays, config)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = _with_stats(list(super().configure_train(server_round, arrays, config, grid)), self.stats())
         self._outbox = [m.metadata for m in messages]
         self._sent = {m.metadata.dst_node_id for m in messages}
         self.recorder.add_bytes(server_round, "sent", _payload_bytes(arrays) * len(messages))
@@ -228,7 +237,7 @@ class Zk0FedProx(FedProx):
         if not self.is_eval_round(server_round) or (self.eval_in_train and server_round != self.last_round):
             return []
         wire_arrays = self._to_wire(arrays, config)
-        messages = list(super().configure_evaluate(server_round, wire_arrays, config, grid))
+        messages = _with_stats(list(super().configure_evaluate(server_round, wire_arrays, config, grid)), self.stats())
         self._outbox = [m.metadata for m in messages]
         # The global model goes to every evaluating node as well: at scale as much again as training's download.
         self.recorder.add_bytes(server_round, "sent_eval", _payload_bytes(wire_arrays) * len(messages))
