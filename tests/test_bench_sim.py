@@ -25,6 +25,7 @@ def _rows(fed: list[float], central: list[float], local: list[list[float]]) -> d
     for i, rates in enumerate(local):
         rows[f"local-{NODES[i]}"] = {"sim": _sim(rates), UNION: {"policy_loss": 2.0 + i, "action_mse": 20.0 + i}}
     rows["local-mean"] = {UNION: {"policy_loss": 3.5, "action_mse": 21.5}}  # offline only, as the benchmark has it
+    rows["local-own"] = {UNION: {"policy_loss": 1.5, "action_mse": 15.0}}  # own held-out sets only: no pooled success
     return rows
 
 
@@ -59,3 +60,16 @@ def test_targets_need_a_margin_beyond_the_seeds_spread():
     found = {t["target"]: t["passed"] for t in targets(summarise(close), ["fedprox"])}
     assert not found["federated >= mean local-only on all tasks, beyond the spread"]
     assert not found["centralized >= 30% on lift-top"]
+
+
+def test_report_prints_every_model_and_target():
+    from zk0.bench.learning_sim import loss_vs_success, report, result
+
+    local = [[0.8, 0.0, 0.0, 0.2], [0.0, 0.6, 0.0, 0.0], [0.0, 0.0, 0.4, 0.0], [0.2, 0.0, 0.0, 1.0]]
+    personal = {n: {"success_rate": 0.5} for n in NODES[:3]}  # node-3 kept no personal model
+    rows = _rows([0.6, 0.4, 0.2, 0.8], [0.8, 0.6, 0.4, 1.0], local)
+    tables = [seed_table(rows, personal, LABS4)] * 2
+    text = report(result(tables, [loss_vs_success(rows, tables[0])] * 2, ["fedprox"], LABS4, 5, 12.0))
+    for needle in ("centralized", "local-own", PERSONAL, "Spearman", "node-2: personalised", "lift-up"):
+        assert needle in text
+    assert "node-3: personalised" not in text

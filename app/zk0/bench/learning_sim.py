@@ -82,7 +82,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def loss_vs_success(rows: dict, table: dict) -> dict:
     """Per offline metric: Spearman between lower loss and higher pooled success, over the seed's models."""
-    models = [m for m in rows if m in table and UNION in rows[m]]
+    models = [m for m in rows if ALL in table.get(m, {}) and UNION in rows[m]]
     return {metric: spearman([-rows[m][UNION][metric] for m in models], [table[m][ALL] for m in models])
             for metric in ("policy_loss", "action_mse")} | {"models": len(models)}
 
