@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,22 @@ def test_two_lab_sim_federation_records_success_per_evaluated_round(sim_demo, tm
     for step in (0, 2):
         assert logged[step]["sim/all/success_rate"] == scored[step]["all"]["success_rate"]
     assert any(key.startswith("sim/video/lift-top") for key in logged[2])
+
+
+def test_sim_experiment_file_names_the_labs_as_zk0_demo_sim_writes_them(tmp_path):
+    from dotenv import dotenv_values
+
+    from zk0.settings import ServerSettings
+    from zk0.settings_names import check_env_names
+    from zk0.sim.demo import sim_demo_paths
+
+    values = dotenv_values(Path(__file__).parents[1] / "experiments" / "sim.env")
+    check_env_names(set(values))
+    settings = ServerSettings.load(**{k[4:].lower(): v for k, v in values.items()
+                                      if k.startswith("ZK0_") and not k.startswith("ZK0_NODE_")})
+    assert settings.sim_eval_every > 0
+    paths = sim_demo_paths(Path("demo-data/sim"), list(LABS.values()))
+    for i in range(len(LABS)):
+        dataset = Path(values[f"ZK0_NODE_{i}_DATASET"]).resolve()
+        assert dataset == paths["datasets"][f"node-{i}"]
+        assert values[f"ZK0_NODE_{i}_CAMERAS"] == paths["cameras"][f"node-{i}"]
