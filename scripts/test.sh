@@ -16,6 +16,11 @@ if ! .venv/bin/ruff check --config app/pyproject.toml app tests; then
     echo "test.sh: ruff check failed (see the findings above); fix them or add a '# noqa: RULE' with a reason" >&2
     exit 1
 fi
+# The rooms of ARCHITECTURE.md (.importlinter): `zk0` resolved to this checkout's app/, whatever is installed.
+if ! PYTHONPATH="$PWD/app" .venv/bin/lint-imports --no-cache --no-logo .importlinter; then
+    echo "test.sh: lint-imports failed: an import points up a room (see ARCHITECTURE.md and .importlinter)" >&2
+    exit 1
+fi
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 .venv/bin/python -m pytest tests -q -rs --durations=15 "$@"

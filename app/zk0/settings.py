@@ -229,7 +229,7 @@ class ServerSettings(_Zk0Settings):
     @field_validator("sim_labs")
     @classmethod
     def _labs(cls, value: str | None) -> str | None:
-        from .sim.labs import parse_labs
+        from .labs import parse_labs
 
         return ",".join(lab.name for lab in parse_labs(value, setting="names")) if value else None
 

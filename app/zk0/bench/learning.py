@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from ..data import DatasetError
+from ..files import atomic_write_json
 from ..logs import setup_logging
-from ..server.records import atomic_write_json
 from ..settings import ServerSettings, SettingsError
 from . import learning_report as rep
 from .learning_arms import ARMS, DEFAULT_ARMS, arm_settings, demo_assets, personal_dirs
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.sim:
             demo = demo_assets(args.demo_dir)
         else:
+            from ..labs import parse_labs
             from ..sim.demo import write_sim_demo
-            from ..sim.labs import parse_labs
 
             demo = write_sim_demo(args.demo_dir / "sim", episodes=args.sim_record, seed=0)
             args.sim_options = {"labs": parse_labs(",".join(demo["labs"])), "episodes": args.sim_episodes}

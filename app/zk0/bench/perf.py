@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import wire
 from ..deploy.flwr_cli import QUIET
-from ..server.records import atomic_write_json
+from ..files import atomic_write_json
 from .aggregate import bench_aggregate
 from .cli import bench_cli
 from .demo import bench_demo

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import tomli_w
 
+from ..check import raise_problems
 from ..settings import NodeSettings, ServerSettings, SettingsError
-from .check import raise_problems
 from .flwr_cli import LOST, MAX_RETRIES, QUIET, Flwr, bin_path, see_run_through, write_connection
 from .node_watch import NodeWatch
 from .preflight import absolute_node_paths, preflight

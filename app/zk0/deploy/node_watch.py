@@ -18,7 +18,6 @@ at once ("node unavailable") and the round goes on without it, or fails loudly b
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -29,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..server.records import atomic_write_json
+from ..files import atomic_write_json
+from ..node_faults import FAULTS_FILE, STARTED, read_faults
 from .proc_table import clientapps, process_table
 
 log = logging.getLogger("zk0")
@@ -41,9 +41,6 @@ NO_APP_FOR = 15.0  # a received message without a ClientApp process this long: i
 TWO_APPS_FOR = 10.0  # two ClientApp processes for one message this long: Flower started another one
 STOP_GRACE = 15.0  # seconds a given-up SuperNode has to deregister after SIGTERM, before SIGKILL
 MAX_LINES = 3  # distinct failures printed per message: a crash loop repeats itself
-# zk0's ClientApp logs this once Flower has started it (client_app.py): the start-up is over.
-STARTED = "ClientApp started for the"
-FAULTS_FILE = "node-faults.json"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
@@ -51,19 +48,6 @@ _RECEIVING = re.compile(r"Receiving: (\S+) message")
 _API_ERROR = re.compile(r"\[(/v1/runtime/[\w-]+)\]\[ApiError:(\d+)\] (.+)")
 _EXIT = re.compile(r"Exit Code: (\d+)")
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(: .*)?$")
-
-
-def faults_file(output_dir: Path) -> Path:
-    """Where `zk0 local` notes the nodes it gave up on, and why."""
-    return Path(output_dir) / "local" / FAULTS_FILE
-
-
-def read_faults(path: Path) -> dict[str, str]:
-    """{node id: why zk0 local gave up on it}; empty when there is no such file (not under `zk0 local`)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Literal
 
 from dotenv import dotenv_values
 
+from ..check import absolute_spec, check_experiment, check_nodes, fps_warnings, local_path, raise_problems, table
 from ..settings import NodeSettings, ServerSettings, SettingsError
 from ..settings_names import NODE_VAR, check_env_names
-from .check import absolute_spec, check_experiment, check_nodes, fps_warnings, local_path, raise_problems, table
 
 # What a node trains when neither it nor the server has said yet (the server's base policy arrives
 # with the first message): its dataset is checked against this layout.

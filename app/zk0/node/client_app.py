@@ -19,8 +19,8 @@ from dataclasses import replace
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..deploy.node_watch import STARTED
 from ..logs import setup_logging
+from ..node_faults import STARTED
 from ..settings import NodeSettings
 from ..stats import DIGEST_KEY, STATS_KEY, digest
 from .messages import NodeReply, NodeRequest

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCardData
 
-from ..deploy.check import local_path
+from ..check import local_path
 from ..portable import describe
 
 log = logging.getLogger("zk0")

@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_json
+
 # What describes a node rather than measures it: kept beside its train/eval metrics, not among them.
 NODE_FIELDS = ("name", "dataset", "fps", "cameras", "frames")
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write then rename, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _clean(value: Any) -> Any:
-    # JSON has no NaN/Inf: write them as null rather than produce invalid files.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
 
 
 class RunRecorder:

@@ -11,9 +11,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..deploy.node_watch import faults_file
 from ..errors import RunFailed
 from ..logs import setup_logging
+from ..node_faults import faults_file
 from ..settings import ServerSettings
 from .adaptive import mu_schedule
 from .grid import PromptGrid

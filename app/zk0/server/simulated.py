@@ -14,8 +14,8 @@ class SimScorer:
     """Success rates of the global model on each simulated lab's task; videos of the first episodes."""
 
     def __init__(self, settings: ServerSettings, out_dir: Path):
+        from ..labs import parse_labs
         from ..sim import require
-        from ..sim.labs import parse_labs
 
         self.settings, self.out_dir = settings, Path(out_dir)
         try:

@@ -16,8 +16,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.supercore import log
 
-from ..deploy.node_watch import read_faults
 from ..errors import RunFailed
+from ..node_faults import read_faults
 from ..stats import STATS_KEY
 from ..wire import (
     DELTA,

@@ -21,7 +21,7 @@ from lerobot_env_so101.pick_place_env import SO101PickPlaceGymEnv
 from lerobot_env_so101.policy import DEFAULT_ACTION_SCALE
 from lerobot_env_so101.scripted.pick_place import Phase, PickPlaceController
 
-from .labs import VIEWS, Lab
+from ..labs import VIEWS, Lab
 
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
 JOINT_NAMES = [f"{j}.pos" for j in ARM_JOINTS] + ["gripper.pos"]  # the SO-100/SO-101 follower's names

@@ -31,8 +31,8 @@ def add_eval_parser(sub) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..labs import parse_labs
     from . import require
-    from .labs import parse_labs
 
     problems = []
     try:

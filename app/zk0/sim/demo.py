@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .labs import LABS, Lab
+from ..labs import LABS, Lab
 from .record import record_lab
 
 SERVER = "server-eval"

@@ -19,8 +19,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from ..labs import EVAL_SEED_BASE, Lab
 from .arm import SimArm
-from .labs import EVAL_SEED_BASE, Lab
 
 log = logging.getLogger("zk0")
 

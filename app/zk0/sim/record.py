@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..labs import Lab
 from . import PIN
 from .arm import HOLD_FRAMES, JOINT_NAMES, Expert, SimArm
-from .labs import Lab
 
 log = logging.getLogger("zk0")
 STAMP = "zk0-sim.json"

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cameras import IMAGE_PREFIX, match_cameras, parse_camera_map, short_name, suggest_map
-from ..errors import DatasetError
+from .cameras import IMAGE_PREFIX, match_cameras, parse_camera_map, short_name, suggest_map
+from .errors import DatasetError
 
 SUPPORTED = "v3.0"
 CONVERTIBLE = "v2.1"
