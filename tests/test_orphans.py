@@ -180,7 +180,8 @@ def test_kill_9_of_zk0_supernode_ends_its_superexec_and_warm_worker(demo, tmp_pa
         # Stands in for the SuperLink: `zk0 supernode` only checks that it accepts; Flower then keeps retrying.
         superlink.bind(("127.0.0.1", 0))
         superlink.listen()
-        node = popen_logged([*ZK0, "supernode", "--superlink", f"127.0.0.1:{superlink.getsockname()[1]}",
+        # The fast loop, whose SuperExec, fork server and warm worker are zk0's to end.
+        node = popen_logged([*ZK0, "supernode", "--fast-loop", "--superlink", f"127.0.0.1:{superlink.getsockname()[1]}",
                              "--port", str(free_port())], tmp_path / "node.log", env=node_env, start_new_session=True)
         try:
             started = wait_until(lambda: running(mark, "app_forks.py"), 300, every=0.5)
