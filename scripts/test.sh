@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 # Docker engine, Compose v2 and the zk0 image for tests/test_compose.py. Where Docker cannot be made
 # ready, those tests report themselves skipped, unless REQUIRE_DOCKER=1 (CI) makes them fail.
-if ! ./scripts/docker-setup.sh; then
+# The fast tier (-m "not slow") starts no container: no Docker setup for it.
+if [[ " $* " == *"not slow"* ]]; then
+    echo "test.sh: fast tier; Docker setup skipped" >&2
+elif ! ./scripts/docker-setup.sh; then
     [[ "${REQUIRE_DOCKER:-0}" == 1 ]] && { echo "test.sh: Docker is required (REQUIRE_DOCKER=1) but could not be set up" >&2; exit 1; }
     echo "test.sh: Docker not available; the Compose tests will be skipped" >&2
 fi

@@ -14,13 +14,15 @@
 #   --image IMAGE           default zk0:latest (build it with `docker compose build`, or load it)
 #   --env-file FILE         more node settings (ZK0_HELDOUT_EPISODES, ZK0_TORCH_THREADS, ...)
 #   --container NAME        container name (default zk0-supernode)
+#   --fast-loop             zk0's fast loop (0.25 s polls, forked ClientApps) instead of Flower's own
+#                           flower-supernode and SuperExec (default)
 #   -- ARGS...              extra `docker run` arguments (e.g. -v, --network)
 #
 # The container restarts with the host (--restart unless-stopped) and reconnects to the SuperLink
 # by itself. Only outbound connections to the SuperLink's port are needed on the robot's side.
 set -euo pipefail
-usage() { sed -n '2,22s/^# \{0,1\}//p' "$0"; exit 2; }
-superlink="" dataset="" cameras="" name="$(hostname)" gpu="" tls="" key="" image="${ZK0_IMAGE:-zk0:latest}" env_file="" container=zk0-supernode
+usage() { sed -n '2,24s/^# \{0,1\}//p' "$0"; exit 2; }
+superlink="" dataset="" cameras="" name="$(hostname)" gpu="" tls="" key="" image="${ZK0_IMAGE:-zk0:latest}" env_file="" container=zk0-supernode fast=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --superlink) superlink=$2; shift 2 ;;
@@ -33,6 +35,7 @@ while [ $# -gt 0 ]; do
         --image) image=$2; shift 2 ;;
         --env-file) env_file=$2; shift 2 ;;
         --container) container=$2; shift 2 ;;
+        --fast-loop) fast=1; shift ;;
         --) shift; break ;;
         -h|--help) usage ;;
         *) echo "join.sh: unknown option $1" >&2; usage ;;
@@ -53,6 +56,7 @@ else
     args+=(-e "ZK0_DATASET=$dataset")
 fi
 node=(zk0 supernode --superlink "$superlink")
+[ -n "$fast" ] && node+=(--fast-loop)
 if [ -n "$gpu" ]; then args+=(--gpus "device=$gpu" -e ZK0_DEVICE=cuda); else args+=(-e ZK0_DEVICE=cpu); fi
 if [ -n "$tls" ]; then
     tls="$(cd "$tls" && pwd)"

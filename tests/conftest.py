@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from tiers import is_slow, launches
 
 # Nothing here reaches the Hugging Face Hub; without this a Hub id retries for ~25 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,6 +21,38 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # else every Flower pro
 # is inherited by every child, and Go children (docker, docker-compose) livelock under it.
 if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
     os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+def pytest_collection_modifyitems(items):
+    """The `slow` tier: tests that start federations, Flower servers, zk0 commands or containers (tests/tiers.py)."""
+    for item in items:
+        if is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+_launched: list[str] = []  # what the running test (its fixtures included) started of tiers.LAUNCHED
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "subprocess.Popen" and (name := launches(args[1])):
+        _launched.append(name)
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _launched.clear()  # before any fixture of this test is set up
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_federation(request):
+    """A test that tiers.py did not find slow and that starts a federation program fails, naming it."""
+    yield
+    if _launched and request.node.get_closest_marker("slow") is None:
+        pytest.fail(f"{request.node.nodeid} started {', '.join(sorted(set(_launched)))} but is not in the slow tier: "
+                    "let it use a helper tests/tiers.py knows (SLOW_NAMES), or mark it @pytest.mark.slow")
 
 
 @pytest.fixture(scope="session")

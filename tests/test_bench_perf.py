@@ -56,6 +56,7 @@ def test_wire_counts_what_flower_serializes(capsys, tmp_path):
     assert ffa < fedit < payloads["trainable fp16"]["values_bytes"] / 10
 
 
+@pytest.mark.slow  # starts ClientApp-like processes and a warm worker (the runtime check in conftest.py saw them)
 @pytest.mark.parametrize("model", ["tiny", "full"])  # full --smoke: the file-built architecture, scaled down
 def test_step_times_every_arm_in_interleaved_blocks(capsys, tmp_path, demo, model):
     result = run(capsys, tmp_path, "step", "--model", model, "--demo-dir", str(demo["root"]))
@@ -90,6 +91,7 @@ def test_aggregate_holds_about_one_fp32_copy(capsys, tmp_path):
         assert 1.0 <= r["tracemalloc_peak"] / result["copy_bytes"] < 2.0, name
 
 
+@pytest.mark.slow  # starts ClientApp-like processes and a warm worker (the runtime check in conftest.py saw them)
 @pytest.mark.parametrize("model", ["tiny", "full"])  # full --smoke: a saved file-built base policy, scaled down
 def test_overhead_phases_add_up_to_the_wall_time(capsys, tmp_path, demo, model):
     result = run(capsys, tmp_path, "overhead", "--model", model, "--demo-dir", str(demo["root"]))
@@ -155,6 +157,7 @@ def test_npy_view_reads_what_array_numpy_reads():
         np.testing.assert_array_equal(view, array.numpy())
 
 
+@pytest.mark.slow  # runs the zk0 command several times
 def test_cli_times_help_and_one_refusal_naming_five_mistakes(capsys, tmp_path, demo):
     result = run(capsys, tmp_path, "cli", "--demo-dir", str(demo["root"]), "--out", str(tmp_path / "cli"))
     assert set(result["runs"]) == {"zk0 --help", "zk0 local --help", "zk0 check, env-file with five mistakes",

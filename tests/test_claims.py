@@ -148,6 +148,7 @@ LOCK_HOLDER = (
 )
 
 
+@pytest.mark.slow  # waits on another process's lock for about 20 s
 def test_one_serverapp_writes_an_output_folder_and_the_next_waits_for_it(tmp_path):
     from zk0.server import runtime as server
     from zk0.settings import SettingsError

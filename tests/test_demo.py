@@ -142,6 +142,7 @@ def test_base_policy_round_trip_is_deterministic(assets, tmp_path):
     assert torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.slow  # writes the whole demo twice (7 s on a loaded 2-core host)
 def test_write_demo_overwrites(tmp_path):
     for _ in range(2):
         paths = write_demo(tmp_path, episodes=4, frames=12, seed=1)

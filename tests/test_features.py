@@ -120,6 +120,7 @@ def test_cache_turns_itself_off_when_the_image_path_is_not_frozen(demo, policy, 
     assert "ZK0_FEATURE_CACHE=off" in caplog.text
 
 
+@pytest.mark.slow  # trains a node twice (13 s on a loaded 2-core host)
 def test_node_trains_and_evaluates_alike_with_the_cache_and_without(demo, tmp_path):
     plan, results = TrainPlan(steps=3, start_step=0, total_steps=3, learning_rate=1e-4, proximal_mu=0.01), {}
     for mode in ("off", "memory"):

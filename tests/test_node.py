@@ -84,6 +84,7 @@ def corrupt_copy(dataset: str, target) -> str:
     return str(root)
 
 
+@pytest.mark.slow  # re-encodes and reads videos (7 s on a loaded 2-core host)
 def test_corrupt_video_frames_are_skipped_and_counted_up_to_a_bound(demo, base, tmp_path):
     path, state, fp = base
     dataset = corrupt_copy(demo["datasets"]["node-0"], tmp_path / "corrupt")

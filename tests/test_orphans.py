@@ -180,7 +180,8 @@ def test_kill_9_of_zk0_supernode_ends_its_superexec_and_warm_worker(demo, tmp_pa
         # Stands in for the SuperLink: `zk0 supernode` only checks that it accepts; Flower then keeps retrying.
         superlink.bind(("127.0.0.1", 0))
         superlink.listen()
-        node = popen_logged([*ZK0, "supernode", "--superlink", f"127.0.0.1:{superlink.getsockname()[1]}",
+        # The fast loop, whose SuperExec, fork server and warm worker are zk0's to end.
+        node = popen_logged([*ZK0, "supernode", "--fast-loop", "--superlink", f"127.0.0.1:{superlink.getsockname()[1]}",
                              "--port", str(free_port())], tmp_path / "node.log", env=node_env, start_new_session=True)
         try:
             started = wait_until(lambda: running(mark, "app_forks.py"), 300, every=0.5)
@@ -202,3 +203,29 @@ def test_kill_9_of_zk0_supernode_ends_its_superexec_and_warm_worker(demo, tmp_pa
         assert name in commands, f"no {name} was running when the node was killed"
     assert ended, f"outlived the node: {left}"
     assert ports and not ports & set(listeners().values()), ports  # the SuperNode's runtime API
+
+
+def test_zk0_supernode_runs_flowers_own_programs_by_default_and_kill_9_ends_them(demo, tmp_path, monkeypatch):
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)
+    node_env = {**os.environ, "ZK0_DATASET": str(demo["datasets"]["node-0"]), "ZK0_CAMERAS": demo["cameras"]["node-0"]}
+    log = tmp_path / "node.log"
+    with socket.socket() as superlink:  # stands in for the SuperLink, as above
+        superlink.bind(("127.0.0.1", 0))
+        superlink.listen()
+        node = popen_logged([*ZK0, "supernode", "--superlink", f"127.0.0.1:{superlink.getsockname()[1]}",
+                             "--port", str(free_port())], log, env=node_env, start_new_session=True)
+        try:
+            assert wait_until(lambda: running(mark, "flower-superexec"), 300, every=0.5), log.read_text()[-3000:]
+            procs = started_by(mark)
+            os.kill(node.pid, signal.SIGKILL)
+            ended = wait_until(lambda: not started_by(mark), 10)
+        finally:
+            node.kill()
+            node.wait()
+            end_leftovers(mark)
+    assert "SuperNode: Flower's own loop" in log.read_text()
+    # Flower's own console scripts, with nothing of zk0's loop between them and Flower.
+    assert "/flower-supernode --superlink" in procs[node.pid], procs
+    assert not [cmd for cmd in procs.values() if "zk0.deploy." in cmd and "zk0.deploy.procs" not in cmd], procs
+    assert ended, f"outlived the node: {started_by(mark)}"

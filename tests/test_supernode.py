@@ -176,7 +176,7 @@ def test_a_nodes_own_variables_outrank_the_ones_every_node_gets(monkeypatch):
     assert missing.startswith("node 3:") and "ZK0_NODE_3_DATASET (" in missing
 
 
-def test_node_loop_caps_flowers_waits_starts_zk0s_superexec_and_changes_nothing_in_another_flower(monkeypatch):
+def test_node_loop_caps_flowers_waits_starts_zk0s_superexec_and_changes_nothing_in_another_flower(monkeypatch, caplog):
     from flwr.supernode import start_client_internal as loop
 
     from zk0.deploy import node_loop
@@ -185,6 +185,7 @@ def test_node_loop_caps_flowers_waits_starts_zk0s_superexec_and_changes_nothing_
     monkeypatch.setattr(loop, "subprocess", subprocess)
     monkeypatch.setattr(node_loop, "IDLE_WAIT", "time.sleep(30)")  # a loop without the line it shortens
     assert not node_loop.shorten_waits() and loop.time is time
+    assert "SuperNode: Flower's own loop, unchanged" in caplog.text and "time.sleep(30)" in caplog.text
     monkeypatch.setattr(node_loop, "IDLE_WAIT", "time.sleep(3)")
     assert node_loop.shorten_waits(0.05) and loop.time is not time
     started = time.monotonic()
@@ -192,8 +193,28 @@ def test_node_loop_caps_flowers_waits_starts_zk0s_superexec_and_changes_nothing_
     assert time.monotonic() - started < 1 and loop.time.monotonic is time.monotonic
     superexec = loop.subprocess.Popen(["flower-superexec", "--help"], stdout=subprocess.PIPE, text=True)
     assert "zk0.deploy.exec_loop" in " ".join(superexec.args) and "--runtime-api-address" in superexec.communicate()[0]
-    command = supernode_command("127.0.0.1:9092", NodeSettings(dataset="/data/so100"))
-    assert command[:3] == [sys.executable, "-m", "zk0.deploy.node_loop"] and "--insecure" in command
+
+
+def test_node_loop_runs_flowers_own_loop_when_it_cannot_import_it(monkeypatch, caplog):
+    import flwr.supernode
+    from flwr.supernode import start_client_internal as loop
+
+    from zk0.deploy import node_loop
+
+    monkeypatch.setattr(loop, "time", time)
+    monkeypatch.setattr(loop, "subprocess", subprocess)
+    monkeypatch.delattr(flwr.supernode, "start_client_internal")  # as if a later Flower moved the module
+    monkeypatch.setitem(sys.modules, "flwr.supernode.start_client_internal", None)
+    assert not node_loop.shorten_waits() and loop.time is time and loop.subprocess is subprocess
+    assert "SuperNode: Flower's own loop, unchanged" in caplog.text and "cannot be imported" in caplog.text
+
+
+def test_zk0_supernode_runs_flowers_own_program_unless_asked_for_the_fast_loop():
+    node = NodeSettings(dataset="/data/so100")
+    stock = supernode_command("127.0.0.1:9092", node)
+    assert Path(stock[0]).name == "flower-supernode" and "--insecure" in stock and "zk0" not in " ".join(stock[:2])
+    fast = supernode_command("127.0.0.1:9092", node, fast_loop=True)
+    assert fast[:3] == [sys.executable, "-m", "zk0.deploy.node_loop"] and fast[3:] == stock[1:]
 
 
 def test_no_flower_process_zk0_starts_calls_home(tmp_path):
@@ -216,7 +237,7 @@ def test_no_flower_process_zk0_starts_calls_home(tmp_path):
 
 
 def test_fork_server_runs_flowers_clientapp_once_per_request_and_ends_with_its_input():
-    from zk0.deploy.exec_loop import FORK_SERVER
+    from zk0.deploy.fork_executor import FORK_SERVER
 
     server = subprocess.Popen([sys.executable, "-P", str(FORK_SERVER)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

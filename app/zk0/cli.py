@@ -39,7 +39,7 @@ def _check(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace) -> int:
     from .deploy.local import run_local
 
-    return run_local(args.env_file, args.tls, args.simulation)
+    return run_local(args.env_file, args.tls, args.simulation, fast_loop=args.fast_loop)
 
 
 def _supernode(args: argparse.Namespace) -> int:
@@ -121,6 +121,12 @@ def _add_supernode_parser(sub) -> None:
         "--host", default="127.0.0.1", help="host of this node's runtime API for its ClientApps (default 127.0.0.1)"
     )
     node.add_argument("--port", type=int, default=9094, help="port of this node's runtime API (default 9094)")
+    node.add_argument(
+        "--fast-loop", action="store_true",
+        help="run zk0's fast loop (0.25 s polls, ClientApps forked from a process that has imported Flower; "
+        "leans on Flower 1.42's private code and falls back to Flower's own where it does not fit) instead of "
+        "Flower's own flower-supernode and SuperExec (default)",
+    )
     node.set_defaults(func=_supernode)
 
 
@@ -175,6 +181,11 @@ def _add_demo_check_local_parsers(sub) -> None:
         "--simulation", type=int, default=None, metavar="N",
         help="N virtual SuperNodes in Flower's simulation runtime instead of real ones (virtual node k trains on "
         "the env-file's node k mod D); needs Flower's simulation extra (ray)",
+    )
+    local.add_argument(
+        "--fast-loop", action=argparse.BooleanOptionalAction, default=True,
+        help="run the SuperNodes with zk0's fast loop: 0.25 s polls, ClientApps forked from a process that has "
+        "imported Flower (default); --no-fast-loop runs Flower's own flower-supernode and SuperExec",
     )
     local.set_defaults(func=_local)
 

@@ -83,6 +83,7 @@ class LocalDeployment:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     superlink_starts: int = 0
     sim_nodes: list[NodeSettings] = field(default_factory=list)  # what virtual node k takes node k mod D of
+    fast_loop: bool = True  # SuperNodes in zk0's fast loop (zk0.deploy.node_loop), else Flower's own
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         """Start a process with its output in logs/<name>.log."""
@@ -123,6 +124,7 @@ class LocalDeployment:
         self.start(f"supernode-{index}", supernode_command(
             f"127.0.0.1:{self.port}", node, port=free_port(),
             root_certificates=self.tls and self.tls.ca, auth_key=self.tls and self.tls.node_key(index),
+            fast_loop=self.fast_loop,
         ))
 
     @property
@@ -219,12 +221,14 @@ def check_simulation(simulation: int, settings: ServerSettings, tls_dir: Path | 
     raise_problems(problems, "the simulation", SettingsError)
 
 
-def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: int | None = None) -> int:
+def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: int | None = None,
+              fast_loop: bool = True) -> int:
     """Run one experiment on loopback; 0 only when the run completed.
 
     With `simulation` = N, Flower's simulation runtime runs N virtual SuperNodes inside the SuperLink
     (Ray actors, SIM_CPUS_PER_NODE CPUs each) with the same ServerApp and ClientApp; virtual node k
-    trains on the env-file's node k mod D.
+    trains on the env-file's node k mod D. `fast_loop` runs the SuperNodes in zk0's fast loop
+    (zk0.deploy.node_loop), else Flower's own flower-supernode.
     """
     experiment = preflight(env_file)
     settings, nodes = experiment.settings, experiment.nodes
@@ -246,8 +250,8 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: in
     _stop_on_sigterm()
     # Virtual nodes run in the simulation runtime's working directory: hand them absolute paths.
     sim_nodes = [absolute_node_paths(n) for n in nodes] if simulation else []
-    dep = LocalDeployment(workdir, _process_env(experiment.env, workdir / "flwr-home"), tls,
-                          simulation=simulation or 0, sim_nodes=sim_nodes)
+    dep = LocalDeployment(workdir, _process_env(experiment.env, workdir / "flwr-home", fast_loop), tls,
+                          simulation=simulation or 0, sim_nodes=sim_nodes, fast_loop=fast_loop)
     write_connection(workdir / "flwr-home", f"127.0.0.1:{dep.port}", tls and tls.ca, name="local")
     # A node whose ClientApp keeps failing to start is reported, then given up on (zk0.deploy.node_watch).
     watch = NodeWatch(workdir, [] if simulation else [node.display_name for node in nodes])
@@ -263,11 +267,11 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: in
     return 0 if status == "finished:completed" else 1
 
 
-def _process_env(env: dict[str, str], flwr_home: Path) -> dict[str, str]:
+def _process_env(env: dict[str, str], flwr_home: Path, fast_loop: bool = True) -> dict[str, str]:
     """The environment of every process `zk0 local` starts, carrying the guard's mark (zk0.deploy.procs)."""
     # Flower spawns flower-superexec by name: the interpreter's bin directory must be on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return start_guard({**TASK_POLL, **env, "PATH": path, "FLWR_HOME": str(flwr_home), **QUIET,
+    return start_guard({**(TASK_POLL if fast_loop else {}), **env, "PATH": path, "FLWR_HOME": str(flwr_home), **QUIET,
                         "PYTHONUNBUFFERED": "1"})
 
 
@@ -284,4 +288,5 @@ def _start(dep: LocalDeployment, nodes: list[NodeSettings], watch: NodeWatch, at
     for index, node in enumerate(nodes):
         dep.start_supernode(index, node)
     watch.start([dep.procs[f"supernode-{index}"] for index in range(len(nodes))])
-    log.info("SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s", dep.port, len(nodes), logs)
+    log.info("SuperLink on 127.0.0.1:%d, %d SuperNodes (%s); logs in %s", dep.port, len(nodes),
+             "zk0 fast loop; --no-fast-loop for Flower's own" if dep.fast_loop else "Flower's own loop", logs)

@@ -1,4 +1,4 @@
-"""flower-supernode with a shorter wait between pulls: what `zk0 supernode` and `zk0 local` run as a node.
+"""flower-supernode with a shorter wait between pulls: the fast loop `zk0 local` runs its nodes with.
 
 Flower 1.42's SuperNode loop (flwr/supernode/start_client_internal.py) asks the SuperLink for a message,
 and when there is none sleeps a fixed 3 s; while a ClientApp runs it looks for the reply every 0.5 s.
@@ -7,7 +7,8 @@ was sent in expectation (the largest of four waits spread evenly over 3 s). Here
 every wait of that module capped at POLL_SECONDS, a few cheap requests per second per node. The SuperExec
 it starts is zk0's (zk0.deploy.exec_loop: Flower's, with each ClientApp forked from a process that has
 already imported Flower). Everything else is Flower's own `flower-supernode`, arguments included. When the
-pinned loop is not the one this was written against, nothing is changed and a line says so.
+pinned loop is not the one this was written against (or cannot be imported), nothing is changed and a
+warning says so. `zk0 supernode` runs Flower's own `flower-supernode` unless given --fast-loop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import time
 
 log = logging.getLogger("zk0")
+FAST = "SuperNode: zk0 fast loop (0.25 s polls, forked ClientApps)"
+OWN = "SuperNode: Flower's own loop"
 POLL_SECONDS = 0.25  # also the SuperExec's task poll (supernode.TASK_POLL) and the ServerApp's (server.grid)
 IDLE_WAIT = "time.sleep(3)"  # the line of Flower's loop this shortens
 SUPEREXEC = 'command = ["flower-superexec"]'  # and the one whose program it replaces
@@ -50,16 +53,32 @@ class _Processes:
         return subprocess.Popen(args, *more, **options)
 
 
-def shorten_waits(cap: float = POLL_SECONDS) -> bool:
-    """Cap the SuperNode loop's waits at `cap` seconds and start zk0's SuperExec; False (and unchanged)
-    when Flower's loop is not the pinned one."""
-    from flwr.supernode import start_client_internal as loop
+def loop_problem(loop) -> str | None:
+    """Why Flower's SuperNode loop module is not the one the fast loop was written against; None when it is."""
+    try:
+        source = inspect.getsource(loop.start_client_internal)
+    except (AttributeError, OSError, TypeError) as err:
+        return f"its source cannot be read ({type(err).__name__}: {err})"
+    if IDLE_WAIT not in source or SUPEREXEC not in source:
+        return f"it is not 1.42's (no {IDLE_WAIT!r} or no {SUPEREXEC!r})"
+    if getattr(loop, "time", None) is not time or getattr(loop, "subprocess", None) is not subprocess:
+        return "its time or subprocess module is not the standard library's"
+    return None
 
-    if isinstance(loop.time, _Clock):
-        return True
-    source = inspect.getsource(loop.start_client_internal)
-    if IDLE_WAIT not in source or SUPEREXEC not in source or loop.time is not time or loop.subprocess is not subprocess:
-        log.warning("this Flower's SuperNode loop is not 1.42's (%r, %r): it runs unchanged", IDLE_WAIT, SUPEREXEC)
+
+def shorten_waits(cap: float = POLL_SECONDS) -> bool:
+    """Cap the SuperNode loop's waits at `cap` seconds and start zk0's SuperExec; False (and unchanged,
+    with a warning naming why) when Flower's loop is not the pinned one or cannot be imported."""
+    try:
+        from flwr.supernode import start_client_internal as loop
+    except ImportError as err:
+        problem = f"it cannot be imported ({err})"
+    else:
+        if isinstance(loop.time, _Clock):
+            return True
+        problem = loop_problem(loop)
+    if problem is not None:
+        log.warning("%s, unchanged: the fast loop does not fit this Flower's SuperNode loop: %s", OWN, problem)
         return False
     loop.time, loop.subprocess = _Clock(cap), _Processes()
     return True
@@ -70,7 +89,8 @@ def main() -> None:
     from ..logs import setup_logging
 
     setup_logging()
-    shorten_waits()
+    if shorten_waits():
+        log.info(FAST)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv[0] = "flower-supernode"  # Flower's argument parser names itself after argv[0]

@@ -12,8 +12,8 @@ from pathlib import Path
 import tomli_w
 
 from ..settings import NodeSettings, SettingsError
-from .flwr_cli import QUIET
-from .node_loop import POLL_SECONDS
+from .flwr_cli import QUIET, bin_path
+from .node_loop import OWN, POLL_SECONDS
 from .preflight import preflight
 from .procs import start_guard
 
@@ -21,7 +21,8 @@ log = logging.getLogger("zk0")
 
 
 # Flower's SuperExec looks for a new message's task every second by default; a quarter second takes
-# ~0.4 s off every message on average for a few cheap loopback requests.
+# ~0.4 s off every message on average for a few cheap loopback requests. Part of the fast loop only:
+# Flower's own loop runs with Flower's own settings.
 TASK_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(POLL_SECONDS)}
 
 
@@ -71,10 +72,12 @@ def supernode_command(
     auth_key: Path | None = None,
     host: str = "127.0.0.1",
     port: int = 9094,
+    fast_loop: bool = False,
 ) -> list[str]:
-    """The flower-supernode command line for one node (zk0.deploy.node_loop: Flower's, with shorter waits):
-    TLS when a CA is given, else --insecure."""
-    cmd = [sys.executable, "-m", "zk0.deploy.node_loop", "--superlink", superlink, "--node-config", node_config(node)]
+    """The flower-supernode command line for one node: Flower's own program, or with `fast_loop` the same
+    through zk0.deploy.node_loop (shorter waits, forked ClientApps); TLS when a CA is given, else --insecure."""
+    program = [sys.executable, "-m", "zk0.deploy.node_loop"] if fast_loop else [bin_path("flower-supernode")]
+    cmd = [*program, "--superlink", superlink, "--node-config", node_config(node)]
     if root_certificates is not None:
         cmd += ["--root-certificates", str(root_certificates)]
     else:
@@ -108,11 +111,15 @@ def run_supernode(args) -> int:
     wait_reachable(args.superlink, args.connect_tries, args.connect_wait)
     cmd = supernode_command(
         args.superlink, node, root_certificates=args.root_certificates, auth_key=args.auth_key,
-        host=args.host, port=args.port,
+        host=args.host, port=args.port, fast_loop=args.fast_loop,
     )
-    log.info("SuperLink %s reachable; starting %s", args.superlink, " ".join(cmd[:3]))
+    if args.fast_loop:  # zk0.deploy.node_loop says which loop it runs once it has checked Flower's
+        log.info("SuperLink %s reachable; starting zk0's fast loop (--fast-loop)", args.superlink)
+    else:
+        log.info("SuperLink %s reachable; %s (flower-supernode and flower-superexec as Flower ships them; "
+                 "--fast-loop for zk0's)", args.superlink, OWN)
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    for key, value in {**QUIET, **TASK_POLL}.items():
+    for key, value in {**QUIET, **(TASK_POLL if args.fast_loop else {})}.items():
         env.setdefault(key, value)
     env = start_guard(env)
     sys.stdout.flush()
