@@ -1,16 +1,16 @@
-"""Checkpoints that load on another machine: a local VLM folder travels inside them, named relatively.
+"""Checkpoints that load on another machine: a local VLM folder travels inside them.
 
 SmolVLA builds its backbone from `vlm_model_name` (AutoConfig/AutoProcessor) and its tokenizer step from
 `tokenizer_name` (AutoTokenizer), even when every weight comes from model.safetensors. A Hub id resolves
 anywhere and is kept as it is; a local folder (the offline demo's tiny VLM) is copied into the checkpoint
-as `vlm/` and named `vlm` there. transformers resolves a relative name against the working directory, so
-LeRobot alone loads such a checkpoint from inside its folder; from anywhere else `localize` (or the
-three lines in README "Use a checkpoint") points the names at the checkpoint's own copy.
+as `vlm/`. The saved names stay as they were: transformers resolves a relative name against the working
+directory, not the checkpoint, so renaming them would stop plain `from_pretrained(dir)` from working on the
+very machine that wrote the checkpoint. Where the named folder is gone (the checkpoint was copied
+elsewhere), `localize` (or the lines in README "Use a checkpoint elsewhere") points the names at the copy.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -28,27 +28,10 @@ def local_vlm(name: str) -> Path | None:
 
 
 def bundle_vlm(checkpoint: Path, vlm_model_name: str) -> None:
-    """Copy a local VLM folder into `checkpoint` and name it relatively in every saved config; a Hub id stays."""
+    """Copy a local VLM folder (without weights) into `checkpoint` as `vlm/`; a Hub id needs nothing."""
     source = local_vlm(vlm_model_name)
-    if source is None:
-        return
-    checkpoint = Path(checkpoint)
-    shutil.copytree(source, checkpoint / VLM_DIR, ignore=_weights, dirs_exist_ok=True)
-    for config in checkpoint.rglob("config.json"):
-        if config.parent.is_relative_to(checkpoint / VLM_DIR):
-            continue
-        data = json.loads(config.read_text())
-        if _same(data.get("vlm_model_name"), source):
-            data["vlm_model_name"] = os.path.relpath(checkpoint / VLM_DIR, config.parent)
-            data["load_vlm_weights"] = False  # its weights are in the checkpoint's own model.safetensors
-            config.write_text(json.dumps(data, indent=4))
-    for processor in checkpoint.glob("*processor*.json"):
-        data = json.loads(processor.read_text())
-        steps = [s for s in data.get("steps", []) if _same(s.get("config", {}).get("tokenizer_name"), source)]
-        for step in steps:
-            step["config"]["tokenizer_name"] = VLM_DIR
-        if steps:
-            processor.write_text(json.dumps(data, indent=2))
+    if source is not None:
+        shutil.copytree(source, Path(checkpoint) / VLM_DIR, ignore=_weights, dirs_exist_ok=True)
 
 
 def _same(name: str | None, folder: Path) -> bool:
@@ -60,12 +43,13 @@ def _weights(folder: str, names: list[str]) -> list[str]:
 
 
 def localize(path: str, vlm_model_name: str) -> str | None:
-    """The checkpoint's own VLM copy as an absolute path when `vlm_model_name` is relative and `path` holds
-    it (load from any working directory); None when the name needs no change (a Hub id, an absolute path)."""
-    if not vlm_model_name or Path(vlm_model_name).is_absolute() or not Path(path).is_dir():
+    """The checkpoint's own VLM copy when the folder `vlm_model_name` names is not there (the checkpoint
+    moved); None when the name needs no change (it resolves, or it is a Hub id)."""
+    if not vlm_model_name or local_vlm(vlm_model_name) is not None or not Path(path).is_dir():
         return None
-    inside = (Path(path) / vlm_model_name).resolve()
-    return str(inside) if inside.is_dir() else None
+    looks_local = vlm_model_name.startswith(("/", ".", "~")) or Path(vlm_model_name).name == VLM_DIR
+    inside = (Path(path) / VLM_DIR).resolve()
+    return str(inside) if looks_local and inside.is_dir() else None
 
 
 def describe(spec: str | None, start: Path) -> str | None:
