@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message
+from packed_replies import packed_reply
 
 from zk0.server.influence import Limits, cap_shares
 from zk0.server.records import RunRecorder
@@ -35,14 +36,7 @@ def node_state(value: float, noise: int = 0) -> dict[str, torch.Tensor]:
 
 
 def reply(node_id: int, state: dict, samples: float, fmt: str, base: np.ndarray | None = None) -> Message:
-    request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    flat = pack(state, "fp32" if fmt == DELTA else fmt)
-    arrays = quantize_delta(flat - base) if fmt == DELTA else {PACKED: flat}
-    return Message(content=RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-samples": samples, "loss": float(node_id)}),
-        "node": ConfigRecord({"name": f"node-{node_id}", "layout": layout_fingerprint(SHAPES)}),
-    }), reply_to=request)
+    return packed_reply(node_id, state, samples, fmt, SHAPES, base)
 
 
 def strategy(tmp_path, fmt: str = "fp16", **limits) -> Zk0FedProx:

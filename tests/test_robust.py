@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from packed_replies import packed_reply
 
 from zk0.server.influence import dequantize
 from zk0.server.records import RunRecorder
@@ -14,7 +15,7 @@ from zk0.server.robust import robust_rule
 from zk0.server.server_opt import Zk0ServerOpt, server_optimizer
 from zk0.server.strategy import Zk0FedProx
 from zk0.settings import ServerSettings, SettingsError
-from zk0.wire import DELTA, PACKED, layout_fingerprint, pack, quantize_delta, unpack
+from zk0.wire import DELTA, layout_fingerprint, pack, quantize_delta, unpack
 
 SHAPES = {"b": (3,), "w": (4, 5)}
 CLAIMS = (10, 30, 20, 40, 25, 15, 35)  # seven nodes: Bulyan with f = 1 needs 4f + 3
@@ -47,14 +48,7 @@ def grid_state(seed: int, spread: float = 1.0) -> dict[str, np.ndarray]:
 
 
 def zk0_reply(node_id: int, state: dict, samples: int, fmt: str, base: np.ndarray) -> Message:
-    request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    flat = pack({k: torch.from_numpy(v) for k, v in state.items()}, "fp32" if fmt == DELTA else fmt)
-    arrays = quantize_delta(flat - base) if fmt == DELTA else {PACKED: flat}
-    return Message(content=RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-samples": samples, "loss": float(node_id)}),
-        "node": ConfigRecord({"name": f"node-{node_id}", "layout": layout_fingerprint(SHAPES)}),
-    }), reply_to=request)
+    return packed_reply(node_id, state, samples, fmt, SHAPES, base)
 
 
 def flower_reply(node_id: int, state: dict, samples: int) -> Message:
