@@ -1,8 +1,9 @@
-"""Write docs/reference/settings.md from the settings classes (`--check`: fail if the committed page is stale).
+"""Write the generated docs pages: docs/reference/settings.md and docs/reference/refusals.md (`--check`: only check).
 
-Run from the repository root after changing a setting: `.venv/bin/python scripts/reference_docs.py`. It reads this
-checkout's app/ (whatever zk0 is installed), the settings classes' fields (type, default, constraints,
-`Field(description=...)`) and which compose*.yaml passes each variable, so the page cannot drift from the code.
+Run from the repository root after changing a setting or a message: `.venv/bin/python scripts/reference_docs.py`.
+It reads this checkout's app/ (whatever zk0 is installed): the settings classes' fields (type, default,
+constraints, `Field(description=...)`), which compose*.yaml passes each variable, and every refusal in the
+sources (scripts/refusals_doc.py), so the pages cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "app"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
@@ -25,8 +27,11 @@ from zk0.settings import ServerSettings  # noqa: E402
 from zk0.settings_base import ENV_PREFIX  # noqa: E402
 from zk0.settings_names import DEPLOYMENT_NODE_SETTINGS, DEPLOYMENT_SETTINGS  # noqa: E402
 
+from refusals_doc import refusals_page  # noqa: E402
+
 COMMAND = ".venv/bin/python scripts/reference_docs.py"
 SETTINGS_PAGE = ROOT / "docs" / "reference" / "settings.md"
+REFUSALS_PAGE = ROOT / "docs" / "reference" / "refusals.md"
 COMPOSE_FILES = sorted(ROOT.glob("compose*.yaml"))
 BOUNDS = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}", "min_length": "length >= {}"}
 WORDS = {int: "int", float: "float", bool: "bool", str: "text", Path: "path"}
@@ -173,16 +178,22 @@ def settings_page() -> str:
     return "\n".join(parts)
 
 
+def pages() -> dict[Path, str]:
+    """Each generated page and its text."""
+    return {SETTINGS_PAGE: settings_page(), REFUSALS_PAGE: refusals_page(COMMAND)}
+
+
 def main(argv: list[str]) -> int:
-    page = settings_page()
+    generated = pages()
     if "--check" in argv:
-        if not SETTINGS_PAGE.exists() or SETTINGS_PAGE.read_text() != page:
-            print(f"{SETTINGS_PAGE.relative_to(ROOT)} is stale: run `{COMMAND}`", file=sys.stderr)
-            return 1
-        return 0
-    SETTINGS_PAGE.parent.mkdir(parents=True, exist_ok=True)
-    SETTINGS_PAGE.write_text(page)
-    print(f"wrote {SETTINGS_PAGE.relative_to(ROOT)}")
+        stale = [path for path, text in generated.items() if not path.exists() or path.read_text() != text]
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run `{COMMAND}`", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in generated.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 
