@@ -21,13 +21,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
+from refusals_doc import refusals_page  # noqa: E402
 
 from zk0.node_settings import NodeSettings  # noqa: E402
 from zk0.settings import ServerSettings  # noqa: E402
 from zk0.settings_base import ENV_PREFIX  # noqa: E402
 from zk0.settings_names import DEPLOYMENT_NODE_SETTINGS, DEPLOYMENT_SETTINGS  # noqa: E402
-
-from refusals_doc import refusals_page  # noqa: E402
 
 COMMAND = ".venv/bin/python scripts/reference_docs.py"
 SETTINGS_PAGE = ROOT / "docs" / "reference" / "settings.md"
@@ -54,7 +53,8 @@ same names work in an env-file, in the shell, and as kebab-case Flower run/node 
 `zk0 local`, `zk0 submit`, `zk0 supernode` and `zk0 check` before anything starts, all in one refusal (exit 2, about
 0.4 s: no torch, LeRobot or Flower is imported to refuse), each problem naming its variable and its env-file line;
 a misspelt name is answered with the nearest known one ("ZK0_PROXMAL_MU (did you mean ZK0_PROXIMAL_MU?)"), and an
-invalid server setting still lets `zk0 check` show the evaluation set's row (see [Troubleshooting](../troubleshooting.md)).
+invalid server setting still lets `zk0 check` show the evaluation set's row (see
+[Troubleshooting](../troubleshooting.md)).
 
 A node setting given without a node number (`ZK0_HELDOUT_EPISODES=0`, `ZK0_DEVICE=cpu`: any NodeSettings field as
 `ZK0_<FIELD>`) applies to every node, from the env-file as from the shell; a node's own `ZK0_NODE_<i>_<FIELD>`
