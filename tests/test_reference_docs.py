@@ -1,4 +1,4 @@
-"""The generated settings reference (docs/reference/settings.md) is current and names every ZK0_ setting."""
+"""The generated references (docs/reference/settings.md, refusals.md) are current; every ZK0_ setting has a row."""
 
 import importlib.util
 import re
@@ -21,11 +21,16 @@ def _rows(page: str) -> set[str]:
     return set(re.findall(r"^\| `(ZK0_[A-Z0-9_<>i]+)` \|", page, flags=re.MULTILINE))
 
 
-def test_committed_settings_page_is_the_generated_one():
-    committed = reference_docs.SETTINGS_PAGE.read_text()
-    assert committed == reference_docs.settings_page(), (
-        f"docs/reference/settings.md is stale: run `{reference_docs.COMMAND}` and commit the page"
-    )
+def test_committed_reference_pages_are_the_generated_ones():
+    stale = [path.name for path, text in reference_docs.pages().items()
+             if not path.exists() or path.read_text() != text]
+    assert stale == [], f"docs/reference/ {stale} stale: run `{reference_docs.COMMAND}` and commit the pages"
+
+
+def test_refusals_page_holds_the_preflight_and_compose_messages():
+    page = reference_docs.REFUSALS_PAGE.read_text()
+    for words in ("unknown variable(s)", "holding out", "is not reachable after", "set ZK0_NODE_0_DATASET to node 0"):
+        assert words in page, f"{words!r} missing from docs/reference/refusals.md"
 
 
 def test_every_zk0_setting_has_a_row_with_a_description():
