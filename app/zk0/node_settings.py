@@ -7,13 +7,14 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
+from .hub import check_spec, local_path
 from .settings_base import _camera_map, _Zk0Settings
 
 
 class NodeSettings(_Zk0Settings):
     """What one SuperNode needs: its data, its split and its device."""
 
-    dataset: str = Field(..., min_length=1, description="This node's LeRobot dataset: local root or Hub id.")
+    dataset: str = Field(..., min_length=1, description="This node's LeRobot dataset: local root or Hub id (owner/name[@revision]).")
     name: str = Field(
         "", description="Node name in records and WandB; empty = the dataset's name (`zk0 local`: node-<i>)."
     )
@@ -67,6 +68,7 @@ class NodeSettings(_Zk0Settings):
     )
 
     _cameras = field_validator("cameras")(_camera_map)
+    _specs = field_validator("dataset", "base_policy")(check_spec)
 
     @model_validator(mode="after")
     def _partitions_pair(self) -> Self:
@@ -78,5 +80,6 @@ class NodeSettings(_Zk0Settings):
 
     @property
     def display_name(self) -> str:
-        """The node's name, or its dataset's last path component."""
-        return self.name or Path(self.dataset.rstrip("/")).name
+        """The node's name, or its dataset's last path component (a Hub id's without its revision)."""
+        spec = self.dataset if local_path(self.dataset) is not None else self.dataset.partition("@")[0]
+        return self.name or Path(spec.rstrip("/")).name

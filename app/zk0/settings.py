@@ -9,6 +9,7 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 # NodeSettings and the shared helpers live in their own modules; every name stays importable from here.
+from .hub import check_spec
 from .node_settings import NodeSettings
 from .settings_base import ENV_PREFIX, SettingsError, _camera_map, _Zk0Settings, default_cache_dir, resolve_device
 
@@ -134,8 +135,8 @@ class ServerSettings(_Zk0Settings):
     )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N rounds (the last always).")
     output_dir: Path = Field(Path("outputs"), description="Where rounds, history and checkpoints go.")
-    base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id.")
-    eval_dataset: str | None = Field(None, description="Server evaluation dataset: local root or Hub id.")
+    base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id (owner/name[@revision]).")
+    eval_dataset: str | None = Field(None, description="Server evaluation dataset: local root or Hub id (owner/name[@revision]).")
     eval_cameras: str | None = Field(
         None,
         description="Camera map of the evaluation dataset onto the policy's slots, e.g. top=camera1,wrist=camera2.",
@@ -225,6 +226,7 @@ class ServerSettings(_Zk0Settings):
     push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
 
     _cameras = field_validator("eval_cameras")(_camera_map)
+    _specs = field_validator("base_policy", "eval_dataset")(check_spec)
 
     @field_validator("sim_labs")
     @classmethod
