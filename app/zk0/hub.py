@@ -139,7 +139,7 @@ def explain(err: Exception, ref: HubRef, repo_type: str, filename: str = "") -> 
     kind, hub = f"{repo_type} repo", f"the Hub ({constants.ENDPOINT})"
     token = "HF_TOKEN is set but cannot read it" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
     if constants.HF_HUB_OFFLINE and isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        return (f"not downloaded yet and HF_HUB_OFFLINE=1 forbids downloading it; run once with "
+        return ("not downloaded yet and HF_HUB_OFFLINE=1 forbids downloading it; run once with "
                 "HF_HUB_OFFLINE=0 where the Hub is reachable (`zk0 local` and `zk0 supernode` download what the "
                 "experiment names), or point the variable at a local folder")
     if isinstance(err, RevisionNotFoundError):
@@ -154,9 +154,9 @@ def explain(err: Exception, ref: HubRef, repo_type: str, filename: str = "") -> 
         return f"{hub} refused HF_TOKEN (invalid or expired); set HF_TOKEN to a valid token"
     unreachable = (LocalEntryNotFoundError, httpx.HTTPError, OSError)  # connection lost, refused, timed out, 5xx
     if isinstance(err, unreachable):
-        return (f"cannot reach {hub} or it stopped answering mid-download ({_short(err)}); check the "
-                "network and HF_ENDPOINT, then run the command again: a download cut off midway resumes where it "
-                "stopped. With HF_HUB_OFFLINE=1 what was downloaded before is used without the Hub")
+        return (f"cannot reach {hub}, or it stopped answering mid-download ({_short(err)}); check the network "
+                "and HF_ENDPOINT, then run the command again: files downloaded before are kept and only the "
+                "unfinished ones are fetched again. With HF_HUB_OFFLINE=1 what was downloaded is used without the Hub")
     return f"cannot read it from {hub} ({_short(err)})"
 
 

@@ -14,7 +14,9 @@ from .settings_base import _camera_map, _Zk0Settings
 class NodeSettings(_Zk0Settings):
     """What one SuperNode needs: its data, its split and its device."""
 
-    dataset: str = Field(..., min_length=1, description="This node's LeRobot dataset: local root or Hub id (owner/name[@revision]).")
+    dataset: str = Field(
+        ..., min_length=1, description="This node's LeRobot dataset: local root or Hub id (owner/name[@revision])."
+    )
     name: str = Field(
         "", description="Node name in records and WandB; empty = the dataset's name (`zk0 local`: node-<i>)."
     )

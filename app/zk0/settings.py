@@ -135,8 +135,12 @@ class ServerSettings(_Zk0Settings):
     )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N rounds (the last always).")
     output_dir: Path = Field(Path("outputs"), description="Where rounds, history and checkpoints go.")
-    base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id (owner/name[@revision]).")
-    eval_dataset: str | None = Field(None, description="Server evaluation dataset: local root or Hub id (owner/name[@revision]).")
+    base_policy: str = Field(
+        "lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id (owner/name[@revision])."
+    )
+    eval_dataset: str | None = Field(
+        None, description="Server evaluation dataset: local root or Hub id (owner/name[@revision])."
+    )
     eval_cameras: str | None = Field(
         None,
         description="Camera map of the evaluation dataset onto the policy's slots, e.g. top=camera1,wrist=camera2.",
