@@ -192,8 +192,11 @@ def test_local_trains_on_hub_ids_then_offline_reuse_makes_no_request(hub, demo, 
     assert [r["round"] for r in history] == [0, 1] and len(history[1]["contributors"]) == 2
     pinned = hub.commits_of["v3.0"]
     assert f"ZK0_NODE_0_DATASET=lab/pick@v3.0: dataset at commit {pinned[:12]}" in res.stdout
-    experiment = json.loads((out / "experiment.json").read_text())
-    assert f"lab/pick@{pinned}" in json.dumps(experiment)  # the run names the commit it trained on
+    # The records name the commits the run trained on.
+    datasets = sorted(c["dataset"] for c in history[1]["clients"].values())
+    assert datasets[0] == f"lab/pick@{pinned}" and datasets[1].startswith("lab/so100-v21@")
+    base = json.loads((out / "checkpoints" / "round-001" / "zk0.json").read_text())["base_policy"]
+    assert base.startswith("lab/tiny-smolvla@")
     # The v2.1 dataset from the Hub was converted once into zk0's cache, as a local one is.
     assert list((tmp_path / "cache" / "zk0" / "datasets").glob("lab--so100-v21-*/zk0-converted.json"))
 
