@@ -37,7 +37,7 @@ def _portable_policy(demo: dict, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def hub(demo, tmp_path_factory):
     """The stand-in serving: a policy, a dataset with two commits (v3.0 tag on the older), a v2.1 dataset,
-    a private evaluation set and a dataset with a 12 MiB file."""
+    a private evaluation set, a dataset with a 12 MiB file and a dataset repo that is not a LeRobot dataset."""
     root = tmp_path_factory.mktemp("hub-repos")
     big = root / "big"
     shutil.copytree(demo["datasets"]["node-2"], big)
@@ -51,6 +51,7 @@ def hub(demo, tmp_path_factory):
         server.add("lab/so100-v21", "dataset", demo["datasets"]["node-3"], tags=("v2.1",))
         server.add("lab/eval", "dataset", demo["datasets"]["server-eval"], private=True)
         server.add("lab/big", "dataset", big)
+        server.add("lab/not-lerobot", "dataset", demo["vlm"])  # a dataset repo without meta/info.json
         yield server
 
 
@@ -102,7 +103,8 @@ def test_check_refuses_every_hub_problem_at_once_saying_what_to_do(hub, demo, tm
     env_file = _env_file(tmp_path / "bad.env", demo, ZK0_BASE_POLICY="lab/no-such-policy",
                          ZK0_EVAL_DATASET="lab/eval",  # private, and no HF_TOKEN
                          ZK0_NODE_0_DATASET="lab/no-such-data", ZK0_NODE_1_DATASET="lab/pick@v9.9",
-                         ZK0_NODE_2_DATASET="lab/pick@bad..rev", ZK0_NODE_3_DATASET="not-an-id")
+                         ZK0_NODE_2_DATASET="lab/pick@bad..rev", ZK0_NODE_3_DATASET="not-an-id",
+                         ZK0_NODE_4_DATASET="lab/not-lerobot")
     res = _zk0("check", "--env-file", str(env_file), env=_env(hub, tmp_path))
     assert res.returncode == 2, res.stdout + res.stderr
     err = res.stderr
@@ -113,6 +115,7 @@ def test_check_refuses_every_hub_problem_at_once_saying_what_to_do(hub, demo, tm
     assert "lab/pick has no revision 'v9.9'" in err and "use one it has (main, v3.0) or a commit id" in err
     assert "ZK0_NODE_2_DATASET" in err and "revision 'bad..rev' is not a branch, tag or commit name" in err
     assert "ZK0_NODE_3_DATASET" in err and "'not-an-id' is neither a local folder" in err
+    assert "lab/not-lerobot has no meta/info.json on the Hub" in err and "so it is not a LeRobot dataset" in err
     assert "bad.env:" in err  # each problem names its env-file line
 
 
