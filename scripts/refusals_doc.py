@@ -26,7 +26,7 @@ GROUPS = [
      ("settings.py", "settings_base.py", "settings_names.py", "node_settings.py", "cameras.py", "labs.py",
       "deploy/preflight.py")),
     ("Datasets: `zk0 check`, every command's preflight (exit 2), each node when it opens its dataset",
-     ("check.py", "formats.py", "data.py", "stats.py")),
+     ("check.py", "hub.py", "formats.py", "data.py", "stats.py")),
     ("`zk0 local`", ("deploy/local.py", "deploy/run_lock.py", "deploy/node_watch.py", "deploy/procs.py")),
     ("`zk0 supernode` and the fast loop", ("deploy/supernode.py", "deploy/node_loop.py", "deploy/exec_loop.py",
                                            "deploy/fork_executor.py", "deploy/app_forks.py")),

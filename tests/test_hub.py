@@ -109,7 +109,7 @@ def test_check_refuses_every_hub_problem_at_once_saying_what_to_do(hub, demo, tm
     assert res.returncode == 2, res.stdout + res.stderr
     err = res.stderr
     assert "ZK0_BASE_POLICY=lab/no-such-policy: no model repo lab/no-such-policy on the Hub" in err
-    assert "HF_TOKEN is not set; check the id" in err and "or set HF_TOKEN" in err
+    assert "HF_TOKEN is not set; set HF_TOKEN to a token with read access to it, or check the id" in err
     assert "ZK0_EVAL_DATASET=lab/eval): no dataset repo lab/eval" in err
     assert "ZK0_NODE_0_DATASET=lab/no-such-data): no dataset repo lab/no-such-data" in err
     assert "lab/pick has no revision 'v9.9'" in err and "use one it has (main, v3.0) or a commit id" in err

@@ -143,13 +143,13 @@ def explain(err: Exception, ref: HubRef, repo_type: str, filename: str = "") -> 
                 "HF_HUB_OFFLINE=0 where the Hub is reachable (`zk0 local` and `zk0 supernode` download what the "
                 "experiment names), or point the variable at a local folder")
     if isinstance(err, RevisionNotFoundError):
-        return f"{ref.repo_id} has no revision {ref.revision!r} on {hub}; {_revisions(ref, repo_type)}"
+        return f"{ref.repo_id} has no revision {ref.revision!r} on {hub}; use {_revisions(ref, repo_type)}"
     if isinstance(err, RepositoryNotFoundError):  # the Hub answers the same for missing, private and gated repos
-        return (f"no {kind} {ref.repo_id} on {hub}, or it is private or gated and {token}; check the id "
-                "(and that it is a " + repo_type + "), or set HF_TOKEN to a token with read access to it")
+        return (f"no {kind} {ref.repo_id} on {hub}, or it is private or gated and {token}; set HF_TOKEN to a "
+                f"token with read access to it, or check the id (and that it is a {repo_type})")
     if isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError):
         what = "a LeRobot dataset" if repo_type == "dataset" else "a saved LeRobot policy"
-        return f"{ref} has no {filename} on {hub}, so it is not {what}; check the id and revision"
+        return f"{ref} has no {filename} on {hub}, so it is not {what}; point the variable at one (check the id)"
     if isinstance(err, HfHubHTTPError) and err.response is not None and err.response.status_code == 401:
         return f"{hub} refused HF_TOKEN (invalid or expired); set HF_TOKEN to a valid token"
     unreachable = (LocalEntryNotFoundError, httpx.HTTPError, OSError)  # connection lost, refused, timed out, 5xx
@@ -167,9 +167,9 @@ def _revisions(ref: HubRef, repo_type: str) -> str:
     try:
         refs = HfApi().list_repo_refs(ref.repo_id, repo_type=repo_type)
     except Exception:  # noqa: BLE001 - the listing only helps; the refusal stands without it
-        return "use a branch, tag or commit it has"
+        return "a branch, tag or commit it has"
     names = [b.name for b in refs.branches] + [t.name for t in refs.tags]
-    return f"use one it has ({', '.join(names)}) or a commit id"
+    return f"one it has ({', '.join(names)}) or a commit id"
 
 
 def _short(err: Exception) -> str:
