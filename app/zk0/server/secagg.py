@@ -18,6 +18,8 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.server import LegacyContext
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -28,10 +30,12 @@ from flwr.supercore import log
 
 from ..settings import ServerSettings
 from ..stats import STATS_KEY
-from ..wire import pack, unpack
+from ..wire import npy_bytes_view, pack, unpack
+from .grid import PromptGrid
 from .strategy import Zk0FedProx
 
 NODE_PREFIX, EVAL_PREFIX = "node.", "eval."  # how a node's records travel in its FitRes metrics (flat scalars)
+MASKED = SecAggKey.MASKED_PARAMETERS
 DROPPED = "dropped out of the SecAgg+ round before its masked update arrived"
 
 
@@ -74,6 +78,25 @@ class _Shim(Strategy):
 
     def evaluate(self, server_round, parameters):
         return None
+
+
+class _Watch(PromptGrid):
+    """The grid the workflow runs on, counting what the nodes' masked-vector replies carry: SecAgg+'s masked
+    vectors, and any arrays beside them (none: secaggplus_mod clears the handler's)."""
+
+    def __init__(self, grid: Grid):
+        super().__init__(grid)
+        self.masked_bytes = self.plain_bytes = self.masked_values = 0
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            secagg = reply.content.config_records.get(RECORD_KEY_CONFIGS) if not reply.has_error() else None
+            if secagg is not None and MASKED in secagg:
+                self.masked_bytes += sum(len(b) for b in secagg[MASKED])
+                self.masked_values += sum(npy_bytes_view(b).size for b in secagg[MASKED])
+                self.plain_bytes += sum(len(a.data) for r in reply.content.array_records.values() for a in r.values())
+        return replies
 
 
 def _fit_ins(msg: Message) -> FitIns:
@@ -130,7 +153,8 @@ class Zk0SecAggPlus(Zk0FedProx):
         context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=shim)
         context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
         context.state[MAIN_PARAMS_RECORD] = ArrayRecord()
-        self.workflow(grid, context)
+        watch = _Watch(grid)
+        self.workflow(watch, context)
         by_node = {str(m.metadata.dst_node_id): m for m in messages}
         replied = [_as_reply(fitres, by_node.pop(proxy.cid)) for proxy, fitres in shim.results]
         # A node that sent no masked vector dropped out; its masks were removed with its neighbours' key shares.
@@ -139,7 +163,12 @@ class Zk0SecAggPlus(Zk0FedProx):
             log(WARNING, "SecAgg+ halted in round %d: %d failure(s)", server_round, len(shim.failures))
             return super().aggregate_train(server_round, replied)
         self._secagg_mean = np.asarray(shim.mean[0], dtype=np.float32)
-        log(INFO, "SecAgg+ round %d: the masked sum of %d node(s) unmasked", server_round, len(replied))
+        log(INFO, "SecAgg+ round %d: the masked sum of %d node(s) unmasked", server_round, len(shim.results))
+        # What reached the server from the nodes: masked vectors only (the round record shows it).
+        self.recorder.set(self.experiment_round(server_round), secagg={
+            "masked_vectors": len(shim.results), "dropped": len(by_node), "masked_bytes": watch.masked_bytes,
+            "masked_values": watch.masked_values, "plain_array_bytes": watch.plain_bytes})
+        self.recorder.add_bytes(self.experiment_round(server_round), "received", watch.masked_bytes)
         return super().aggregate_train(server_round, replied)
 
     def _screen(self, msg: Message) -> str | None:
