@@ -88,7 +88,7 @@ class ServerSettings(_Zk0Settings):
 
     num_rounds: int = Field(3, ge=1, description="Federated rounds to run; set at least 1.")
     local_steps: int = Field(20, ge=1, description="Optimizer steps per node per round; at least 1.")
-    batch_size: int = Field(8, ge=1, description="Training batch size on each node; at least 1.")
+    batch_size: int = Field(8, ge=1, description="Batch size on each node and for evaluation; at least 1.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate; a positive number.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx mu; 0 gives FedAvg, must be >= 0.")
     strategy: Literal["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
