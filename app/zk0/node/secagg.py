@@ -70,6 +70,8 @@ def fit_reply(result: NodeReply, received: np.ndarray, name: str, dataset: str, 
     config = msg.content["config"]
     update = as_fp32(result.arrays[PACKED], str(config.get("wire-format", "fp32"))) - received
     server_round = int(config["server-round"])
+    if not np.isfinite(update).all():  # the server cannot screen a masked update: a NaN would spoil the sum unseen
+        raise ValueError("the update has NaN or Inf values: this node drops out of the SecAgg+ round")
     if keep is not None:  # the lab's own copy of what it contributed: the server cannot show it one
         keep.mkdir(parents=True, exist_ok=True)
         part = keep / f".round-{server_round:03d}.npy.part"
