@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from federation import ZK0, write_env
 from safetensors.numpy import load_file
-from test_faults import supernode_pid, superlink_port, wait_until
+from test_faults import superlink_port, supernode_pid, wait_until
 
 from zk0.settings import ServerSettings
 
