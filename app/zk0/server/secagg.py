@@ -28,6 +28,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from ..errors import RunFailed
 from ..settings import ServerSettings
 from ..stats import STATS_KEY
 from ..wire import npy_bytes_view, pack, unpack
@@ -37,6 +38,7 @@ from .strategy import Zk0FedProx
 NODE_PREFIX, EVAL_PREFIX = "node.", "eval."  # how a node's records travel in its FitRes metrics (flat scalars)
 MASKED = SecAggKey.MASKED_PARAMETERS
 DROPPED = "dropped out of the SecAgg+ round before its masked update arrived"
+HALTED = "the SecAgg+ round halted: too few nodes left for the reconstruction threshold"
 
 
 class _Proxy(ClientProxy):
@@ -136,7 +138,8 @@ class Zk0SecAggPlus(Zk0FedProx):
     def __init__(self, workflow: SecAggPlusWorkflow, **kwargs):
         super().__init__(**kwargs)
         self.workflow = workflow
-        self._round: tuple[list[Message], Grid] | None = None
+        self._round: tuple[list[Message], Grid] | None = None  # the round's messages and grid, for aggregate_train
+        self._secagg_mean: np.ndarray | None = None  # the round's unmasked mean update (flat fp32)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
@@ -155,13 +158,16 @@ class Zk0SecAggPlus(Zk0FedProx):
         context.state[MAIN_PARAMS_RECORD] = ArrayRecord()
         watch = _Watch(grid)
         self.workflow(watch, context)
+        if shim.mean is None:  # nothing to aggregate: zk0's strategy fails the round naming every node
+            log(WARNING, "SecAgg+ halted in round %d: %d failure(s)", server_round, len(shim.failures))
+            return super().aggregate_train(server_round, [Message(Error(0, HALTED), reply_to=m) for m in messages])
         by_node = {str(m.metadata.dst_node_id): m for m in messages}
         replied = [_as_reply(fitres, by_node.pop(proxy.cid)) for proxy, fitres in shim.results]
         # A node that sent no masked vector dropped out; its masks were removed with its neighbours' key shares.
         replied += [Message(Error(0, DROPPED), reply_to=m) for m in by_node.values()]
-        if shim.mean is None:  # the protocol halted (too few nodes for the threshold): fail naming the nodes
-            log(WARNING, "SecAgg+ halted in round %d: %d failure(s)", server_round, len(shim.failures))
-            return super().aggregate_train(server_round, replied)
+        # A masked update is in the sum once it arrived: an unsound reply cannot be left out, so the round fails.
+        if unsound := {m.metadata.src_node_id: r for m in replied if not m.has_error() and (r := self._sound(m))}:
+            raise RunFailed(f"round {self.experiment_round(server_round)}: SecAgg+ summed unsound replies: {unsound}")
         self._secagg_mean = np.asarray(shim.mean[0], dtype=np.float32)
         log(INFO, "SecAgg+ round %d: the masked sum of %d node(s) unmasked", server_round, len(shim.results))
         # What reached the server from the nodes: masked vectors only (the round record shows it).
@@ -172,7 +178,10 @@ class Zk0SecAggPlus(Zk0FedProx):
         return super().aggregate_train(server_round, replied)
 
     def _screen(self, msg: Message) -> str | None:
-        # Nothing of a node's update is visible to screen: its layout and claim are all there is.
+        return None  # aggregate_train checked what is visible (_sound) before the sum was used
+
+    def _sound(self, msg: Message) -> str | None:
+        """Why a node's visible reply is unsound: nothing of its update can be screened, only its layout and claim."""
         node = msg.content.get("node")
         if not node or node.get("layout") != self._layout:
             return "weights have the wrong names or shapes"
