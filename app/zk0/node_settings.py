@@ -68,6 +68,10 @@ class NodeSettings(_Zk0Settings):
         None, description="Where this node keeps its personalised model (ZK0_PERSONALIZE_STEPS), in LeRobot's format; "
         "default <cache dir>/personal/<name>. It never leaves the node.",
     )
+    secagg_keep_dir: Path | None = Field(
+        None, description="ZK0_SECURE_AGGREGATION=secaggplus: where this node keeps each update it sends, before "
+        "masking (round-NNN.npy, fp32), for its own audit (the server only sees the masked sum); unset = not kept.",
+    )
 
     _cameras = field_validator("cameras")(_camera_map)
     _specs = field_validator("dataset", "base_policy")(check_spec)

@@ -11,7 +11,8 @@ from pydantic import Field, field_validator, model_validator
 # NodeSettings and the shared helpers live in their own modules; every name stays importable from here.
 from .hub import check_spec
 from .node_settings import NodeSettings
-from .settings_base import ENV_PREFIX, SettingsError, _camera_map, _Zk0Settings, default_cache_dir, resolve_device
+from .settings_base import ENV_PREFIX, SettingsError, _camera_map, default_cache_dir, resolve_device
+from .settings_secagg import SecAggSettings, secagg_problems
 
 __all__ = [
     "AGGREGATION_SETTINGS", "ENV_PREFIX", "SERVER_OPT_SETTINGS", "NodeSettings", "ServerSettings", "SettingsError",
@@ -54,13 +55,14 @@ def aggregation_problems(s: ServerSettings) -> list[str]:
         problems.append(f"{ENV_PREFIX}MULTIKRUM_SELECT={s.multikrum_select} is above {ENV_PREFIX}MIN_NODES - "
                         f"{ENV_PREFIX}BYZANTINE_NODES = {s.min_nodes - f}: MultiKrum averages at most the n - f "
                         "best-scored updates; lower it")
+    problems += secagg_problems(s)
     if 0 < s.norm_bound_factor < 1:
         problems.append(f"{ENV_PREFIX}NORM_BOUND_FACTOR={s.norm_bound_factor}: below 1 it would clip the median "
                         "update itself; use 0 (off) or a value >= 1")
     return problems
 
 
-class ServerSettings(_Zk0Settings):
+class ServerSettings(SecAggSettings):
     """What the ServerApp (and `zk0 local`) needs to run one experiment."""
 
     num_rounds: int = Field(3, ge=1, description="Federated rounds to run; set at least 1.")
