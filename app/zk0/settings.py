@@ -137,9 +137,7 @@ class ServerSettings(SecAggSettings):
     )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N rounds (the last always).")
     output_dir: Path = Field(Path("outputs"), description="Where rounds, history and checkpoints go.")
-    base_policy: str = Field(
-        "lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id (owner/name[@revision])."
-    )
+    base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id owner/name[@rev].")
     eval_dataset: str | None = Field(
         None, description="Server evaluation dataset: local root or Hub id (owner/name[@revision])."
     )
