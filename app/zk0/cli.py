@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .deploy.node_watch import GIVE_UP_AFTER
 from .deploy.supernode import UnreachableError
-from .errors import DatasetError
+from .errors import DatasetError, OutputInUse
 from .logs import setup_logging
 from .settings import SettingsError
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return args.func(args)
-    except (SettingsError, DatasetError) as err:
+    except (SettingsError, DatasetError, OutputInUse) as err:
         print(f"zk0: {err}", file=sys.stderr)
         return 2
     except UnreachableError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from ..model import (
     trainable_state,
 )
 from ..portable import describe
+from ..run_lock import hold_for_serverapp
 from ..settings import ServerSettings, SettingsError, resolve_device
 from ..stats import DIGEST_KEY, digest, from_json, merge_stats, to_json
 from .plots import Plotter
@@ -52,11 +54,17 @@ FRAMES_FILE = "node-frames.json"  # training frames each node counted in its sta
 _LOCKS: dict[Path, object] = {}
 
 
+def experiment_digest(settings: ServerSettings) -> str:
+    """What tells a ServerApp resubmitted for this run's settings from another run on the same folder."""
+    return hashlib.sha256(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def lock_output(out_dir: Path, timeout: float = 300.0):
     """Hold OUTPUT_DIR/.lock while this process lives, so two ServerApps never write one experiment.
 
     After a SuperLink restart the previous ServerApp may still be finishing a checkpoint: the
-    resubmitted one waits for it to exit (the kernel drops the lock with the process).
+    resubmitted one waits for it to exit (the kernel drops the lock with the process). Under `zk0 local`,
+    which holds the run's lock (zk0.run_lock) for all its ServerApps, this lock is what orders them.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = (out_dir / ".lock").resolve()
@@ -84,6 +92,9 @@ class ServerRuntime:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.out_dir = Path(settings.output_dir)
+        # Before any work: a run that another one's folder refuses is refused at once (zk0.run_lock).
+        self.run_lock = hold_for_serverapp(self.out_dir, experiment_digest(settings))
+        self.lock = lock_output(self.out_dir)
         self.device = resolve_device(settings.device)
         self.adapter = Adapter.from_settings(settings)
         self.policy = load_policy(settings.base_policy, self.device, self.adapter, settings.seed)
@@ -106,7 +117,6 @@ class ServerRuntime:
             self.stats = to_json(from_json(saved.read_text()))  # a restarted server keeps the statistics it merged
             log.info("normalisation statistics from %s (merged before round 1)", saved)
         self.use_stats(self.stats)
-        self.lock = lock_output(self.out_dir)
         self.recorder = RunRecorder(self.out_dir)
         self.plotter = Plotter(self.out_dir)
         self.start_round = self._resume()
