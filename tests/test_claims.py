@@ -200,13 +200,15 @@ def evaluate_request(base: str, dataset: str, cameras: str, heldout: int = 2):
 
     from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
     from zk0.node.messages import NodeRequest
+    from zk0.settings import NodeSettings
     from zk0.wire import PACKED, layout_fingerprint, pack
 
     policy = load_policy(base, "cpu")
     config = {"wire-format": "fp16", "base-policy": base, "seed": 0, "base-fingerprint": frozen_fingerprint(policy),
               "weights-layout": layout_fingerprint(trainable_shapes(policy)), "batch-size": 4, "eval-batches": 1}
     node = {"dataset": dataset, "cameras": cameras, "heldout-episodes": heldout, "torch-threads": 1}
-    return NodeRequest("evaluate", node, config, {PACKED: Array(pack(trainable_state(policy), "fp16")).data})
+    return NodeRequest("evaluate", NodeSettings.from_flower_config(node), config,
+                       {PACKED: Array(pack(trainable_state(policy), "fp16")).data})
 
 
 def rewrite(path: Path) -> None:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cameras import IMAGE_PREFIX, match_cameras, parse_camera_map, short_name, suggest_map
+from .cameras import IMAGE_PREFIX, CameraMap, match_cameras, short_name, suggest_map
 from .errors import DatasetError
 
 SUPPORTED = "v3.0"
@@ -148,7 +148,7 @@ def _check_version(row: DatasetCheck, version: str) -> None:
 
 
 def check_dataset(
-    role: str, spec: str, setting: str, cameras_setting: str, camera_map: str | None, policy: PolicyLayout | None,
+    role: str, spec: str, setting: str, cameras_setting: str, camera_map: CameraMap | None, policy: PolicyLayout | None,
     *, heldout: int = 0, partitions: int | None = None, heldout_setting: str = "",
 ) -> DatasetCheck:
     """Check one dataset's format, cameras (after the map), state/action sizes and episode split."""
@@ -182,13 +182,9 @@ def check_dataset(
     return row
 
 
-def _check_cameras(row: DatasetCheck, camera_map: str | None, policy: PolicyLayout) -> None:
-    try:
-        rename = parse_camera_map(camera_map)
-    except ValueError as err:
-        row.problem(f"{row.cameras_setting}={camera_map}: {err}")
-        return
-    row.fed, problems = match_cameras(row.cameras, policy.slots, rename)
+def _check_cameras(row: DatasetCheck, camera_map: CameraMap | None, policy: PolicyLayout) -> None:
+    """The map (parsed with the settings it came in) against the dataset's cameras and the policy's slots."""
+    row.fed, problems = match_cameras(row.cameras, policy.slots, camera_map)
     if problems:
         slots = ", ".join(short_name(s) for s in policy.slots)
         cams = ", ".join(short_name(c) for c in row.cameras) or "none"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from .settings_base import _camera_map, _Zk0Settings
+from .cameras import CameraMap
+from .settings_base import _Zk0Settings
 
 
 class NodeSettings(_Zk0Settings):
@@ -15,7 +16,7 @@ class NodeSettings(_Zk0Settings):
 
     dataset: str = Field(..., min_length=1, description="This node's LeRobot dataset: local root or Hub id.")
     name: str = Field("", description="Human-readable node name used in records; defaults to the dataset name.")
-    cameras: str | None = Field(
+    cameras: CameraMap | None = Field(
         None, description="Camera map of this node's dataset onto the policy's slots, e.g. top=camera1,wrist=camera2."
     )
     cache_dir: Path | None = Field(
@@ -60,7 +61,6 @@ class NodeSettings(_Zk0Settings):
         "default <cache dir>/personal/<name>. It never leaves the node.",
     )
 
-    _cameras = field_validator("cameras")(_camera_map)
 
     @model_validator(mode="after")
     def _partitions_pair(self) -> Self:

@@ -9,8 +9,9 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 # NodeSettings and the shared helpers live in their own modules; every name stays importable from here.
+from .cameras import CameraMap
 from .node_settings import NodeSettings
-from .settings_base import ENV_PREFIX, SettingsError, _camera_map, _Zk0Settings, default_cache_dir, resolve_device
+from .settings_base import ENV_PREFIX, SettingsError, _Zk0Settings, default_cache_dir, resolve_device
 
 __all__ = [
     "AGGREGATION_SETTINGS", "ENV_PREFIX", "SERVER_OPT_SETTINGS", "NodeSettings", "ServerSettings", "SettingsError",
@@ -136,7 +137,7 @@ class ServerSettings(_Zk0Settings):
     output_dir: Path = Field(Path("outputs"), description="Where rounds, history and checkpoints go.")
     base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id.")
     eval_dataset: str | None = Field(None, description="Server evaluation dataset: local root or Hub id.")
-    eval_cameras: str | None = Field(
+    eval_cameras: CameraMap | None = Field(
         None,
         description="Camera map of the evaluation dataset onto the policy's slots, e.g. top=camera1,wrist=camera2.",
     )
@@ -224,7 +225,6 @@ class ServerSettings(_Zk0Settings):
     hf_private: bool = Field(False, description="Create the Hub repo as private.")
     push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
 
-    _cameras = field_validator("eval_cameras")(_camera_map)
 
     @field_validator("sim_labs")
     @classmethod

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..cameras import parse_camera_map
 from ..data import check_opened, eval_batches, open_dataset
 from ..errors import RunFailed
 from ..evaluate import evaluate_policy
@@ -143,7 +142,7 @@ class ServerRuntime:
         evaluation's with the evaluation set's."""
         values = from_json(stats) if stats else None
         self.preprocessor, self.postprocessor = load_processors(self.settings.base_policy, self.device, stats=values)
-        rename = parse_camera_map(self.settings.eval_cameras)
+        rename = self.settings.eval_cameras
         self.eval_preprocessor = self.preprocessor
         if rename:
             self.eval_preprocessor = load_processors(self.settings.base_policy, self.device, rename, values)[0]
@@ -158,7 +157,8 @@ class ServerRuntime:
                 f"normalisation statistics came from {len(usable)} node(s), "
                 f"ZK0_MIN_NODES={self.settings.min_nodes} are required: {reasons}"
             )
-        parts = {name: from_json(text) for name, text in usable}
+        # By name: merged in the order replies arrived, the statistics would differ run to run in their last bits.
+        parts = {name: from_json(text) for name, text in sorted(usable)}
         # What each lab said it trains on: the round records show it beside a claim of more samples than a round uses.
         # In place: the strategy's limits hold this dict.
         self.node_frames.update({name: int(p["action"]["count"][0]) for name, p in parts.items() if "action" in p})

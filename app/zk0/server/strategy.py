@@ -48,6 +48,13 @@ def _node_info(msg: Message) -> dict:
     return {k: node[k] if k in ("fps", "frames") else str(node[k]) for k in NODE_FIELDS if k in node}
 
 
+def in_node_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies by node name, then node id. Flower hands them over in arrival order, which varies from run to run,
+    and float sums are not associative: summed in another order the same replies give a mean that differs in its
+    last bits, and training from it drifts further every round (a demo's losses differed in the 6th decimal)."""
+    return sorted(replies, key=lambda m: (str(_node_info(m).get("name", "")), m.metadata.src_node_id))
+
+
 def replying_node(reply: Message, sent: Iterable[Metadata]) -> int:
     """The node a reply is for. The SuperLink signs the error replies it makes for a node that went
     offline with its own id, so those are matched to the message they answer (`sent`: its metadata)."""
@@ -215,6 +222,7 @@ class Zk0FedProx(FedProx):
         """Record the nodes' held-out metrics of the global model after `server_round`, sent with their next
         round's training, in that round's record as an evaluate message's would be."""
         usable = []
+        evaluated = sorted(evaluated, key=lambda found: (str(found[1].get("name", "")), found[0]))  # see in_node_order
         # Nodes that trained the round under other ids (SuperNodes restarted with a resumed experiment) are the
         # same labs: their entries, found by node name, take the evaluation.
         entries = self.recorder.rounds.get(server_round, {}).get("clients", {}).values()
@@ -254,6 +262,7 @@ class Zk0FedProx(FedProx):
         replies, _ = self._check_and_log_replies(replies, is_train=True)
         if not replies:
             return None, None, {}
+        replies = in_node_order(replies)
         nodes = [m.metadata.src_node_id for m in replies]
         names = [str((m.content.get("node") or {}).get("name", n)) for m, n in zip(replies, nodes, strict=True)]
         # Zero-copy views of the packed replies
@@ -292,7 +301,7 @@ class Zk0FedProx(FedProx):
             self.recorder.client(server_round, msg.metadata.src_node_id, "eval", {**_node_info(msg), **metrics})
             if metrics.get(self.weighted_by_key, 0) > 0:
                 usable.append(msg)
-        metrics = super().aggregate_evaluate(server_round, usable)
+        metrics = super().aggregate_evaluate(server_round, in_node_order(usable))
         where = {"node_eval_in": "evaluate"} if usable else {}  # in-train evaluations of this model come next round
         self.recorder.set(server_round, eval_aggregate=dict(metrics) if metrics else None, **where)
         return metrics
