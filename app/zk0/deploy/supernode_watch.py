@@ -51,7 +51,7 @@ def run_watched(cmd: list[str], env: dict[str, str], name: str, give_up_after: f
     deadline = time.monotonic() + 1.0  # what it wrote last; its SuperExec may hold the pipes open after it ended
     while _read(streams, 0.1) and time.monotonic() < deadline:
         pass
-    return proc.returncode
+    return 128 - proc.returncode if proc.returncode < 0 else proc.returncode  # killed by a signal: as a shell says
 
 
 def _read(streams: dict[int, list], wait: float) -> list[str]:
