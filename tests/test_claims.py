@@ -3,6 +3,7 @@ and sockets on loopback: each test runs only the parts its claim is about (no fe
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import inspect
 import logging
@@ -230,7 +231,8 @@ def test_warm_worker_reloads_for_new_inputs_and_is_replaced_for_another_app(demo
     assert (warm_flag(), warm_flag()) == (0.0, 1.0)  # started, then found loaded
     (worker,) = pids_with(f"--owner-pid\0{owner.pid}\0".encode(), "cmdline")
     changes = {
-        "node settings": lambda: requests[-1].node_config.update({"heldout-episodes": 1}),
+        "node settings": lambda: requests.append(dataclasses.replace(
+            requests[-1], settings=requests[-1].settings.model_copy(update={"heldout_episodes": 1}))),
         "dataset files": lambda: rewrite(dataset / "meta" / "info.json"),
         "base policy files": lambda: rewrite(base / "model.safetensors"),
         "base policy": lambda: requests.append(evaluate_request(str(shutil.copytree(base, tmp_path / "base-2")),
