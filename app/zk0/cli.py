@@ -123,12 +123,9 @@ def _add_supernode_parser(sub) -> None:
         "--host", default="127.0.0.1", help="host of this node's runtime API for its ClientApps (default 127.0.0.1)"
     )
     node.add_argument("--port", type=int, default=9094, help="port of this node's runtime API (default 9094)")
-    node.add_argument(
-        "--give-up-after", type=float, default=GIVE_UP_AFTER, metavar="SECONDS",
-        help="once a message has arrived, stop the SuperNode and exit 4 if its ClientApp has failed to start and "
-        f"still not started this many seconds later, as `zk0 local` gives up on such a node (default "
-        f"{GIVE_UP_AFTER:.0f}: three of Flower's 30 s start windows)",
-    )
+    node.add_argument("--give-up-after", type=float, default=GIVE_UP_AFTER, metavar="SECONDS",
+                      help="stop the SuperNode and exit 4 when its ClientApp has failed to start and still not started "
+                      f"this long after a message arrived, as `zk0 local` gives up (default {GIVE_UP_AFTER:.0f})")
     node.add_argument(
         "--fast-loop", action="store_true",
         help="run zk0's fast loop (0.25 s polls, ClientApps forked from a process that has imported Flower; "

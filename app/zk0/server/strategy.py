@@ -49,9 +49,7 @@ def _node_info(msg: Message) -> dict:
 
 
 def in_node_order(replies: Iterable[Message]) -> list[Message]:
-    """Replies by node name, then node id. Flower hands them over in arrival order, which varies from run to run,
-    and float sums are not associative: summed in another order the same replies give a mean that differs in its
-    last bits, and training from it drifts further every round (a demo's losses differed in the 6th decimal)."""
+    """By node name, then id: Flower's arrival order varies run to run and float sums are not associative."""
     return sorted(replies, key=lambda m: (str(_node_info(m).get("name", "")), m.metadata.src_node_id))
 
 
@@ -98,13 +96,10 @@ class Zk0FedProx(FedProx):
         # ZK0_EVAL_MODE=in-train: round r's train message has nodes evaluate the model it brings (round r-1's)
         # first, and only the last round (`last_round`) gets an evaluate message. `after_node_eval(round)` is
         # told when an earlier round's record gained those evaluations (its WandB step is logged again).
-        self.eval_in_train = eval_in_train
-        self.last_round = last_round
-        self.after_node_eval = after_node_eval
+        self.eval_in_train, self.last_round, self.after_node_eval = eval_in_train, last_round, after_node_eval
         self.wire_format = wire_format
         self.layout_tag = layout_tag  # what the layout fingerprint covers beyond names and shapes (LoRA's settings)
-        self.recorder = recorder
-        self.is_eval_round = is_eval_round
+        self.recorder, self.is_eval_round = recorder, is_eval_round
         self._shapes: dict[str, tuple] = {}
         self._layout = ""
         self._base = None  # the round's fp32 global model, flat: int8 updates are added to it, updates measured from it
@@ -222,12 +217,11 @@ class Zk0FedProx(FedProx):
         """Record the nodes' held-out metrics of the global model after `server_round`, sent with their next
         round's training, in that round's record as an evaluate message's would be."""
         usable = []
-        evaluated = sorted(evaluated, key=lambda found: (str(found[1].get("name", "")), found[0]))  # see in_node_order
         # Nodes that trained the round under other ids (SuperNodes restarted with a resumed experiment) are the
         # same labs: their entries, found by node name, take the evaluation.
         entries = self.recorder.rounds.get(server_round, {}).get("clients", {}).values()
         known = {c.get("name"): c["node_id"] for c in entries}
-        for node_id, info in evaluated:
+        for node_id, info in sorted(evaluated, key=lambda found: (str(found[1].get("name", "")), found[0])):
             self.recorder.client(server_round, known.get(info.get("name"), node_id), "eval", info)
             metrics = {k: v for k, v in info.items() if k not in NODE_FIELDS}
             if metrics.get(self.weighted_by_key, 0) > 0:
@@ -259,10 +253,9 @@ class Zk0FedProx(FedProx):
     def _aggregate(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
         """The new global model from the screened replies, in fp32: claims and shares limited, far-off updates
         scaled back (`self.limits`), then the weighted mean or Flower's robust rule; and what the limits changed."""
-        replies, _ = self._check_and_log_replies(replies, is_train=True)
+        replies = in_node_order(self._check_and_log_replies(replies, is_train=True)[0])
         if not replies:
             return None, None, {}
-        replies = in_node_order(replies)
         nodes = [m.metadata.src_node_id for m in replies]
         names = [str((m.content.get("node") or {}).get("name", n)) for m, n in zip(replies, nodes, strict=True)]
         # Zero-copy views of the packed replies
