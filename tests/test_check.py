@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from zk0.cameras import match_cameras, parse_camera_map, suggest_map
+from zk0.cameras import CameraMap, match_cameras, parse_camera_map, suggest_map
 from zk0.check import PolicyLayout, check_dataset, policy_layout, table
 from zk0.settings import NodeSettings, SettingsError
 
@@ -61,24 +61,24 @@ def test_every_refusal_names_the_setting_the_cameras_and_the_fix(demo, tmp_path)
     assert "policy slots: camera1, camera2, camera3" in text
     assert "ZK0_NODE_0_CAMERAS=top=camera1,wrist=camera2" in text  # ready to paste
 
-    lacking = check_dataset("n", node0, "D", "C", "top=camera1,left=camera2", POLICY).problems
+    lacking = check_dataset("n", node0, "D", "C", CameraMap.parse("top=camera1,left=camera2"), POLICY).problems
     assert "names left, which the dataset lacks" in lacking[0]
-    no_slot = check_dataset("n", node0, "D", "C", "top=camera1,wrist=camera9", POLICY).problems
+    no_slot = check_dataset("n", node0, "D", "C", CameraMap.parse("top=camera1,wrist=camera9"), POLICY).problems
     assert "targets camera9, which the policy has no slot for" in no_slot[0]
 
     old = rewrite_info(demo["datasets"]["node-0"], tmp_path / "old", codebase_version="v1.6")
-    refused = check_dataset("n", str(old), "D", "C", "top=camera1", POLICY).problems
+    refused = check_dataset("n", str(old), "D", "C", CameraMap.parse("top=camera1"), POLICY).problems
     assert "format v1.6" in refused[0] and "older LeRobot release" in refused[0]
     seven = rewrite_info(demo["datasets"]["node-0"], tmp_path / "seven", state_shape=[7])
-    seven_row = check_dataset("n", str(seven), "D", "C", "top=camera1", POLICY)
+    seven_row = check_dataset("n", str(seven), "D", "C", CameraMap.parse("top=camera1"), POLICY)
     assert "state has 7 values, the policy expects 6" in seven_row.problems[0]
-    held = check_dataset("n", node0, "D", "C", "top=camera1", POLICY, heldout=6,
+    held = check_dataset("n", node0, "D", "C", CameraMap.parse("top=camera1"), POLICY, heldout=6,
                          heldout_setting="ZK0_NODE_0_HELDOUT_EPISODES")
     assert "holding out 6 of its 6 episodes" in held.problems[0] and "ZK0_NODE_0_HELDOUT_EPISODES" in held.problems[0]
 
-    v21 = check_dataset("node-3", node3, "D", "C", demo["cameras"]["node-3"], POLICY)
+    v21 = check_dataset("node-3", node3, "D", "C", CameraMap.parse(demo["cameras"]["node-3"]), POLICY)
     assert v21.version == "v2.1" and not v21.problems and v21.verdict == "ok, converted on open"
-    one = check_dataset("node-2", str(demo["datasets"]["node-2"]), "D", "C", "front=camera1", POLICY)
+    one = check_dataset("node-2", str(demo["datasets"]["node-2"]), "D", "C", CameraMap.parse("front=camera1"), POLICY)
     assert one.fps == 15 and one.fed == {"observation.images.front": SLOTS[0]}
     assert "front->camera1" in table([one, v21]) and "up->camera1, side->camera2" in table([one, v21])
 

@@ -4,6 +4,7 @@ federation of its own)."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import inspect
 import logging
@@ -201,13 +202,15 @@ def evaluate_request(base: str, dataset: str, cameras: str, heldout: int = 2):
 
     from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainable_state
     from zk0.node.messages import NodeRequest
+    from zk0.settings import NodeSettings
     from zk0.wire import PACKED, layout_fingerprint, pack
 
     policy = load_policy(base, "cpu")
     config = {"wire-format": "fp16", "base-policy": base, "seed": 0, "base-fingerprint": frozen_fingerprint(policy),
               "weights-layout": layout_fingerprint(trainable_shapes(policy)), "batch-size": 4, "eval-batches": 1}
     node = {"dataset": dataset, "cameras": cameras, "heldout-episodes": heldout, "torch-threads": 1}
-    return NodeRequest("evaluate", node, config, {PACKED: Array(pack(trainable_state(policy), "fp16")).data})
+    return NodeRequest("evaluate", NodeSettings.from_flower_config(node), config,
+                       {PACKED: Array(pack(trainable_state(policy), "fp16")).data})
 
 
 def rewrite(path: Path) -> None:
@@ -229,7 +232,8 @@ def test_warm_worker_reloads_for_new_inputs_and_is_replaced_for_another_app(demo
     assert (warm_flag(), warm_flag()) == (0.0, 1.0)  # started, then found loaded
     (worker,) = pids_with(f"--owner-pid\0{owner.pid}\0".encode(), "cmdline")
     changes = {
-        "node settings": lambda: requests[-1].node_config.update({"heldout-episodes": 1}),
+        "node settings": lambda: requests.append(dataclasses.replace(
+            requests[-1], settings=requests[-1].settings.model_copy(update={"heldout_episodes": 1}))),
         "dataset files": lambda: rewrite(dataset / "meta" / "info.json"),
         "base policy files": lambda: rewrite(base / "model.safetensors"),
         "base policy": lambda: requests.append(evaluate_request(str(shutil.copytree(base, tmp_path / "base-2")),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,17 @@ def test_a_claim_that_is_no_positive_count_is_excluded(tmp_path, claim):
     arrays, _ = s.aggregate_train(1, replies)
     assert s.recorder.rounds[1]["contributors"] == [1, 2, 3]
     assert "num-samples" in s.recorder.rounds[1]["excluded"]["4"] and arrays["w"].numpy().min() > 0.9
+
+
+def test_the_same_replies_in_any_arrival_order_give_the_same_bits(tmp_path):
+    """Flower hands replies over in arrival order, which varies from run to run, and float sums are not associative:
+    the strategy sums them in node order, so a run's model does not depend on which node answered first."""
+    rng = np.random.default_rng(0)
+    nodes = [{k: torch.from_numpy(rng.normal(size=s).astype(np.float32)) for k, s in SHAPES.items()} for _ in range(4)]
+    samples = [240.0, 80.0, 160.0, 120.0]
+    results = set()
+    for order in itertools.permutations(range(4)):
+        arrays, _ = strategy(tmp_path, "fp32").aggregate_train(1, [reply(i + 1, nodes[i], samples[i], "fp32")
+                                                                   for i in order])
+        results.add(b"".join(arrays[k].numpy().tobytes() for k in SHAPES))
+    assert len(results) == 1

@@ -98,3 +98,43 @@ def test_corrupt_video_frames_are_skipped_and_counted_up_to_a_bound(demo, base, 
                                max_bad_samples=3)
     with pytest.raises(DatasetError, match=r"4 samples could not be read, more than ZK0_MAX_BAD_SAMPLES=3"):
         train_on_node(open_session(strict, path, state, seed=0, fingerprint=fp), plan, 16, seed=0)
+
+
+def test_a_node_parses_its_settings_and_camera_map_once_per_message_process_and_checks_what_it_is_sent(
+    demo, base, tmp_path, monkeypatch
+):
+    """A ClientApp process (one per Flower message) parses the node config and its camera map once, at the edge;
+    the worker and session take them typed. The message's config is checked once too: a bad mu is refused there."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from zk0 import cameras
+    from zk0.bench.models import message
+    from zk0.node import client_app
+    from zk0.wire import PACKED, layout_fingerprint, pack
+
+    parses, builds = [], []
+    parse = cameras.parse_camera_map
+    monkeypatch.setattr(cameras, "parse_camera_map", lambda text: parses.append(text) or parse(text))
+    init = NodeSettings.__init__
+    monkeypatch.setattr(NodeSettings, "__init__", lambda self, **kw: builds.append(kw) or init(self, **kw))
+
+    path, state, fingerprint = base
+    node = {"dataset": str(demo["datasets"]["node-1"]), "cameras": demo["cameras"]["node-1"], "torch-threads": 1,
+            "warm": False, "cache-dir": str(tmp_path / "cache")}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    config = {"base-policy": path, "base-fingerprint": fingerprint, "seed": 0, "wire-format": "fp32",
+              "local-steps": 2, "total-steps": 4, "batch-size": 4, "learning-rate": 1e-3, "eval-batches": 1,
+              "server-round": 1, "proximal-mu": 0.01,
+              "weights-layout": layout_fingerprint({k: tuple(v.shape) for k, v in state.items()})}
+    query = client_app.query(message(RecordDict({"config": ConfigRecord(config)}), "query"), context)
+    assert query.content["node"]["stats"] and (len(parses), len(builds)) == (1, 1)
+    arrays = ArrayRecord({PACKED: Array(np.ascontiguousarray(pack(state, "fp32")))})
+    trained = client_app.train(message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)})), context)
+    assert trained.content["metrics"]["steps"] == 2
+    assert parses == [demo["cameras"]["node-1"]] * 2 and len(builds) == 2  # once per message, never in the worker
+
+    bad = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "proximal-mu": -0.5, "batch-size": 0})})
+    with pytest.raises(ValueError) as refused:
+        client_app.train(message(bad), context)
+    assert "proximal-mu=-0.5 must be >= 0.0 (the server's ZK0_PROXIMAL_MU)" in str(refused.value)
+    assert "batch-size=0 must be >= 1 (the server's ZK0_BATCH_SIZE)" in str(refused.value)

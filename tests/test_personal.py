@@ -20,7 +20,7 @@ from zk0.node.messages import NodeRequest
 from zk0.node.personal import checkpoint_steps, validation_split
 from zk0.node.worker import NodeWorker
 from zk0.server.adaptive import next_mu, round_losses
-from zk0.settings import ServerSettings, SettingsError
+from zk0.settings import NodeSettings, ServerSettings, SettingsError
 from zk0.wire import PACKED, layout_fingerprint, pack
 
 
@@ -37,7 +37,7 @@ def evaluate_request(demo, tmp_path, adapter: Adapter | None = None, **changes) 
     node = {"dataset": str(demo["datasets"]["node-0"]), "cameras": demo["cameras"]["node-0"], "torch-threads": 1,
             "personal-dir": str(tmp_path / "personal")}
     arrays = {PACKED: Array(pack(trainable_state(policy), "fp32")).data}  # exactly the base weights
-    return NodeRequest("evaluate", node, config, arrays)
+    return NodeRequest("evaluate", NodeSettings.from_flower_config(node), config, arrays)
 
 
 def with_config(request: NodeRequest, **changes) -> NodeRequest:
@@ -121,7 +121,7 @@ def test_selection_keeps_the_personal_model_when_fine_tuning_helps_on_validation
 
 def test_too_few_training_episodes_to_validate_on_keep_the_global_model(demo, tmp_path, caplog):
     request = evaluate_request(demo, tmp_path)  # 6 episodes, 4 held out: 2 to train on, none to spare
-    request = dataclasses.replace(request, node_config={**request.node_config, "heldout-episodes": 4})
+    request = dataclasses.replace(request, settings=request.settings.model_copy(update={"heldout_episodes": 4}))
     with caplog.at_level("WARNING", logger="zk0"):
         metrics = NodeWorker().handle(request).metrics
     assert "too few to validate" in caplog.text

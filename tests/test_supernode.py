@@ -246,3 +246,4 @@ def test_fork_server_runs_flowers_clientapp_once_per_request_and_ends_with_its_i
     out = server.communicate("".join(json.dumps(r) + "\n" for r in requests), timeout=120)[0]
     assert server.returncode == 0, out
     assert out.count("usage: flwr-clientapp") == 1 and "--token" in out, out  # Flower's own parser; quiet is quiet
+

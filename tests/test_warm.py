@@ -18,6 +18,7 @@ from zk0.model import frozen_fingerprint, load_policy, trainable_shapes, trainab
 from zk0.node import warm
 from zk0.node.messages import NodeRequest, WorkerExit
 from zk0.node.worker import NodeWorker
+from zk0.settings import NodeSettings
 from zk0.wire import DELTA, PACKED, SCALES, aggregate_deltas, layout_fingerprint, npy_bytes_view, pack
 
 
@@ -34,7 +35,7 @@ def request_for(demo):
 
     def build(kind: str = "train", **changes) -> NodeRequest:
         node = {"dataset": str(demo["datasets"]["node-0"]), "cameras": demo["cameras"]["node-0"], "torch-threads": 1}
-        return NodeRequest(kind, node, {**config, **changes}, arrays)
+        return NodeRequest(kind, NodeSettings.from_flower_config(node), {**config, **changes}, arrays)
 
     return build
 

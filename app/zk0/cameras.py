@@ -7,6 +7,7 @@ A map is written `top=camera1,wrist=camera2` (short names) or with full feature 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 
 IMAGE_PREFIX = "observation.images."
 _ENTRY = re.compile(r"^[\w.-]+$")
@@ -43,14 +44,69 @@ def parse_camera_map(value: str | None) -> dict[str, str]:
     return mapping
 
 
-def format_camera_map(mapping: dict[str, str]) -> str:
+class CameraMap(Mapping[str, str]):
+    """A camera map parsed once where it enters (an env-file, a Flower config): full dataset key -> full policy
+    key, the `rename_map` LeRobot takes as it is; str() is its canonical short form, which is what travels."""
+
+    def __init__(self, mapping: Mapping[str, str] | None = None):
+        self._map = dict(mapping or {})
+
+    @classmethod
+    def parse(cls, text: str | None) -> CameraMap:
+        """`top=camera1,wrist=camera2` (or full keys) as a map; ValueError names what is wrong."""
+        return cls(parse_camera_map(text))
+
+    def __getitem__(self, key: str) -> str:
+        return self._map[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._map.items()))
+
+    def __str__(self) -> str:
+        return format_camera_map(self._map)
+
+    def __repr__(self) -> str:
+        return f"CameraMap({str(self)!r})"
+
+    @classmethod
+    def _validate(cls, value: object) -> CameraMap | None:
+        """A settings field's value: a map as it is, a string parsed, an empty one None."""
+        if value is None or isinstance(value, CameraMap):
+            return value or None
+        if not isinstance(value, str):
+            raise ValueError(f"a camera map is text such as top=camera1,wrist=camera2, not {type(value).__name__}")
+        return cls.parse(value) or None
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        """As a settings field: validated by parsing, written (env, Flower config, JSON) in its short form."""
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(
+            cls._validate, serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema, handler) -> dict:
+        return {"type": "string", "examples": ["top=camera1,wrist=camera2"]}
+
+
+def format_camera_map(mapping: Mapping[str, str]) -> str:
     """The inverse of parse_camera_map, in short names."""
     return ",".join(f"{short_name(k)}={short_name(v)}" for k, v in mapping.items())
 
 
-def match_cameras(cameras: list[str], slots: list[str], rename: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+def match_cameras(
+    cameras: list[str], slots: list[str], rename: Mapping[str, str] | None
+) -> tuple[dict[str, str], list[str]]:
     """(dataset camera -> policy slot for every camera that feeds one, problems) after applying `rename`."""
-    problems = []
+    problems, rename = [], rename or {}
     if missing := [short_name(k) for k in rename if k not in cameras]:
         problems.append(f"the camera map names {', '.join(missing)}, which the dataset lacks")
     if unknown := [short_name(v) for v in rename.values() if v not in slots]:

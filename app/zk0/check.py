@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .cameras import IMAGE_PREFIX, match_cameras, parse_camera_map, short_name, suggest_map
+from .cameras import IMAGE_PREFIX, CameraMap, match_cameras, short_name, suggest_map
 from .errors import DatasetError
 from .hub import HubError, local_path, read_file
 
@@ -134,7 +134,7 @@ def _check_version(row: DatasetCheck, version: str) -> None:
 
 
 def check_dataset(
-    role: str, spec: str, setting: str, cameras_setting: str, camera_map: str | None, policy: PolicyLayout | None,
+    role: str, spec: str, setting: str, cameras_setting: str, camera_map: CameraMap | None, policy: PolicyLayout | None,
     *, heldout: int = 0, partitions: int | None = None, heldout_setting: str = "",
 ) -> DatasetCheck:
     """Check one dataset's format, cameras (after the map), state/action sizes and episode split."""
@@ -171,13 +171,9 @@ def check_dataset(
     return row
 
 
-def _check_cameras(row: DatasetCheck, camera_map: str | None, policy: PolicyLayout) -> None:
-    try:
-        rename = parse_camera_map(camera_map)
-    except ValueError as err:
-        row.problem(f"{row.cameras_setting}={camera_map}: {err}")
-        return
-    row.fed, problems = match_cameras(row.cameras, policy.slots, rename)
+def _check_cameras(row: DatasetCheck, camera_map: CameraMap | None, policy: PolicyLayout) -> None:
+    """The map (parsed with the settings it came in) against the dataset's cameras and the policy's slots."""
+    row.fed, problems = match_cameras(row.cameras, policy.slots, camera_map)
     if problems:
         slots = ", ".join(short_name(s) for s in policy.slots)
         cams = ", ".join(short_name(c) for c in row.cameras) or "none"

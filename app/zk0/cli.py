@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from .deploy.node_watch import GIVE_UP_AFTER
 from .deploy.supernode import UnreachableError
-from .errors import DatasetError
+from .errors import DatasetError, OutputInUse
 from .logs import setup_logging
 from .settings import SettingsError
 
@@ -90,7 +91,8 @@ def _add_supernode_parser(sub) -> None:
         "--env-file) and its dataset, check that the SuperLink answers (a bounded retry), then run "
         "flower-supernode with these settings as --node-config. Once joined, the node "
         "reconnects by itself whenever the SuperLink restarts. Exit codes: 2 bad settings or dataset, "
-        "3 SuperLink unreachable; otherwise flower-supernode's.",
+        "3 SuperLink unreachable, 4 its ClientApp never started (see --give-up-after); otherwise "
+        "flower-supernode's.",
         epilog="example: ZK0_DATASET=lerobot/svla_so100_pickplace zk0 supernode "
         "--superlink superlink.example.org:8000 --root-certificates ca.crt --auth-key node-0",
     )
@@ -121,6 +123,9 @@ def _add_supernode_parser(sub) -> None:
         "--host", default="127.0.0.1", help="host of this node's runtime API for its ClientApps (default 127.0.0.1)"
     )
     node.add_argument("--port", type=int, default=9094, help="port of this node's runtime API (default 9094)")
+    node.add_argument("--give-up-after", type=float, default=GIVE_UP_AFTER, metavar="SECONDS",
+                      help="stop the SuperNode and exit 4 when its ClientApp has failed to start and still not started "
+                      f"this long after a message arrived, as `zk0 local` gives up (default {GIVE_UP_AFTER:.0f})")
     node.add_argument(
         "--fast-loop", action="store_true",
         help="run zk0's fast loop (0.25 s polls, ClientApps forked from a process that has imported Flower; "
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return args.func(args)
-    except (SettingsError, DatasetError) as err:
+    except (SettingsError, DatasetError, OutputInUse) as err:
         print(f"zk0: {err}", file=sys.stderr)
         return 2
     except UnreachableError as err:

@@ -11,6 +11,7 @@ import torch
 from lerobot.datasets.factory import resolve_delta_timestamps
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
+from .cameras import CameraMap
 from .errors import DatasetError
 
 log = logging.getLogger("zk0")
@@ -46,7 +47,7 @@ def open_metadata(spec: str, cache_dir: Path | None = None) -> LeRobotDatasetMet
 
 
 def check_opened(
-    spec: str, policy_config, camera_map: str | None, *, role: str, setting: str, cameras_setting: str,
+    spec: str, policy_config, camera_map: CameraMap | None, *, role: str, setting: str, cameras_setting: str,
     heldout: int = 0, partitions: int | None = None, heldout_setting: str = "",
 ):
     """Run zk0 check's dataset checks against the loaded policy; return its DatasetCheck row (cameras fed, ...)."""

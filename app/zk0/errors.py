@@ -7,3 +7,7 @@ class DatasetError(ValueError):
 
 class RunFailed(RuntimeError):
     """The run cannot go on (too few usable nodes); the message gives every node's reason."""
+
+
+class OutputInUse(ValueError):
+    """Another run holds the output folder; the message names it (PID, command) and what to do."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-from .cameras import short_name
+from .cameras import CameraMap, short_name
 from .feature_store import FeatureStore, cache_key, dataset_stamp, open_store
 
 log = logging.getLogger("zk0")
@@ -246,14 +246,14 @@ def open_features(
     return ImageFeatures(policy, dataset, fed, store)
 
 
-def precompute(policy, dataset, camera_map: str | None, batches: list[dict]) -> list[dict]:
+def precompute(policy, dataset, camera_map: CameraMap | None, batches: list[dict]) -> list[dict]:
     """Fixed batches (the server's evaluation set) with their image features computed once, when the path is frozen."""
-    from .cameras import match_cameras, parse_camera_map
+    from .cameras import match_cameras
 
     if (reason := off_reason(policy, dataset)) is not None:
         log.info("evaluation set's features computed at every evaluation: %s", reason)
         return batches
     fed, _ = match_cameras(list(dataset.meta.camera_keys), list(smolvla(policy).config.image_features),
-                           parse_camera_map(camera_map))
+                           camera_map)
     install(policy)
     return [with_features(policy, batch, fed) for batch in batches]

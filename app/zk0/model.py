@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ def _load_plain(path: str, device: str) -> SmolVLAPolicy:
     return SmolVLAPolicy.from_pretrained(path, config=config)
 
 
-def load_processors(path: str, device: str, rename_map: dict[str, str] | None = None, stats: dict | None = None):
+def load_processors(path: str, device: str, rename_map: Mapping[str, str] | None = None, stats: dict | None = None):
     """The pre/post processors saved beside a policy, moving batches to `device`.
 
     `rename_map` (dataset camera -> policy slot) goes to LeRobot's rename_observations_processor, as

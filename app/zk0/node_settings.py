@@ -7,8 +7,9 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
+from .cameras import CameraMap
 from .hub import check_spec, local_path
-from .settings_base import _camera_map, _Zk0Settings
+from .settings_base import _Zk0Settings
 
 
 class NodeSettings(_Zk0Settings):
@@ -20,7 +21,7 @@ class NodeSettings(_Zk0Settings):
     name: str = Field(
         "", description="Node name in records and WandB; empty = the dataset's name (`zk0 local`: node-<i>)."
     )
-    cameras: str | None = Field(
+    cameras: CameraMap | None = Field(
         None, description="Camera map of this node's dataset onto the policy's slots, e.g. top=camera1,wrist=camera2."
     )
     cache_dir: Path | None = Field(
@@ -73,7 +74,6 @@ class NodeSettings(_Zk0Settings):
         "masking (round-NNN.npy, fp32), for its own audit (the server only sees the masked sum); unset = not kept.",
     )
 
-    _cameras = field_validator("cameras")(_camera_map)
     _specs = field_validator("dataset", "base_policy")(check_spec)
 
     @model_validator(mode="after")

@@ -9,9 +9,10 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 # NodeSettings and the shared helpers live in their own modules; every name stays importable from here.
+from .cameras import CameraMap
 from .hub import check_spec
 from .node_settings import NodeSettings
-from .settings_base import ENV_PREFIX, SettingsError, _camera_map, default_cache_dir, resolve_device
+from .settings_base import ENV_PREFIX, SettingsError, default_cache_dir, resolve_device
 from .settings_secagg import SecAggSettings, secagg_problems
 
 __all__ = [
@@ -141,7 +142,7 @@ class ServerSettings(SecAggSettings):
     eval_dataset: str | None = Field(
         None, description="Server evaluation dataset: local root or Hub id (owner/name[@revision])."
     )
-    eval_cameras: str | None = Field(
+    eval_cameras: CameraMap | None = Field(
         None,
         description="Camera map of the evaluation dataset onto the policy's slots, e.g. top=camera1,wrist=camera2.",
     )
@@ -229,7 +230,6 @@ class ServerSettings(SecAggSettings):
     hf_private: bool = Field(False, description="Create the Hub repo as private.")
     push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
 
-    _cameras = field_validator("eval_cameras")(_camera_map)
     _specs = field_validator("base_policy", "eval_dataset")(check_spec)
 
     @field_validator("sim_labs")

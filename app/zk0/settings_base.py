@@ -8,8 +8,6 @@ from typing import Any, Self
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .cameras import format_camera_map, parse_camera_map
-
 ENV_PREFIX = "ZK0_"
 
 
@@ -51,11 +49,6 @@ class _Zk0Settings(BaseSettings):
     def env_names(cls) -> set[str]:
         """Every environment variable this class reads."""
         return {f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields}
-
-
-def _camera_map(value: str | None) -> str | None:
-    """Validate a camera map and write it in its canonical short form (full keys are accepted too)."""
-    return format_camera_map(parse_camera_map(value)) or None if value is not None else None
 
 
 def default_cache_dir() -> Path:

@@ -96,7 +96,7 @@ def train_centralized(sessions: list[NodeSession], merged: dict, frames: list[in
     # is one node's, drawn with probability proportional to its training frames (what sampling the union
     # uniformly gives in expectation) and preprocessed with that node's camera map and the merged
     # statistics; train_round gets it preprocessed. Each node's stream is the one train_on_node shuffles.
-    pres = [load_processors(base, device, parse_camera_map(x.settings.cameras), merged)[0] for x in sessions]
+    pres = [load_processors(base, device, x.settings.cameras, merged)[0] for x in sessions]
     done, drawn = 0, [0] * len(sessions)
     for _, plan, seed in plans(s):
         torch.manual_seed(seed)  # flow-matching noise seeded like the batches, as train_on_node does

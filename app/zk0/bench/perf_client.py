@@ -102,9 +102,8 @@ def run(args: argparse.Namespace) -> dict:
     from zk0.settings import NodeSettings
 
     clock.mark("import_zk0_app")
-    request = client_app.to_request("train", msg, json.loads(args.node_config))
-    settings = NodeSettings.from_flower_config(request.node_config)
-    session = NodeWorker().open(settings, request.config)
+    request = client_app.to_request("train", msg, NodeSettings.from_flower_config(json.loads(args.node_config)))
+    session = NodeWorker().open(request.settings, request.config)
     clock.mark("open_session")
     session.use_stats(str(request.config.get("norm-stats") or ""))
     received = receive_weights(session, request.arrays, request.config)
@@ -114,8 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     clock.mark("open_dataset")
     metrics, arrays = train_and_pack(session, request, received)
     clock.mark("train_round")
-    reply = client_app.to_reply(NodeReply(metrics, session.layout, session.info, arrays), settings.display_name,
-                                settings.dataset, msg)
+    reply = client_app.to_reply(NodeReply(metrics, session.layout, session.info, arrays), request.settings.display_name,
+                                request.settings.dataset, msg)
     reply_bytes = _deflated_bytes(reply)
     clock.mark("serialize_reply")
     phases = clock.phases

@@ -17,12 +17,12 @@ from pathlib import Path
 import tomli_w
 
 from ..check import raise_problems
+from ..run_lock import lock_run, release_run
 from ..settings import NodeSettings, ServerSettings, SettingsError
 from .flwr_cli import LOST, MAX_RETRIES, QUIET, Flwr, bin_path, see_run_through, write_connection
 from .node_watch import NodeWatch
 from .preflight import absolute_node_paths, preflight
 from .procs import MARK, end_children, end_marked, popen_owned, start_guard
-from .run_lock import lock_run, release_run
 from .supernode import TASK_POLL, supernode_command
 
 log = logging.getLogger("zk0")
@@ -243,7 +243,7 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: in
     if tls is None and not simulation:
         log.warning("no --tls: SuperLink and SuperNodes talk without TLS or node authentication; "
                     "fine on one workstation, use --tls DIR (superlink/make-certs.sh) for anything else")
-    # One run per output folder, refused before anything starts (zk0.deploy.run_lock).
+    # One run per output folder, refused before anything starts (zk0.run_lock); its ServerApp runs under it.
     lock = lock_run(settings.output_dir)
     workdir = settings.output_dir / "local"
     (workdir / "logs").mkdir(parents=True, exist_ok=True)

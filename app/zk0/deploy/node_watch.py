@@ -62,6 +62,7 @@ class NodeTracker:
     failures: dict[str, str] = field(default_factory=dict)  # distinct failures: key -> reason
     printed: int = 0
     given_up: bool = False
+    give_up_after: float = GIVE_UP_AFTER  # seconds from the message's arrival to giving up on a failing start
     _in_traceback: bool = False
     _exit_code: str = ""
     _no_app: float | None = None
@@ -146,14 +147,15 @@ class NodeTracker:
                     f"({now - self.arrived:.0f} s after the message arrived): {reason}")
             if not self.printed:
                 text += (f"; Flower keeps retrying, zk0 gives up on {self.name} if it has not started "
-                         f"{GIVE_UP_AFTER:.0f} s after the message arrived")
+                         f"{self.give_up_after:.0f} s after the message arrived")
             lines.append(text)
             self.printed += 1
         return lines
 
     def should_give_up(self, now: float) -> bool:
-        """True once: the ClientApp has failed and still not started GIVE_UP_AFTER s after the message arrived."""
-        return bool(self.message and self.failures) and not self.given_up and now - self.arrived >= GIVE_UP_AFTER
+        """True once: the ClientApp has failed and still not started give_up_after s after the message arrived."""
+        return (bool(self.message and self.failures) and not self.given_up
+                and now - self.arrived >= self.give_up_after)
 
 
 def _since(start: float | None, now: float) -> float:

@@ -16,6 +16,7 @@ from .flwr_cli import QUIET, bin_path
 from .node_loop import OWN, POLL_SECONDS
 from .preflight import preflight
 from .procs import start_guard
+from .supernode_watch import run_watched
 
 log = logging.getLogger("zk0")
 
@@ -89,13 +90,15 @@ def supernode_command(
 
 
 def run_supernode(args) -> int:
-    """Validate, check the address, then become flower-supernode (never returns on success).
+    """Validate, check the address, then run flower-supernode under a watch; its exit code, or GAVE_UP.
 
     The node's settings are ZK0_NODE_<args.index>_* with --index (as `zk0 local` and the Compose
     services give them), else ZK0_<FIELD>; from the environment, then --env-file.
 
-    This process becomes flower-supernode, so a signal to it reaches Flower directly; a guard
-    (zk0.deploy.procs) ends its SuperExec, ClientApps and warm worker if it dies without stopping them.
+    The SuperNode runs as this process's child, its output passed through and read by a watch
+    (zk0.deploy.supernode_watch) that reports a ClientApp that never starts, as `zk0 local` does; a signal
+    to this process is passed on to it, and a guard (zk0.deploy.procs) ends its SuperExec, ClientApps and
+    warm worker if this process dies without stopping them.
     """
     for path in (args.root_certificates, args.auth_key):
         if path is not None and not path.is_file():
@@ -121,8 +124,4 @@ def run_supernode(args) -> int:
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     for key, value in {**QUIET, **(TASK_POLL if args.fast_loop else {})}.items():
         env.setdefault(key, value)
-    env = start_guard(env)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(cmd[0], cmd, env)
-    return 1  # not reached
+    return run_watched(cmd, start_guard(env), node.display_name, args.give_up_after)

@@ -54,7 +54,7 @@ def _sim_run(index: int, template: int, request: NodeRequest) -> NodeReply:
     return worker.handle(replace(request, batch_seed_offset=index))
 
 
-def to_request(kind: str, msg: Message, node_config: dict) -> NodeRequest:
+def to_request(kind: str, msg: Message, settings: NodeSettings) -> NodeRequest:
     """The message as a request: configs, and the weights as their .npy bytes (not parsed here)."""
     arrays = msg.content["arrays"] if "arrays" in msg.content else ArrayRecord()
     if any(a.stype != "numpy.ndarray" for a in arrays.values()):
@@ -64,7 +64,7 @@ def to_request(kind: str, msg: Message, node_config: dict) -> NodeRequest:
         config[STATS_KEY] = str(msg.content[STATS_KEY]["json"])
     if DIGEST_KEY in config and config[DIGEST_KEY] != digest(str(config.get(STATS_KEY) or "")):
         raise ValueError("the normalisation statistics received do not match the digest in the message's config")
-    return NodeRequest(kind, node_config, config, {k: a.data for k, a in arrays.items()})
+    return NodeRequest(kind, settings, config, {k: a.data for k, a in arrays.items()})
 
 
 def to_reply(result: NodeReply, name: str, dataset: str, msg: Message) -> Message:
@@ -89,15 +89,15 @@ def _work(kind: str, msg: Message, context: Context) -> tuple[NodeReply, NodeSet
     # Flower has started this ClientApp: `zk0 local`'s watch (zk0.deploy.node_watch) stops timing its start-up here.
     log.info("%s: %s %s message", name, STARTED, msg.metadata.message_type)
     if virtual is not None:
-        result = _sim_run(*virtual, to_request(kind, msg, settings.to_flower_config()))
+        result = _sim_run(*virtual, to_request(kind, msg, settings))
     elif settings.warm:
         from .warm import call
 
-        result = call(to_request(kind, msg, dict(context.node_config)))
+        result = call(to_request(kind, msg, settings))
     else:
         from .worker import NodeWorker
 
-        result = NodeWorker().handle(to_request(kind, msg, dict(context.node_config)))
+        result = NodeWorker().handle(to_request(kind, msg, settings))
     return result, settings, name
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..cameras import match_cameras, parse_camera_map
+from ..cameras import match_cameras
 from ..data import (
     BadSamples,
     batch_stream,
@@ -79,8 +79,7 @@ class NodeSession:
         key = tuple(episodes)
         if key not in self.features:
             ds, s = self.dataset(episodes), self.settings
-            fed, _ = match_cameras(list(ds.meta.camera_keys), list(self.policy.config.image_features),
-                                   parse_camera_map(s.cameras))
+            fed, _ = match_cameras(list(ds.meta.camera_keys), list(self.policy.config.image_features), s.cameras)
             self.features[key] = open_features(
                 self.policy, ds, fed, mode=s.feature_cache, max_gb=s.feature_cache_max_gb,
                 root=s.feature_cache_dir or (s.cache_dir or default_cache_dir()) / "features",
@@ -93,9 +92,8 @@ class NodeSession:
         """Normalise with `stats` (JSON from the server; "" = the base policy's), rebuilding processors on change."""
         if stats != self.stats:
             device = str(next(self.policy.parameters()).device)
-            rename = parse_camera_map(self.settings.cameras)
             values = from_json(stats) if stats else None
-            self.preprocessor, self.postprocessor = load_processors(self.base, device, rename, values)
+            self.preprocessor, self.postprocessor = load_processors(self.base, device, self.settings.cameras, values)
             self.stats = stats
 
 
@@ -138,7 +136,7 @@ def open_session(
     train_eps, heldout_eps = split_episodes(episodes, settings.heldout_episodes, seed, settings.dataset)
     if global_state is not None:
         apply_trainable(policy, global_state)
-    pre, post = load_processors(base, device, parse_camera_map(settings.cameras), from_json(stats) if stats else None)
+    pre, post = load_processors(base, device, settings.cameras, from_json(stats) if stats else None)
     info = {
         "fps": meta.fps, "frames": meta.total_frames,
         "cameras": ",".join(f"{k.split('.')[-1]}->{v.split('.')[-1]}" for k, v in row.fed.items()),

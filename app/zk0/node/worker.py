@@ -57,7 +57,7 @@ class NodeWorker:
         if request.kind not in KINDS:
             raise ValueError(f"unknown request {request.kind!r}: expected 'train', 'evaluate' or 'stats'")
         before = self.session
-        session = self.open(NodeSettings.from_flower_config(request.node_config), config)
+        session = self.open(request.settings, config)
         if request.kind == "stats":
             stats, frames = stats_on_node(session)
             return NodeReply({"frames": frames}, session.layout, session.info, stats=stats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -11,7 +12,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..cameras import parse_camera_map
 from ..data import check_opened, eval_batches, open_dataset
 from ..errors import RunFailed
 from ..evaluate import evaluate_policy
@@ -28,6 +28,7 @@ from ..model import (
     trainable_state,
 )
 from ..portable import describe
+from ..run_lock import hold_for_serverapp
 from ..settings import ServerSettings, SettingsError, resolve_device
 from ..stats import DIGEST_KEY, digest, from_json, merge_stats, to_json
 from .plots import Plotter
@@ -52,11 +53,17 @@ FRAMES_FILE = "node-frames.json"  # training frames each node counted in its sta
 _LOCKS: dict[Path, object] = {}
 
 
+def experiment_digest(settings: ServerSettings) -> str:
+    """What tells a ServerApp resubmitted for this run's settings from another run on the same folder."""
+    return hashlib.sha256(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def lock_output(out_dir: Path, timeout: float = 300.0):
     """Hold OUTPUT_DIR/.lock while this process lives, so two ServerApps never write one experiment.
 
     After a SuperLink restart the previous ServerApp may still be finishing a checkpoint: the
-    resubmitted one waits for it to exit (the kernel drops the lock with the process).
+    resubmitted one waits for it to exit (the kernel drops the lock with the process). Under `zk0 local`,
+    which holds the run's lock (zk0.run_lock) for all its ServerApps, this lock is what orders them.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = (out_dir / ".lock").resolve()
@@ -84,6 +91,9 @@ class ServerRuntime:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.out_dir = Path(settings.output_dir)
+        # Before any work: a run that another one's folder refuses is refused at once (zk0.run_lock).
+        self.run_lock = hold_for_serverapp(self.out_dir, experiment_digest(settings))
+        self.lock = lock_output(self.out_dir)
         self.device = resolve_device(settings.device)
         self.adapter = Adapter.from_settings(settings)
         self.policy = load_policy(settings.base_policy, self.device, self.adapter, settings.seed)
@@ -106,7 +116,6 @@ class ServerRuntime:
             self.stats = to_json(from_json(saved.read_text()))  # a restarted server keeps the statistics it merged
             log.info("normalisation statistics from %s (merged before round 1)", saved)
         self.use_stats(self.stats)
-        self.lock = lock_output(self.out_dir)
         self.recorder = RunRecorder(self.out_dir)
         self.plotter = Plotter(self.out_dir)
         self.start_round = self._resume()
@@ -133,7 +142,7 @@ class ServerRuntime:
         evaluation's with the evaluation set's."""
         values = from_json(stats) if stats else None
         self.preprocessor, self.postprocessor = load_processors(self.settings.base_policy, self.device, stats=values)
-        rename = parse_camera_map(self.settings.eval_cameras)
+        rename = self.settings.eval_cameras
         self.eval_preprocessor = self.preprocessor
         if rename:
             self.eval_preprocessor = load_processors(self.settings.base_policy, self.device, rename, values)[0]
@@ -148,7 +157,8 @@ class ServerRuntime:
                 f"normalisation statistics came from {len(usable)} node(s), "
                 f"ZK0_MIN_NODES={self.settings.min_nodes} are required: {reasons}"
             )
-        parts = {name: from_json(text) for name, text in usable}
+        # By name: merged in the order replies arrived, the statistics would differ run to run in their last bits.
+        parts = {name: from_json(text) for name, text in sorted(usable)}
         # What each lab said it trains on: the round records show it beside a claim of more samples than a round uses.
         # In place: the strategy's limits hold this dict.
         self.node_frames.update({name: int(p["action"]["count"][0]) for name, p in parts.items() if "action" in p})

@@ -48,6 +48,11 @@ def _node_info(msg: Message) -> dict:
     return {k: node[k] if k in ("fps", "frames") else str(node[k]) for k in NODE_FIELDS if k in node}
 
 
+def in_node_order(replies: Iterable[Message]) -> list[Message]:
+    """By node name, then id: Flower's arrival order varies run to run and float sums are not associative."""
+    return sorted(replies, key=lambda m: (str(_node_info(m).get("name", "")), m.metadata.src_node_id))
+
+
 def replying_node(reply: Message, sent: Iterable[Metadata]) -> int:
     """The node a reply is for. The SuperLink signs the error replies it makes for a node that went
     offline with its own id, so those are matched to the message they answer (`sent`: its metadata)."""
@@ -91,13 +96,10 @@ class Zk0FedProx(FedProx):
         # ZK0_EVAL_MODE=in-train: round r's train message has nodes evaluate the model it brings (round r-1's)
         # first, and only the last round (`last_round`) gets an evaluate message. `after_node_eval(round)` is
         # told when an earlier round's record gained those evaluations (its WandB step is logged again).
-        self.eval_in_train = eval_in_train
-        self.last_round = last_round
-        self.after_node_eval = after_node_eval
+        self.eval_in_train, self.last_round, self.after_node_eval = eval_in_train, last_round, after_node_eval
         self.wire_format = wire_format
         self.layout_tag = layout_tag  # what the layout fingerprint covers beyond names and shapes (LoRA's settings)
-        self.recorder = recorder
-        self.is_eval_round = is_eval_round
+        self.recorder, self.is_eval_round = recorder, is_eval_round
         self._shapes: dict[str, tuple] = {}
         self._layout = ""
         self._base = None  # the round's fp32 global model, flat: int8 updates are added to it, updates measured from it
@@ -219,7 +221,7 @@ class Zk0FedProx(FedProx):
         # same labs: their entries, found by node name, take the evaluation.
         entries = self.recorder.rounds.get(server_round, {}).get("clients", {}).values()
         known = {c.get("name"): c["node_id"] for c in entries}
-        for node_id, info in evaluated:
+        for node_id, info in sorted(evaluated, key=lambda found: (str(found[1].get("name", "")), found[0])):
             self.recorder.client(server_round, known.get(info.get("name"), node_id), "eval", info)
             metrics = {k: v for k, v in info.items() if k not in NODE_FIELDS}
             if metrics.get(self.weighted_by_key, 0) > 0:
@@ -251,7 +253,7 @@ class Zk0FedProx(FedProx):
     def _aggregate(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, str]]:
         """The new global model from the screened replies, in fp32: claims and shares limited, far-off updates
         scaled back (`self.limits`), then the weighted mean or Flower's robust rule; and what the limits changed."""
-        replies, _ = self._check_and_log_replies(replies, is_train=True)
+        replies = in_node_order(self._check_and_log_replies(replies, is_train=True)[0])
         if not replies:
             return None, None, {}
         nodes = [m.metadata.src_node_id for m in replies]
@@ -292,7 +294,7 @@ class Zk0FedProx(FedProx):
             self.recorder.client(server_round, msg.metadata.src_node_id, "eval", {**_node_info(msg), **metrics})
             if metrics.get(self.weighted_by_key, 0) > 0:
                 usable.append(msg)
-        metrics = super().aggregate_evaluate(server_round, usable)
+        metrics = super().aggregate_evaluate(server_round, in_node_order(usable))
         where = {"node_eval_in": "evaluate"} if usable else {}  # in-train evaluations of this model come next round
         self.recorder.set(server_round, eval_aggregate=dict(metrics) if metrics else None, **where)
         return metrics
