@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from zk0.cameras import match_cameras, parse_camera_map
+from zk0.cameras import CameraMap, match_cameras, parse_camera_map
 from zk0.data import eval_batches, open_dataset
 from zk0.evaluate import evaluate_policy
 from zk0.feature_store import make_room
@@ -147,7 +147,7 @@ def test_server_evaluation_set_precomputed_evaluates_alike(demo, policy):
     ds, cameras = open_dataset(str(demo["datasets"]["server-eval"]), policy.config), demo["cameras"]["server-eval"]
     pre, post = load_processors(str(demo["base-policy"]), "cpu", parse_camera_map(cameras))
     batches = eval_batches(ds, batch_size=4, max_batches=2)
-    features = precompute(policy, ds, cameras, batches)
+    features = precompute(policy, ds, CameraMap.parse(cameras), batches)
     assert all(any(k.startswith(FEATURE_PREFIX) for k in b) for b in features)
     plain, cached = (evaluate_policy(policy, pre, post, b, seed=0) for b in (batches, features))
     assert cached == pytest.approx(plain, rel=1e-5)

@@ -200,7 +200,7 @@ def test_two_lab_sim_federation_records_success_per_evaluated_round(sim_demo, tm
     assert any(key.startswith("sim/video/lift-top") for key in logged[2])
 
 
-def test_sim_experiment_file_names_the_labs_as_zk0_demo_sim_writes_them(tmp_path):
+def test_sim_experiment_file_names_the_labs_as_zk0_demo_sim_writes_them(tmp_path, monkeypatch):
     from dotenv import dotenv_values
 
     from zk0.settings import ServerSettings
@@ -209,6 +209,10 @@ def test_sim_experiment_file_names_the_labs_as_zk0_demo_sim_writes_them(tmp_path
 
     values = dotenv_values(Path(__file__).parents[1] / "experiments" / "sim.env")
     check_env_names(set(values))
+    # A local base policy and evaluation set must exist to be read as folders (not Hub ids): where the demo puts them.
+    monkeypatch.chdir(tmp_path)
+    for key in ("ZK0_BASE_POLICY", "ZK0_EVAL_DATASET"):
+        Path(values[key]).mkdir(parents=True)
     settings = ServerSettings.load(**{k[4:].lower(): v for k, v in values.items()
                                       if k.startswith("ZK0_") and not k.startswith("ZK0_NODE_")})
     assert settings.sim_eval_every > 0

@@ -17,6 +17,7 @@ from typing import Literal
 
 from dotenv import dotenv_values
 
+from ..cameras import CameraMap
 from ..check import (
     absolute_spec,
     check_experiment,
@@ -231,7 +232,7 @@ def _eval_settings(env: dict[str, str], server_problem: str) -> SimpleNamespace 
         return None
     return SimpleNamespace(
         base_policy=absolute_spec(env.get("ZK0_BASE_POLICY") or DEFAULT_BASE),
-        eval_dataset=absolute_spec(env["ZK0_EVAL_DATASET"]), eval_cameras=env.get("ZK0_EVAL_CAMERAS") or None,
+        eval_dataset=absolute_spec(env["ZK0_EVAL_DATASET"]), eval_cameras=CameraMap.parse(env["ZK0_EVAL_CAMERAS"]) if env.get("ZK0_EVAL_CAMERAS") else None,
     )
 
 
