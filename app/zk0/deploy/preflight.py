@@ -232,7 +232,8 @@ def _eval_settings(env: dict[str, str], server_problem: str) -> SimpleNamespace 
         return None
     return SimpleNamespace(
         base_policy=absolute_spec(env.get("ZK0_BASE_POLICY") or DEFAULT_BASE),
-        eval_dataset=absolute_spec(env["ZK0_EVAL_DATASET"]), eval_cameras=CameraMap.parse(env["ZK0_EVAL_CAMERAS"]) if env.get("ZK0_EVAL_CAMERAS") else None,
+        eval_dataset=absolute_spec(env["ZK0_EVAL_DATASET"]),
+        eval_cameras=CameraMap.parse(env["ZK0_EVAL_CAMERAS"]) if env.get("ZK0_EVAL_CAMERAS") else None,
     )
 
 
