@@ -17,6 +17,8 @@ from typing import Literal
 
 from dotenv import dotenv_values
 
+from ..attacks import ENV as TEST_ATTACK
+from ..attacks import parse_attack
 from ..check import absolute_spec, check_experiment, check_nodes, fps_warnings, local_path, raise_problems, table
 from ..settings import NodeSettings, ServerSettings, SettingsError
 from ..settings_names import NODE_VAR, check_env_names
@@ -138,7 +140,7 @@ def preflight(env_file: Path | None, role: Role = "experiment", index: int | Non
             server_problem = str(err)
             problems.append(server_problem)
     found.nodes, prefixes, node_problems = _nodes(env, role, index)
-    problems += node_problems
+    problems += node_problems + _attack_problems(env, found.nodes, role)
     rows, dataset_problems, warnings = _check(found, prefixes, role, server_problem)
     echo(table(rows))
     for warning in warnings:
@@ -147,6 +149,20 @@ def preflight(env_file: Path | None, role: Role = "experiment", index: int | Non
     what = "this SuperNode" if role == "node" else "the experiment"
     raise_problems([_with_lines(p, env_file, values) for p in problems], what, SettingsError)
     return found
+
+
+def _attack_problems(env: dict[str, str], nodes: list[NodeSettings], role: Role) -> list[str]:
+    """ZK0_TEST_ATTACK (zk0.attacks, a testing hook): a malformed value, or one naming none of `zk0 local`'s nodes."""
+    if not env.get(TEST_ATTACK, "").strip():
+        return []
+    try:
+        attack = parse_attack(env[TEST_ATTACK])
+    except ValueError as err:
+        return [str(err)]
+    names = [n.display_name for n in nodes]
+    if role == "experiment" and names and attack.node not in names:
+        return [f"{TEST_ATTACK}={env[TEST_ATTACK]!r} names node {attack.node!r}, which is none of {', '.join(names)}"]
+    return []
 
 
 def _nodes(env: dict[str, str], role: Role, index: int | None) -> tuple[list[NodeSettings], list[str], list[str]]:
