@@ -1,9 +1,10 @@
 """A TESTING HOOK, not a feature: ZK0_TEST_ATTACK makes one named node hostile, for tests and `zk0 bench attack`.
 
-`ZK0_TEST_ATTACK=KIND[:FACTOR]@NODE` (e.g. `scale@node-1`, `noise:3@node-2`): the node whose name is NODE
-(`node-<i>` under `zk0 local`, or ZK0_NODE_<i>_NAME) trains its round honestly, then, before packing its reply,
-turns it into one attack. It only ever harms the federation of whoever sets it on their own node: a hostile
-lab could patch zk0's code anyway. The node logs a warning every round it attacks.
+`ZK0_TEST_ATTACK=KIND[:FACTOR]@NODE[,...]` (e.g. `scale@node-1`, `noise:3@node-2`, `scale@node-1,claim@node-1`):
+the node whose name is NODE (`node-<i>` under `zk0 local`, or ZK0_NODE_<i>_NAME) trains its round, then, before
+packing its reply, turns it into the attack (several attacks of one node apply in the order given). It only
+ever harms the federation of whoever sets it on their own node: a hostile lab could patch zk0's code anyway.
+The node logs a warning every round it attacks.
 
 The attacks (FACTOR defaults in brackets), with u = trained - received the honest update:
   scale [100]     sends received + FACTOR x u
@@ -86,14 +87,24 @@ def parse_attack(value: str) -> Attack:
     return Attack(kind, strength, node.strip())
 
 
-def hostile(node_name: str, environ=os.environ) -> Attack | None:
-    """The attack ZK0_TEST_ATTACK sets for the node named `node_name`, or None (the node is honest)."""
+def parse_attacks(value: str) -> list[Attack]:
+    """Every comma-separated `KIND[:FACTOR]@NODE` of `value`; ValueError naming every malformed one."""
+    attacks, problems = [], []
+    for spec in filter(None, (v.strip() for v in value.split(","))):
+        try:
+            attacks.append(parse_attack(spec))
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return attacks
+
+
+def hostile(node_name: str, environ=os.environ) -> list[Attack]:
+    """The attacks ZK0_TEST_ATTACK sets for the node named `node_name`; empty: the node is honest."""
     value = environ.get(ENV, "").strip()
-    if not value:
-        return None
-    attack = parse_attack(value)
-    if attack.node != node_name:
-        return None
-    log.warning("%s: %s=%s: THIS NODE IS ATTACKING THE FEDERATION (%s; a testing hook, unset it for real runs)",
-                node_name, ENV, value, attack.kind)
-    return attack
+    attacks = [a for a in parse_attacks(value) if a.node == node_name] if value else []
+    if attacks:
+        log.warning("%s: %s=%s: THIS NODE IS ATTACKING THE FEDERATION (%s; a testing hook, unset it for real runs)",
+                    node_name, ENV, value, ", ".join(a.kind for a in attacks))
+    return attacks

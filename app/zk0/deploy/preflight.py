@@ -18,7 +18,7 @@ from typing import Literal
 from dotenv import dotenv_values
 
 from ..attacks import ENV as TEST_ATTACK
-from ..attacks import parse_attack
+from ..attacks import parse_attacks
 from ..check import absolute_spec, check_experiment, check_nodes, fps_warnings, local_path, raise_problems, table
 from ..settings import NodeSettings, ServerSettings, SettingsError
 from ..settings_names import NODE_VAR, check_env_names
@@ -156,13 +156,13 @@ def _attack_problems(env: dict[str, str], nodes: list[NodeSettings], role: Role)
     if not env.get(TEST_ATTACK, "").strip():
         return []
     try:
-        attack = parse_attack(env[TEST_ATTACK])
+        attacks = parse_attacks(env[TEST_ATTACK])
     except ValueError as err:
         return [str(err)]
     names = [n.display_name for n in nodes]
-    if role == "experiment" and names and attack.node not in names:
-        return [f"{TEST_ATTACK}={env[TEST_ATTACK]!r} names node {attack.node!r}, which is none of {', '.join(names)}"]
-    return []
+    unknown = sorted({a.node for a in attacks} - set(names)) if role == "experiment" and names else []
+    return [f"{TEST_ATTACK}={env[TEST_ATTACK]!r} names node(s) {', '.join(unknown)}, none of this experiment's "
+            f"({', '.join(names)})"] if unknown else []
 
 
 def _nodes(env: dict[str, str], role: Role, index: int | None) -> tuple[list[NodeSettings], list[str], list[str]]:

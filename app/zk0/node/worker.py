@@ -100,16 +100,18 @@ def train_and_pack(session: NodeSession, request: NodeRequest, received: np.ndar
     """Train a round on the received weights; (metrics, the reply's arrays in the message's wire format).
     A node that ZK0_TEST_ATTACK names (zk0.attacks, a testing hook) turns its round into that attack here."""
     config = request.config
-    attack = hostile(session.settings.display_name)
+    attacks = hostile(session.settings.display_name)
     plan = train_plan(config, session.settings.log_every)
-    state, metrics = train_on_node(session, attack.plan(plan) if attack else plan, int(config["batch-size"]),
-                                   request.batch_seed)
+    for attack in attacks:
+        plan = attack.plan(plan)
+    state, metrics = train_on_node(session, plan, int(config["batch-size"]), request.batch_seed)
     fmt = str(config["wire-format"])
-    if attack:
+    if attacks:
         received = views({PACKED: received}, down_format(fmt))[PACKED].float().numpy()
-        sent = attack.weights(pack(state, "fp32"), received, request.batch_seed)
+        sent = pack(state, "fp32")
+        for attack in attacks:
+            sent, metrics = attack.weights(sent, received, request.batch_seed), attack.metrics(metrics)
         state = {k: torch.from_numpy(v) for k, v in unpack(sent, session.shapes).items()}
-        metrics = attack.metrics(metrics)
     if fmt == DELTA:  # the update against the weights as received, not the trained weights
         return metrics, quantize_delta(pack(state, "fp32") - received.astype(np.float32))
     return metrics, {PACKED: pack(state, fmt)}
