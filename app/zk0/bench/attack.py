@@ -180,6 +180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--demo-dir", type=Path, default=Path("demo-data"), help="offline demo; written when missing")
     p.add_argument("--out", type=Path, default=Path("outputs/bench-attack"), help="runs' records and the plot")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--from-runs", type=Path, help="run nothing: summarise a runs file an earlier (perhaps stopped) "
+                   "benchmark wrote (JSON.runs.json); --seeds, --attacks, --defences select what it holds")
     p.add_argument("--smoke", action="store_true", help="scale against none and bounded, 1 seed, 2 rounds of 2 steps")
     args = p.parse_args(argv)
     if args.smoke:
@@ -209,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     from .learning import demo_assets
 
     torch.set_num_threads(args.threads)
-    with contextlib.redirect_stdout(sys.stderr):  # LeRobot prints while loading; stdout is for the table
-        demo = demo_assets(args.demo_dir)
-        result = run_bench(args, demo)
+    if args.from_runs:
+        runs = [r for r in json.loads(args.from_runs.read_text()) if r["seed"] < args.seed + args.seeds]
+        result = rep.summarise(runs, args, [float("nan")], sum(r["seconds"] for r in runs))
+    else:
+        with contextlib.redirect_stdout(sys.stderr):  # LeRobot prints while loading; stdout is for the table
+            result = run_bench(args, demo_assets(args.demo_dir))
     out = Path(args.out).resolve()
     result["plot"] = str(out / "attack.png")
     rep.plot(result, out / "attack.png")
