@@ -14,8 +14,10 @@ MOVE_LIMIT = 5.0  # % change of the final server loss an attack may cause under 
 COST_LIMIT = 2.0  # % a defence may cost on the clean run (issue 25)
 
 
-def _stats(values: list[float]) -> dict:
-    """Mean and spread (sample std; 0 for one value) of finite values; failures counted apart."""
+def _stats(values: list[float | None]) -> dict:
+    """Mean and spread (sample std; 0 for one value) of finite values; failures (non-finite) counted apart, runs
+    not made (None: a stopped benchmark's) left out."""
+    values = [v for v in values if v is not None]
     good = [v for v in values if math.isfinite(v)]
     if not good:
         return {"mean": float("nan"), "std": float("nan"), "n": 0, "failed": len(values)}
@@ -28,25 +30,25 @@ def summarise(runs: list[dict], args: argparse.Namespace, load: list[float], sec
     clean run's change against the clean run without defences."""
     loss = {(r["seed"], r["defence"], r["attack"]): r["loss"] for r in runs}
     seeds = sorted({r["seed"] for r in runs})
-    moved = {}
-    for attack in args.attacks:
-        for defence in args.defences:
-            changes = [100 * (loss[s, defence, attack] / loss[s, defence, "clean"] - 1) for s in seeds]
-            moved[f"{attack}|{defence}"] = _stats(changes)
-    cost = {}
-    if "none" in args.defences:
-        for defence in args.defences:
-            cost[defence] = _stats([100 * (loss[s, defence, "clean"] / loss[s, "none", "clean"] - 1) for s in seeds])
-    clean = {d: _stats([loss[s, d, "clean"] for s in seeds]) for d in args.defences}
-    targets = []
-    if DEFAULT in args.defences:
-        for attack in args.attacks:
-            m = moved[f"{attack}|{DEFAULT}"]["mean"]
+
+    def change(seed: int, defence: str, attack: str, reference: str) -> float | None:
+        """% change of (defence, attack)'s loss against (reference, clean)'s; None when either was not run."""
+        a, b = loss.get((seed, defence, attack)), loss.get((seed, reference, "clean"))
+        return None if a is None or b is None else 100 * (a / b - 1)
+
+    moved = {f"{a}|{d}": _stats([change(s, d, a, d) for s in seeds]) for a in args.attacks for d in args.defences}
+    cost = {d: _stats([change(s, d, "clean", "none") for s in seeds]) for d in args.defences} \
+        if "none" in args.defences else {}
+    clean = {d: _stats([loss.get((s, d, "clean")) for s in seeds]) for d in args.defences}
+    targets = []  # only for what was measured: a stopped benchmark's missing runs are "not run" in the table
+    for attack in args.attacks if DEFAULT in args.defences else []:
+        m = moved[f"{attack}|{DEFAULT}"]
+        if m["n"] or m["failed"]:
             targets.append(target(f"{attack} under the default defences: |change of final server loss| (%)",
-                                  abs(m) if math.isfinite(m) else math.inf, MOVE_LIMIT, True, " %"))
-        if "none" in cost:
-            targets.append(target("the default defences' cost on the clean run (%)", cost[DEFAULT]["mean"],
-                                  COST_LIMIT, True, " %"))
+                                  abs(m["mean"]) if m["n"] else math.inf, MOVE_LIMIT, True, " %"))
+    if cost.get(DEFAULT, {}).get("n"):
+        targets.append(target("the default defences' cost on the clean run (%)", cost[DEFAULT]["mean"], COST_LIMIT,
+                              True, " %"))
     return {
         "benchmark": "attack",
         "settings": {"smoke": args.smoke, "attacks": args.attacks, "defences": args.defences, "seeds": seeds,
@@ -59,7 +61,7 @@ def summarise(runs: list[dict], args: argparse.Namespace, load: list[float], sec
 
 def _cell(s: dict) -> str:
     if not s["n"]:
-        return "failed"
+        return "failed" if s["failed"] else "not run"
     text = f"{s['mean']:+.1f} ± {s['std']:.1f}"
     return text + (f" ({s['failed']} failed)" if s["failed"] else "")
 
