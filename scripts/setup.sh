@@ -13,5 +13,5 @@ fi
 [ -n "$PYTHON" ] || { echo "setup: Python 3.12 not found; install it (e.g. pyenv install 3.12) or set PYTHON=" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e './app[test,sim]'
+.venv/bin/pip install -q -e './app[test,sim,docs]'
 echo "setup: .venv ready ($(.venv/bin/python --version))"

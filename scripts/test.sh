@@ -15,13 +15,21 @@ elif ! ./scripts/docker-setup.sh; then
     echo "test.sh: Docker not available; the Compose tests will be skipped" >&2
 fi
 # Lint before the (long) tests: the rules and the 120-character lines are configured in app/pyproject.toml.
-if ! .venv/bin/ruff check --config app/pyproject.toml app tests; then
+if ! .venv/bin/ruff check --config app/pyproject.toml app tests scripts; then
     echo "test.sh: ruff check failed (see the findings above); fix them or add a '# noqa: RULE' with a reason" >&2
     exit 1
 fi
 # The rooms of ARCHITECTURE.md (.importlinter): `zk0` resolved to this checkout's app/, whatever is installed.
 if ! PYTHONPATH="$PWD/app" .venv/bin/lint-imports --no-cache --no-logo .importlinter; then
     echo "test.sh: lint-imports failed: an import points up a room (see ARCHITECTURE.md and .importlinter)" >&2
+    exit 1
+fi
+# The docs site (mkdocs.yml, docs/), built into a temporary folder: --strict fails on a broken link or anchor.
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+if ! NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict -d "$site"; then
+    echo "test.sh: mkdocs build --strict failed: fix the links or anchors the warnings above name (docs/, mkdocs.yml);" \
+         "the generated pages come from .venv/bin/python scripts/reference_docs.py" >&2
     exit 1
 fi
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1

@@ -1,5 +1,6 @@
-"""What the README promises about restarts, security and the warm worker, with real processes, files
-and sockets on loopback: each test runs only the parts its claim is about (no federation of its own)."""
+"""What the docs promise about restarts, security and the warm worker (docs/deployment.md, docs/learning.md),
+with real processes, files and sockets on loopback: each test runs only the parts its claim is about (no
+federation of its own)."""
 
 from __future__ import annotations
 

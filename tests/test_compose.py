@@ -118,6 +118,20 @@ def test_submit_service_carries_every_server_setting(compose_cli):
     assert serverapp["environment"]["WANDB_RUN_ID"] == "abc123" and serverapp["environment"]["HF_TOKEN"] == "hf_x"
 
 
+def test_every_service_that_reads_the_hub_gets_its_address_token_offline_mode_and_cache(compose_cli):
+    # Hub ids in Compose: the nodes (zk0 supernode downloads their datasets), the ServerApp (base policy,
+    # evaluation set) and submit (its check reads their metadata) share one Hub cache volume.
+    hub = {"HF_ENDPOINT": "http://hub.example.org:8080", "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}
+    services = config(*DEMO_ENV, *CPU, env=clean_env(**hub))["services"]
+    for name in ("supernode-0", "supernode-3", "serverapp", "submit"):
+        env, volumes = services[name]["environment"], services[name]["volumes"]
+        assert {k: env.get(k) for k in hub} == hub, name
+        assert {"source": "hf-cache", "target": "/home/zk0/.cache/huggingface"}.items() <= next(
+            v for v in volumes if v.get("source") == "hf-cache").items(), name
+    default = config(*DEMO_ENV, *CPU, env=clean_env())["services"]["supernode-0"]["environment"]
+    assert default["HF_ENDPOINT"] == "https://huggingface.co"
+
+
 def test_env_example_documents_every_variable():
     example = (ROOT / ".env.example").read_text()
     used = set()

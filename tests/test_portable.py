@@ -43,7 +43,8 @@ def _act(policy, pre, post) -> torch.Tensor:
 
 
 def _plain_lerobot(ckpt: Path):
-    """How README tells a user to load a checkpoint copied to another machine, with LeRobot alone."""
+    """How docs/getting-started.md ("Use a checkpoint elsewhere") tells a user to load a checkpoint copied to another
+    machine, with LeRobot alone."""
     cfg = PreTrainedConfig.from_pretrained(ckpt)
     if not Path(cfg.vlm_model_name).is_dir() and (ckpt / "vlm").is_dir():  # the demo's VLM travels inside
         cfg.vlm_model_name = str(ckpt / "vlm")

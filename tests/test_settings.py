@@ -111,13 +111,6 @@ def test_pyproject_declares_every_server_setting_as_run_config():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _readme_settings() -> set[str]:
-    """The variables named in the first column of README.md's settings table (combined rows: each name)."""
-    section = ROOT.joinpath("README.md").read_text().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
-    cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `ZK0_")]
-    return {name for cell in cells for name in re.findall(r"`(ZK0_[A-Z0-9_<>i]+)`", cell)}
-
-
 def _env_example() -> set[str]:
     """The variables .env.example sets or shows commented out."""
     text = ROOT.joinpath(".env.example").read_text()
@@ -136,11 +129,6 @@ def _missing(names: set[str], node_form: str) -> list[str]:
         ):
             missing.append(node)
     return missing
-
-
-def test_readme_documents_every_setting():
-    """README.md's settings table has a row for every ServerSettings and NodeSettings field."""
-    assert _missing(_readme_settings(), "ZK0_NODE_<i>_{FIELD}") == []
 
 
 def test_env_example_shows_every_setting():

@@ -2,18 +2,19 @@
 
 `zk0 check`, `zk0 local`, `zk0 submit` and `zk0 supernode` run these checks through zk0.deploy.preflight and
 refuse to start with every problem listed at once; a node runs them again on the dataset it opens.
-Nothing here imports torch or LeRobot, so a refusal takes about a second. `local_path` is the one rule
-for "local folder or Hub id".
+Nothing here imports torch or LeRobot, so a refusal takes about a second. `local_path` (zk0.hub) is the one
+rule for "local folder or Hub id"; a Hub id's JSON files are read through the Hub cache, so a missing, private
+or unreachable repo is refused here with what to do.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .cameras import IMAGE_PREFIX, match_cameras, parse_camera_map, short_name, suggest_map
 from .errors import DatasetError
+from .hub import HubError, local_path, read_file
 
 SUPPORTED = "v3.0"
 CONVERTIBLE = "v2.1"
@@ -21,18 +22,6 @@ CONVERTIBLE = "v2.1"
 KNOWN_LAYOUTS = {
     "lerobot/smolvla_base": ([f"{IMAGE_PREFIX}camera{i}" for i in (1, 2, 3)], 6, 6),
 }
-
-
-def local_path(spec: str | None) -> Path | None:
-    """The folder a dataset or policy spec names, `~` expanded; None for a Hub id (owner/name).
-
-    The one rule every command follows, so a spec means the same to `zk0 check`, the node and the
-    server: a spec that starts like a path (/, ., ~) or exists on disk is a local folder.
-    """
-    if not spec:
-        return None
-    path = Path(spec).expanduser()
-    return path if spec.startswith(("/", ".", "~")) or path.exists() else None
 
 
 def is_local(spec: str) -> bool:
@@ -46,16 +35,12 @@ def absolute_spec(spec: str | None) -> str | None:
     return str(path.resolve()) if path is not None else spec
 
 
-def read_json(spec: str, filename: str, repo_type: str) -> dict:
-    """`filename` of a local folder or a Hub repo (through the Hub cache); OSError when it cannot be read."""
-    if (path := local_path(spec)) is not None:
-        return json.loads((path / filename).read_text())
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(spec, filename, repo_type=repo_type)).read_text())
-    except Exception as err:  # noqa: BLE001 - offline, unknown repo, no token: all mean "cannot read"
-        raise OSError(f"cannot read {filename} of {spec} from the Hugging Face Hub ({type(err).__name__})") from None
+def read_json(spec: str, filename: str, repo_type: str, setting: str = "") -> dict:
+    """`filename` of a local folder or a Hub repo at its revision (through the Hub cache); OSError when a
+    local one cannot be read, HubError (naming `setting` and what to do) when a Hub one cannot."""
+    path = local_path(spec)
+    return json.loads((path / filename if path is not None else read_file(spec, filename, repo_type, setting))
+                      .read_text())
 
 
 @dataclass
@@ -85,16 +70,17 @@ class PolicyLayout:
         )
 
 
-def policy_layout(base: str) -> tuple[PolicyLayout | None, str | None]:
+def policy_layout(base: str, setting: str = "ZK0_BASE_POLICY") -> tuple[PolicyLayout | None, str | None]:
     """(the base policy's layout, None) or (None, the problem)."""
     try:
-        config = read_json(base, "config.json", "model")
+        config = read_json(base, "config.json", "model", setting)
     except (OSError, ValueError) as err:
-        if base in KNOWN_LAYOUTS:
+        if base in KNOWN_LAYOUTS:  # known without the Hub; the run's download refuses what cannot be read
             return PolicyLayout(base, *KNOWN_LAYOUTS[base]), None
-        where = "no saved policy there (missing config.json)" if is_local(base) else str(err)
-        return None, (f"ZK0_BASE_POLICY={base}: {where}; run `zk0 demo` for the offline demo, or use a Hub id "
-                      "such as lerobot/smolvla_base where the Hub is reachable")
+        if isinstance(err, HubError):
+            return None, str(err)
+        return None, (f"{setting}={base}: no saved policy there (missing config.json); run `zk0 demo` for the "
+                      "offline demo, or use a Hub id such as lerobot/smolvla_base where the Hub is reachable")
     return PolicyLayout.from_features(base, config.get("input_features", {}), config.get("output_features", {})), None
 
 
@@ -154,10 +140,13 @@ def check_dataset(
     """Check one dataset's format, cameras (after the map), state/action sizes and episode split."""
     row = DatasetCheck(role, spec, setting, cameras_setting)
     try:
-        info = read_json(spec, "meta/info.json", "dataset")
-    except (OSError, ValueError) as err:
-        where = "no LeRobot dataset there (missing or unreadable meta/info.json)" if is_local(spec) else str(err)
-        row.problem(f"{where}; point {setting} at a dataset root (the folder holding meta/info.json) or a Hub id")
+        info = read_json(spec, "meta/info.json", "dataset", setting)
+    except HubError as err:
+        row.problem(err.reason)
+        return row
+    except (OSError, ValueError):
+        row.problem(f"no LeRobot dataset there (missing or unreadable meta/info.json); point {setting} at a "
+                    "dataset root (the folder holding meta/info.json) or a Hub id")
         return row
     features = info.get("features", {})
     row.version = str(info.get("codebase_version", "unknown"))
@@ -236,7 +225,7 @@ def raise_problems(problems: list[str], what: str = "the experiment", error: typ
         raise error(f"{what} cannot start, {len(problems)} problem(s):\n{listed}")
 
 
-def _variable(prefix: str, field: str, env: dict[str, str] | None) -> str:
+def node_variable(prefix: str, field: str, env: dict[str, str] | None) -> str:
     """The variable a node's setting came from: its own (prefix + FIELD) or, when only that is set, the
     generic ZK0_<FIELD> that applies to every node."""
     own, generic = f"{prefix}{field}", f"ZK0_{field}"
@@ -252,9 +241,10 @@ def check_nodes(
     for node, prefix in zip(nodes, prefixes, strict=True):
         base = node.base_policy or base_policy
         if base not in layouts:
-            layouts[base] = policy_layout(base)
+            layouts[base] = policy_layout(base, node_variable(prefix, "BASE_POLICY", env) if node.base_policy
+                                          else "ZK0_BASE_POLICY")
             problems += [layouts[base][1]] if layouts[base][1] else []
-        dataset, cameras, heldout = (_variable(prefix, f, env) for f in ("DATASET", "CAMERAS", "HELDOUT_EPISODES"))
+        dataset, cameras, heldout = (node_variable(prefix, f, env) for f in ("DATASET", "CAMERAS", "HELDOUT_EPISODES"))
         rows.append(check_dataset(
             node.display_name, node.dataset, dataset, cameras, node.cameras, layouts[base][0],
             heldout=node.heldout_episodes, partitions=node.num_partitions, heldout_setting=heldout,

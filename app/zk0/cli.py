@@ -201,7 +201,7 @@ def _add_push_bench_parsers(sub) -> None:
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.set_defaults(func=_push)
     names = ["learning", "attack", "wire", "step", "overhead", "aggregate", "demo", "scale", "cli", "gpu"]
-    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(names)} (see README)")
+    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(names)} (see docs/benchmarks.md)")
     bench.add_argument("name", choices=names)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for each)")
     bench.set_defaults(func=_bench)

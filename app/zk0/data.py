@@ -16,10 +16,11 @@ from .errors import DatasetError
 log = logging.getLogger("zk0")
 
 
-def resolve_dataset(spec: str, cache_dir: Path | None = None) -> tuple[str, Path | None]:
-    """(repo id, local LeRobot v3.0 root) of a local folder or Hub id; v2.1 is converted once into the cache."""
-    from .check import local_path, read_json
+def resolve_dataset(spec: str, cache_dir: Path | None = None, setting: str = "dataset") -> tuple[str, Path]:
+    """(repo id, local LeRobot v3.0 root) of a local folder or Hub id[@revision]; v2.1 is converted once into
+    the cache. A Hub dataset is read from the Hub cache (downloaded, or resumed, the first time)."""
     from .formats import ensure_v30
+    from .hub import local_path, repo_name, snapshot
     from .settings import default_cache_dir
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -31,17 +32,11 @@ def resolve_dataset(spec: str, cache_dir: Path | None = None) -> tuple[str, Path
                 "point it at a dataset root, e.g. one written by `zk0 demo`"
             )
         return f"local/{path.name}", ensure_v30(path, cache / "datasets")
-    try:
-        version = read_json(spec, "meta/info.json", "dataset").get("codebase_version")
-    except OSError:
-        return spec, None  # LeRobot says what is wrong when it opens it
-    if version != "v2.1":
-        return spec, None
-    # A Hub dataset still in v2.1 (most of 2025's SO-100 sets): downloaded once, converted like a local one.
-    from huggingface_hub import snapshot_download
-
-    raw = Path(snapshot_download(spec, repo_type="dataset", local_dir=cache / "hub" / spec.replace("/", "--")))
-    return spec, ensure_v30(raw, cache / "datasets")
+    # A Hub snapshot is a folder like any other: v3.0 is opened in place, v2.1 (most of 2025's SO-100 sets)
+    # converted once, named after the repo and its commit.
+    folder = snapshot(spec, "dataset", setting)
+    name = f"{repo_name(spec).replace('/', '--')}-{folder.name[:12]}"
+    return repo_name(spec), ensure_v30(folder, cache / "datasets", name=name)
 
 
 def open_metadata(spec: str, cache_dir: Path | None = None) -> LeRobotDatasetMetadata:

@@ -40,8 +40,9 @@ def is_v21(root: Path) -> bool:
     return codebase_version(root) == "v2.1"
 
 
-def ensure_v30(root: Path, cache_dir: Path) -> Path:
-    """The dataset's v3.0 root: root itself when already v3, else its one-time conversion under cache_dir."""
+def ensure_v30(root: Path, cache_dir: Path, name: str | None = None) -> Path:
+    """The dataset's v3.0 root: root itself when already v3, else its one-time conversion under cache_dir
+    (in a folder named after `name`, default the root's own name)."""
     root, cache_dir = Path(root), Path(cache_dir)
     version = codebase_version(root)
     if version.startswith("v3."):
@@ -49,7 +50,7 @@ def ensure_v30(root: Path, cache_dir: Path) -> Path:
     if version != "v2.1":
         raise DatasetError(_unsupported(root, version))
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{root.name}-{_fingerprint(root)}"
+    target = cache_dir / f"{name or root.name}-{_fingerprint(root)}"
     with _locked(cache_dir / f".{target.name}.lock"):
         if (target / MARKER).is_file():
             log.info("dataset %s is LeRobot v2.1: using its v3.0 conversion in %s (converted earlier)", root, target)

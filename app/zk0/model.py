@@ -14,6 +14,7 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
+from .hub import local_path, repo_name, snapshot
 from .portable import TOKENIZER_STEP, bundle_vlm, localize
 
 log = logging.getLogger("zk0")
@@ -22,11 +23,11 @@ log = logging.getLogger("zk0")
 def load_policy(path: str, device: str, adapter=None, seed: int = 0):
     """Load a saved SmolVLA (local dir or Hub id) onto `device`; with a LoRA `adapter` (zk0.lora.Adapter),
     wrapped so that only the adapters train (A drawn from `seed`)."""
-    policy = _load_plain(path, device)
+    policy = _load_plain(policy_dir(path), device)
     if adapter is not None and adapter.lora:
         from .lora import wrap
 
-        return wrap(policy, path, adapter, seed)
+        return wrap(policy, repo_name(path), adapter, seed)  # PEFT records the base as an id or a folder
     return policy
 
 
@@ -57,6 +58,7 @@ def load_processors(path: str, device: str, rename_map: dict[str, str] | None = 
     `lerobot-train --rename_map` does; `stats` replace the saved normalisation statistics in the
     normaliser and unnormaliser, as lerobot-train does with a dataset's own statistics.
     """
+    path = policy_dir(path)
     config = PreTrainedConfig.from_pretrained(path)
     pre: dict = {"device_processor": {"device": device}}
     post: dict = {}
@@ -71,6 +73,14 @@ def load_processors(path: str, device: str, rename_map: dict[str, str] | None = 
     return make_pre_post_processors(
         config, pretrained_path=path, preprocessor_overrides=pre, postprocessor_overrides=post
     )
+
+
+def policy_dir(spec: str) -> str:
+    """The folder of a saved policy: a local one as given, a Hub id[@revision] from the Hub cache (downloaded,
+    or resumed, the first time), so its bundled VLM folder and processors resolve like a local checkpoint's."""
+    if local_path(spec) is not None:
+        return spec
+    return str(snapshot(spec, "model", "ZK0_BASE_POLICY"))
 
 
 def _config(path: str) -> PreTrainedConfig:

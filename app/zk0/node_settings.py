@@ -7,14 +7,19 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
+from .hub import check_spec, local_path
 from .settings_base import _camera_map, _Zk0Settings
 
 
 class NodeSettings(_Zk0Settings):
     """What one SuperNode needs: its data, its split and its device."""
 
-    dataset: str = Field(..., min_length=1, description="This node's LeRobot dataset: local root or Hub id.")
-    name: str = Field("", description="Human-readable node name used in records; defaults to the dataset name.")
+    dataset: str = Field(
+        ..., min_length=1, description="This node's LeRobot dataset: local root or Hub id (owner/name[@revision])."
+    )
+    name: str = Field(
+        "", description="Node name in records and WandB; empty = the dataset's name (`zk0 local`: node-<i>)."
+    )
     cameras: str | None = Field(
         None, description="Camera map of this node's dataset onto the policy's slots, e.g. top=camera1,wrist=camera2."
     )
@@ -23,16 +28,20 @@ class NodeSettings(_Zk0Settings):
     )
     heldout_episodes: int = Field(2, ge=0, description="Episodes held out for evaluation, never trained on.")
     partition_id: int | None = Field(
-        None, ge=0, description="When one dataset is split across nodes: this node's part."
+        None, ge=0, description="When one dataset is split across nodes: this node's part (with num-partitions)."
     )
     num_partitions: int | None = Field(
-        None, ge=1, description="When one dataset is split across nodes: how many parts."
+        None, ge=1, description="When one dataset is split across nodes: how many parts (with partition-id)."
     )
-    base_policy: str | None = Field(None, description="Override where this node finds the base policy.")
+    base_policy: str | None = Field(
+        None, description="Where this node finds the base policy; unset = the server's ZK0_BASE_POLICY."
+    )
     device: str = Field("auto", description="Training device: auto, cpu, cuda or cuda:N.")
     video_backend: Literal["pyav", "torchcodec"] = Field("pyav", description="Video decoder for camera streams.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; set when nodes share a host.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (unset = torch's default); set when nodes share a host."
+    )
     log_every: int = Field(5, ge=1, description="Log training progress every N steps.")
     warm: bool = Field(
         True,
@@ -59,8 +68,13 @@ class NodeSettings(_Zk0Settings):
         None, description="Where this node keeps its personalised model (ZK0_PERSONALIZE_STEPS), in LeRobot's format; "
         "default <cache dir>/personal/<name>. It never leaves the node.",
     )
+    secagg_keep_dir: Path | None = Field(
+        None, description="ZK0_SECURE_AGGREGATION=secaggplus: where this node keeps each update it sends, before "
+        "masking (round-NNN.npy, fp32), for its own audit (the server only sees the masked sum); unset = not kept.",
+    )
 
     _cameras = field_validator("cameras")(_camera_map)
+    _specs = field_validator("dataset", "base_policy")(check_spec)
 
     @model_validator(mode="after")
     def _partitions_pair(self) -> Self:
@@ -72,5 +86,6 @@ class NodeSettings(_Zk0Settings):
 
     @property
     def display_name(self) -> str:
-        """The node's name, or its dataset's last path component."""
-        return self.name or Path(self.dataset.rstrip("/")).name
+        """The node's name, or its dataset's last path component (a Hub id's without its revision)."""
+        spec = self.dataset if local_path(self.dataset) is not None else self.dataset.partition("@")[0]
+        return self.name or Path(spec.rstrip("/")).name

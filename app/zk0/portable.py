@@ -6,7 +6,8 @@ anywhere and is kept as it is; a local folder (the offline demo's tiny VLM) is c
 as `vlm/`. The saved names stay as they were: transformers resolves a relative name against the working
 directory, not the checkpoint, so renaming them would stop plain `from_pretrained(dir)` from working on the
 very machine that wrote the checkpoint. Where the named folder is gone (the checkpoint was copied
-elsewhere), `localize` (or the lines in README "Use a checkpoint elsewhere") points the names at the copy.
+elsewhere), `localize` (or the lines in docs/getting-started.md, "Use a checkpoint elsewhere") points the names
+at the copy.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 # NodeSettings and the shared helpers live in their own modules; every name stays importable from here.
+from .hub import check_spec
 from .node_settings import NodeSettings
-from .settings_base import ENV_PREFIX, SettingsError, _camera_map, _Zk0Settings, default_cache_dir, resolve_device
+from .settings_base import ENV_PREFIX, SettingsError, _camera_map, default_cache_dir, resolve_device
+from .settings_secagg import SecAggSettings, secagg_problems
 
 __all__ = [
     "AGGREGATION_SETTINGS", "ENV_PREFIX", "SERVER_OPT_SETTINGS", "NodeSettings", "ServerSettings", "SettingsError",
@@ -53,18 +55,19 @@ def aggregation_problems(s: ServerSettings) -> list[str]:
         problems.append(f"{ENV_PREFIX}MULTIKRUM_SELECT={s.multikrum_select} is above {ENV_PREFIX}MIN_NODES - "
                         f"{ENV_PREFIX}BYZANTINE_NODES = {s.min_nodes - f}: MultiKrum averages at most the n - f "
                         "best-scored updates; lower it")
+    problems += secagg_problems(s)
     if 0 < s.norm_bound_factor < 1:
         problems.append(f"{ENV_PREFIX}NORM_BOUND_FACTOR={s.norm_bound_factor}: below 1 it would clip the median "
                         "update itself; use 0 (off) or a value >= 1")
     return problems
 
 
-class ServerSettings(_Zk0Settings):
+class ServerSettings(SecAggSettings):
     """What the ServerApp (and `zk0 local`) needs to run one experiment."""
 
     num_rounds: int = Field(3, ge=1, description="Federated rounds to run; set at least 1.")
     local_steps: int = Field(20, ge=1, description="Optimizer steps per node per round; at least 1.")
-    batch_size: int = Field(8, ge=1, description="Training batch size on each node; at least 1.")
+    batch_size: int = Field(8, ge=1, description="Batch size on each node and for evaluation; at least 1.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate; a positive number.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx mu; 0 gives FedAvg, must be >= 0.")
     strategy: Literal["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
@@ -134,8 +137,10 @@ class ServerSettings(_Zk0Settings):
     )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N rounds (the last always).")
     output_dir: Path = Field(Path("outputs"), description="Where rounds, history and checkpoints go.")
-    base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id.")
-    eval_dataset: str | None = Field(None, description="Server evaluation dataset: local root or Hub id.")
+    base_policy: str = Field("lerobot/smolvla_base", description="Base SmolVLA: local dir or Hub id owner/name[@rev].")
+    eval_dataset: str | None = Field(
+        None, description="Server evaluation dataset: local root or Hub id (owner/name[@revision])."
+    )
     eval_cameras: str | None = Field(
         None,
         description="Camera map of the evaluation dataset onto the policy's slots, e.g. top=camera1,wrist=camera2.",
@@ -225,6 +230,7 @@ class ServerSettings(_Zk0Settings):
     push_every: int = Field(1, ge=1, description="Push every N checkpoints' rounds (the last always).")
 
     _cameras = field_validator("eval_cameras")(_camera_map)
+    _specs = field_validator("base_policy", "eval_dataset")(check_spec)
 
     @field_validator("sim_labs")
     @classmethod

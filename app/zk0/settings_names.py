@@ -12,10 +12,20 @@ from .settings_base import ENV_PREFIX, SettingsError
 
 # `zk0 local` and compose give each SuperNode its own variables: ZK0_NODE_<i>_DATASET etc.
 NODE_VAR = re.compile(rf"^{ENV_PREFIX}NODE_(\d+)_([A-Z_]+)$")
-# Variables that only the deployment reads (compose.yaml and .env.example): an env-file shared by
-# `zk0 local` and Compose may hold them. Node i is pinned to GPU ZK0_NODE_<i>_GPU.
-DEPLOYMENT_NODE_FIELDS = {"GPU"}
-DEPLOYMENT_VARS = {f"{ENV_PREFIX}{name}" for name in ("IMAGE", "DATASETS_DIR", "TLS_DIR", "SERVER_GPU")}
+# Variables that only the deployment reads (compose*.yaml and .env.example): an env-file shared by
+# `zk0 local` and Compose may hold them. What each does (the settings reference is generated from these).
+DEPLOYMENT_SETTINGS = {
+    "IMAGE": "Image every Compose service runs (built from docker/Dockerfile when missing).",
+    "DATASETS_DIR": "Host folder mounted read-only at /work/datasets in the containers: local datasets go there and "
+    "are named datasets/<folder> in the env-file.",
+    "TLS_DIR": "compose.tls.yaml: the folder superlink/make-certs.sh wrote (ca.crt, superlink.crt/.key, supernodes/).",
+    "SERVER_GPU": "The GPU the ServerApp evaluates on (shared with node 0 by default); compose.cpu.yaml drops it.",
+}
+DEPLOYMENT_NODE_SETTINGS = {
+    "GPU": "The GPU node i is pinned to (NVIDIA device index or UUID; default i); compose.cpu.yaml drops it.",
+}
+DEPLOYMENT_NODE_FIELDS = set(DEPLOYMENT_NODE_SETTINGS)
+DEPLOYMENT_VARS = {f"{ENV_PREFIX}{name}" for name in DEPLOYMENT_SETTINGS}
 
 
 def check_env_names(names: set[str]) -> None:

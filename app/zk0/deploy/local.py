@@ -230,7 +230,7 @@ def run_local(env_file: Path | None, tls_dir: Path | None = None, simulation: in
     trains on the env-file's node k mod D. `fast_loop` runs the SuperNodes in zk0's fast loop
     (zk0.deploy.node_loop), else Flower's own flower-supernode.
     """
-    experiment = preflight(env_file)
+    experiment = preflight(env_file, download=True)
     settings, nodes = experiment.settings, experiment.nodes
     if simulation is not None:
         check_simulation(simulation, settings, tls_dir)

@@ -19,7 +19,17 @@ from dotenv import dotenv_values
 
 from ..attacks import ENV as TEST_ATTACK
 from ..attacks import parse_attacks
-from ..check import absolute_spec, check_experiment, check_nodes, fps_warnings, local_path, raise_problems, table
+from ..check import (
+    absolute_spec,
+    check_experiment,
+    check_nodes,
+    fps_warnings,
+    local_path,
+    node_variable,
+    raise_problems,
+    table,
+)
+from ..hub import HubError, pin
 from ..settings import NodeSettings, ServerSettings, SettingsError
 from ..settings_names import NODE_VAR, check_env_names
 
@@ -117,8 +127,11 @@ class Experiment:
     nodes: list[NodeSettings] = field(default_factory=list)
 
 
-def preflight(env_file: Path | None, role: Role = "experiment", index: int | None = None, echo=print) -> Experiment:
+def preflight(
+    env_file: Path | None, role: Role = "experiment", index: int | None = None, echo=print, download: bool = False
+) -> Experiment:
     """Read and check what `role` needs, print the check table; raise SettingsError listing every problem.
+    With `download` (`zk0 local`, `zk0 supernode`), then fetch every Hub repo it names (see `download_hub`).
 
     experiment (`zk0 check`, `zk0 local`): the server's settings and every ZK0_NODE_<i>_* node.
     server (`zk0 submit`): the server's settings and its evaluation set.
@@ -148,6 +161,9 @@ def preflight(env_file: Path | None, role: Role = "experiment", index: int | Non
     problems += [p for p in dataset_problems if p not in problems]
     what = "this SuperNode" if role == "node" else "the experiment"
     raise_problems([_with_lines(p, env_file, values) for p in problems], what, SettingsError)
+    if download:
+        hub_problems = download_hub(found, prefixes, echo)
+        raise_problems([_with_lines(p, env_file, values) for p in hub_problems], what, SettingsError)
     return found
 
 
@@ -163,6 +179,39 @@ def _attack_problems(env: dict[str, str], nodes: list[NodeSettings], role: Role)
     unknown = sorted({a.node for a in attacks} - set(names)) if role == "experiment" and names else []
     return [f"{TEST_ATTACK}={env[TEST_ATTACK]!r} names node(s) {', '.join(unknown)}, none of this experiment's "
             f"({', '.join(names)})"] if unknown else []
+
+
+def download_hub(found: Experiment, prefixes: list[str], echo=print) -> list[str]:
+    """Download (or resume, or reuse from the Hub cache) every Hub repo of `found`, before any process starts,
+    and pin each spec to the commit it got (owner/name@<commit>): the SuperLink's and every node's processes
+    then read the same files, with no further request to the Hub. Returns every problem, each naming its
+    variable, the id and what to do."""
+    problems: list[str] = []
+    done: dict[tuple[str, str], str] = {}
+
+    def pinned(spec: str | None, repo_type: str, setting: str) -> str | None:
+        if not spec or local_path(spec) is not None:
+            return spec
+        if (spec, repo_type) not in done:
+            try:
+                done[spec, repo_type] = pin(spec, repo_type, setting)
+                echo(f"{setting}={spec}: {repo_type} at commit {done[spec, repo_type].rpartition('@')[2][:12]} "
+                     "in the Hugging Face cache")
+            except HubError as err:
+                problems.append(str(err))
+                done[spec, repo_type] = spec
+        return done[spec, repo_type]
+
+    if found.settings is not None:
+        found.settings = found.settings.model_copy(update={
+            "base_policy": pinned(found.settings.base_policy, "model", "ZK0_BASE_POLICY"),
+            "eval_dataset": pinned(found.settings.eval_dataset, "dataset", "ZK0_EVAL_DATASET"),
+        })
+    found.nodes = [node.model_copy(update={
+        "dataset": pinned(node.dataset, "dataset", node_variable(prefix, "DATASET", found.env)),
+        "base_policy": pinned(node.base_policy, "model", node_variable(prefix, "BASE_POLICY", found.env)),
+    }) for node, prefix in zip(found.nodes, prefixes, strict=True)]
+    return problems
 
 
 def _nodes(env: dict[str, str], role: Role, index: int | None) -> tuple[list[NodeSettings], list[str], list[str]]:

@@ -104,7 +104,7 @@ def run_supernode(args) -> int:
         raise SettingsError("--auth-key needs --root-certificates: SuperNode authentication only works over TLS")
     # Without ZK0_BASE_POLICY the node trains the server's base policy, which it learns of only with the
     # first message: its dataset is checked against zk0's default, lerobot/smolvla_base's layout.
-    (node,) = preflight(args.env_file, "node", args.index).nodes
+    (node,) = preflight(args.env_file, "node", args.index, download=True).nodes
     if args.root_certificates is None:
         log.warning("no --root-certificates: connecting without TLS; use this only inside one trusted machine or "
                     "network")

@@ -23,6 +23,7 @@ from ..logs import setup_logging
 from ..node_faults import STARTED
 from ..settings import NodeSettings
 from ..stats import DIGEST_KEY, STATS_KEY, digest
+from . import secagg
 from .messages import NodeReply, NodeRequest
 
 app = ClientApp()
@@ -81,7 +82,8 @@ def to_reply(result: NodeReply, name: str, dataset: str, msg: Message) -> Messag
     return Message(content=content, reply_to=msg)
 
 
-def _run(kind: str, msg: Message, context: Context) -> Message:
+def _work(kind: str, msg: Message, context: Context) -> tuple[NodeReply, NodeSettings, str]:
+    """Have the node's worker (warm, in this process, or simulated) handle the message."""
     log = setup_logging()
     settings, name, virtual = node_settings(context)
     # Flower has started this ClientApp: `zk0 local`'s watch (zk0.deploy.node_watch) stops timing its start-up here.
@@ -96,13 +98,22 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
         from .worker import NodeWorker
 
         result = NodeWorker().handle(to_request(kind, msg, dict(context.node_config)))
+    return result, settings, name
+
+
+def _run(kind: str, msg: Message, context: Context) -> Message:
+    result, settings, name = _work(kind, msg, context)
     return to_reply(result, name, settings.dataset, msg)
 
 
-@app.train()
+@app.train(mods=[secagg.secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global weights on this node's data."""
-    return _run("train", msg, context)
+    """Train the received global weights on this node's data; in a SecAgg+ round, reply with the masked update."""
+    if not secagg.is_secagg_train(msg):
+        return _run("train", msg, context)
+    received = secagg.as_zk0(msg)
+    result, settings, name = _work("train", msg, context)
+    return secagg.fit_reply(result, received, name, settings.dataset, settings.secagg_keep_dir, msg)
 
 
 @app.evaluate()

@@ -43,6 +43,9 @@ class PromptGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then pull until every reply is in or `timeout` seconds have passed (as Flower does)."""
+        messages = list(messages)
+        if not messages:  # nothing to wait for (zk0.server.secagg runs its rounds' exchanges itself)
+            return []
         waiting = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

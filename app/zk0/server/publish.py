@@ -8,6 +8,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCardData
 
 from ..check import local_path
+from ..hub import repo_name
 from ..portable import describe
 
 log = logging.getLogger("zk0")
@@ -85,13 +86,14 @@ pre, post = make_pre_post_processors(policy.config, pretrained_path="{repo}")
 
 def _card_data(settings, nodes: dict[str, str]) -> ModelCardData:
     """The card's Hub metadata; only Hub ids (not local paths) are named as base model and datasets."""
-    datasets = sorted({d for d in [*nodes.values(), settings.eval_dataset] if _is_hub_id(d)})
+    # The Hub's metadata names repos, not revisions: a pinned id (owner/name@rev) is named without its revision.
+    datasets = sorted({repo_name(d) for d in [*nodes.values(), settings.eval_dataset] if _is_hub_id(d)})
     return ModelCardData(
         library_name="lerobot",
         pipeline_tag="robotics",
         license="apache-2.0",
         tags=["lerobot", "smolvla", "robotics", "federated-learning", "flower", "fedprox", "zk0"],
-        base_model=settings.base_policy if _is_hub_id(settings.base_policy) else None,
+        base_model=repo_name(settings.base_policy) if _is_hub_id(settings.base_policy) else None,
         datasets=datasets or None,
     )
 

@@ -20,6 +20,7 @@ from .grid import PromptGrid
 from .influence import Limits
 from .robust import robust_rule
 from .runtime import ServerRuntime
+from .secagg import Zk0SecAggPlus, secaggplus_workflow
 from .server_opt import Zk0ServerOpt, server_optimizer
 from .strategy import Zk0FedProx, error_reason, replying_node
 
@@ -56,7 +57,8 @@ def collect_stats(
 
 
 def build_strategy(settings: ServerSettings, runtime: ServerRuntime) -> Zk0FedProx:
-    """FedProx with zk0's hooks, under the server optimiser ZK0_STRATEGY names, counting rounds after the checkpoint."""
+    """FedProx with zk0's hooks, under the server optimiser ZK0_STRATEGY names or run as Flower's SecAgg+, counting
+    rounds after the checkpoint."""
     hooks = dict(
         recorder=runtime.recorder,
         is_eval_round=settings.is_eval_round,
@@ -80,6 +82,8 @@ def build_strategy(settings: ServerSettings, runtime: ServerRuntime) -> Zk0FedPr
         rule=robust_rule(settings),  # None: the weighted mean
         stats=lambda: runtime.stats,  # merged after the strategy is built (collect_stats)
     )
+    if settings.secure_aggregation == "secaggplus":  # the settings refuse it with limits, robust rules, optimisers
+        return Zk0SecAggPlus(secaggplus_workflow(settings), **hooks)
     optimizer = server_optimizer(settings)  # None for ZK0_STRATEGY=fedprox: the mean is the server step
     return Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)
 
