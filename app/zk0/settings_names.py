@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 
+from .attacks import ENV as TEST_ATTACK
 from .node_settings import NodeSettings
 from .settings import ServerSettings
 from .settings_base import ENV_PREFIX, SettingsError
@@ -29,7 +30,7 @@ DEPLOYMENT_VARS = {f"{ENV_PREFIX}{name}" for name in DEPLOYMENT_SETTINGS}
 
 def check_env_names(names: set[str]) -> None:
     """Reject unknown ZK0_ variables so a typo never passes silently; name the nearest known one."""
-    known = ServerSettings.env_names() | NodeSettings.env_names() | DEPLOYMENT_VARS
+    known = ServerSettings.env_names() | NodeSettings.env_names() | DEPLOYMENT_VARS | {TEST_ATTACK}
     node_fields = {n.upper() for n in NodeSettings.model_fields} | DEPLOYMENT_NODE_FIELDS
     unknown = []
     for name in sorted(n for n in names if n.startswith(ENV_PREFIX)):

@@ -17,6 +17,8 @@ from typing import Literal
 
 from dotenv import dotenv_values
 
+from ..attacks import ENV as TEST_ATTACK
+from ..attacks import parse_attacks
 from ..cameras import CameraMap
 from ..check import (
     absolute_spec,
@@ -152,7 +154,7 @@ def preflight(
             server_problem = str(err)
             problems.append(server_problem)
     found.nodes, prefixes, node_problems = _nodes(env, role, index)
-    problems += node_problems
+    problems += node_problems + _attack_problems(env, found.nodes, role)
     rows, dataset_problems, warnings = _check(found, prefixes, role, server_problem)
     echo(table(rows))
     for warning in warnings:
@@ -164,6 +166,20 @@ def preflight(
         hub_problems = download_hub(found, prefixes, echo)
         raise_problems([_with_lines(p, env_file, values) for p in hub_problems], what, SettingsError)
     return found
+
+
+def _attack_problems(env: dict[str, str], nodes: list[NodeSettings], role: Role) -> list[str]:
+    """ZK0_TEST_ATTACK (zk0.attacks, a testing hook): a malformed value, or one naming none of `zk0 local`'s nodes."""
+    if not env.get(TEST_ATTACK, "").strip():
+        return []
+    try:
+        attacks = parse_attacks(env[TEST_ATTACK])
+    except ValueError as err:
+        return [str(err)]
+    names = [n.display_name for n in nodes]
+    unknown = sorted({a.node for a in attacks} - set(names)) if role == "experiment" and names else []
+    return [f"{TEST_ATTACK}={env[TEST_ATTACK]!r} names node(s) {', '.join(unknown)}, none of this experiment's "
+            f"({', '.join(names)})"] if unknown else []
 
 
 def download_hub(found: Experiment, prefixes: list[str], echo=print) -> list[str]:

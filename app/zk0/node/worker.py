@@ -6,11 +6,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..attacks import hostile
 from ..lora import Adapter
 from ..settings import NodeSettings
 from ..train import TrainPlan
-from ..wire import DELTA, PACKED, pack, quantize_delta
+from ..wire import DELTA, PACKED, down_format, pack, quantize_delta, unpack, views
 from .messages import KINDS, NodeReply, NodeRequest
 from .session import NodeSession, evaluate_on_node, open_session, receive_weights, stats_on_node, train_on_node
 
@@ -95,11 +97,21 @@ def train_plan(config: dict, log_every: int) -> TrainPlan:
 
 
 def train_and_pack(session: NodeSession, request: NodeRequest, received: np.ndarray) -> tuple[dict, dict]:
-    """Train a round on the received weights; (metrics, the reply's arrays in the message's wire format)."""
+    """Train a round on the received weights; (metrics, the reply's arrays in the message's wire format).
+    A node that ZK0_TEST_ATTACK names (zk0.attacks, a testing hook) turns its round into that attack here."""
     config = request.config
+    attacks = hostile(session.settings.display_name)
     plan = train_plan(config, session.settings.log_every)
+    for attack in attacks:
+        plan = attack.plan(plan)
     state, metrics = train_on_node(session, plan, int(config["batch-size"]), request.batch_seed)
     fmt = str(config["wire-format"])
+    if attacks:
+        received = views({PACKED: received}, down_format(fmt))[PACKED].float().numpy()
+        sent = pack(state, "fp32")
+        for attack in attacks:
+            sent, metrics = attack.weights(sent, received, request.batch_seed), attack.metrics(metrics)
+        state = {k: torch.from_numpy(v) for k, v in unpack(sent, session.shapes).items()}
     if fmt == DELTA:  # the update against the weights as received, not the trained weights
         return metrics, quantize_delta(pack(state, "fp32") - received.astype(np.float32))
     return metrics, {PACKED: pack(state, fmt)}
