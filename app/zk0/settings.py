@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 # NodeSettings and the shared helpers live in their own modules; every name stays importable from here.
 from .node_settings import NodeSettings
+from .privacy import dp_problems
 from .settings_base import ENV_PREFIX, SettingsError, _camera_map, _Zk0Settings, default_cache_dir, resolve_device
 
 __all__ = [
@@ -117,6 +118,24 @@ class ServerSettings(_Zk0Settings):
         None, ge=1, description="ZK0_AGGREGATION=multikrum: how many of the best-scored updates are averaged, >= 1; "
         "unset = Flower's 1 (Krum).",
     )
+    # Differential privacy (zk0.server.privacy, docs/privacy.md): each lab's update clipped on its node, Gaussian noise
+    # added by the server to the mean, the (epsilon, delta) spent written to every round record.
+    dp: Literal["off", "client"] = Field(
+        "off", description="off, or client: lab-level differential privacy, each node clipping its round's update "
+        "to ZK0_DP_CLIP_NORM before it leaves the node and the server adding Gaussian noise to the mean.",
+    )
+    dp_clip_norm: float | None = Field(
+        None, description="ZK0_DP=client: L2 norm each node clips its round's update (trained - received) to, > 0.",
+    )
+    dp_noise_multiplier: float | None = Field(
+        None, description="ZK0_DP=client: the server's noise std is this x ZK0_DP_CLIP_NORM / sampled nodes, > 0; "
+        "or set ZK0_DP_TARGET_EPSILON instead.",
+    )
+    dp_target_epsilon: float | None = Field(
+        None, description="ZK0_DP=client: the epsilon the whole run may spend; the noise multiplier is chosen to "
+        "reach it in ZK0_NUM_ROUNDS rounds (instead of ZK0_DP_NOISE_MULTIPLIER).",
+    )
+    dp_delta: float = Field(1e-5, description="ZK0_DP=client: the delta of (epsilon, delta), in (0, 1).")
     fraction_train: float = Field(
         1.0, gt=0, le=1, description="Share of nodes sampled per round for training and evaluation, in (0, 1]."
     )
@@ -259,7 +278,8 @@ class ServerSettings(_Zk0Settings):
 
     @model_validator(mode="after")
     def _aggregation_settings(self) -> Self:
-        if problems := aggregation_problems(self):
+        # One refusal names every problem of the defences and of differential privacy together.
+        if problems := aggregation_problems(self) + dp_problems(self):
             raise ValueError("\n  ".join(problems))
         return self
 
