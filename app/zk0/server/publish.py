@@ -62,6 +62,7 @@ server aggregated the trainable weights (server step: {settings.strategy}).
 - peak learning rate: {settings.learning_rate} ({schedule})
 - local steps per round: {settings.local_steps}, batch size {settings.batch_size}
 - server evaluation dataset: `{describe(settings.eval_dataset, here) or 'none'}`
+- differential privacy: {_privacy(settings, history, server_round)}
 
 ## Evaluation
 
@@ -81,6 +82,17 @@ policy = SmolVLAPolicy.from_pretrained("{repo}")
 pre, post = make_pre_post_processors(policy.config, pretrained_path="{repo}")
 ```
 {_adapter_use(settings)}"""
+
+
+def _privacy(settings, history: list[dict], server_round: int) -> str:
+    """What the card says of differential privacy: off, or the (epsilon, delta) spent up to this round."""
+    spent = [r["privacy"] for r in history if r.get("privacy") and r["round"] <= server_round]
+    if settings.dp == "off" or not spent:
+        return "off (ZK0_DP=off)"
+    p = spent[-1]
+    return (f"lab-level (epsilon = {p['epsilon']:.3g}, delta = {p['delta']:g}) after {p['releases']} round(s): each "
+            f"lab's update clipped to L2 norm {p['clip_norm']:g} on its node, Gaussian noise (multiplier "
+            f"{p['noise_multiplier']:.3g}) added to the mean by the server; {p['accounting']}")
 
 
 def _card_data(settings, nodes: dict[str, str]) -> ModelCardData:
