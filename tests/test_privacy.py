@@ -15,7 +15,7 @@ from zk0.server.privacy import PrivateMean
 from zk0.settings import ServerSettings, SettingsError
 from zk0.wire import DELTA, PACKED
 
-DP = {"dp": "client", "dp_clip_norm": 1.0, "wire_format": "fp32"}
+DP = {"dp": "client", "dp_clip_norm": 1.0, "wire_format": "fp32", "stats": "base"}
 
 
 def direct_epsilon(noise: float, rounds: int, delta: float = 1e-5) -> float:
@@ -33,7 +33,7 @@ def refusal(**settings) -> str:
 def test_every_dp_problem_is_named_in_one_refusal():
     text = refusal(dp="client", dp_clip_norm=0, dp_delta=2, aggregation="median", wire_format="fp16")
     for needle in ("ZK0_DP_CLIP_NORM=0", "set exactly one", "ZK0_DP_DELTA=2", "ZK0_AGGREGATION=median",
-                   "ZK0_WIRE_FORMAT=fp16"):
+                   "ZK0_WIRE_FORMAT=fp16", "ZK0_STATS=federated"):
         assert needle in text, (needle, text)
     assert "noise multiplier 1000 spends" in refusal(**DP, dp_target_epsilon=0.001, num_rounds=3)
     assert "set exactly one" in refusal(**DP, dp_target_epsilon=4, dp_noise_multiplier=1)
@@ -96,3 +96,10 @@ def test_the_server_clips_an_unclipped_update_and_noises_the_fixed_denominator_m
     released = mean.release([update, update], base, {"a": (100_000,), "b": (2, 50_000)})
     noise = np.concatenate([released["a"], released["b"].reshape(-1)]) - 2 * update / 3
     assert noise.std() == pytest.approx(0.5 * 1.0 / 3, rel=0.02) and abs(noise.mean()) < 1e-3
+
+
+def test_wandb_gets_the_rounds_epsilon():
+    from zk0.server.tracking import round_metrics
+
+    logged = round_metrics({"privacy": {"epsilon": 2.5, "round_epsilon": 1.5, "noise_std": 0.1, "delta": 1e-5}})
+    assert logged == {"privacy/epsilon": 2.5, "privacy/round_epsilon": 1.5, "privacy/noise_std": 0.1}

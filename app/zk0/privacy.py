@@ -81,6 +81,10 @@ def dp_problems(s: ServerSettings) -> list[str]:
         problems.append(f"ZK0_WIRE_FORMAT={s.wire_format} with ZK0_DP=client: {s.wire_format} replies carry weights, "
                         "and the update the server reads from two rounded weights carries their rounding, which no "
                         "clipping on the node can bound; use fp32 or int8-delta (the update itself travels)")
+    if s.stats == "federated":
+        problems.append("ZK0_STATS=federated with ZK0_DP=client: each lab's normalisation statistics (means, "
+                        "deviations, minima, maxima of its frames) reach the server exactly before round 1 and ship "
+                        "in the model's processors; no noise covers them; use ZK0_STATS=base")
     return problems
 
 

@@ -1,7 +1,7 @@
 """`zk0 bench privacy`: what lab-level differential privacy costs the demo federation: the final server loss at
 several target epsilons (delta 1e-5 by default) over the run's rounds, beside the same federation without DP.
 
-Every arm is a real `zk0 local` run with ZK0_WIRE_FORMAT=fp32 (DP needs fp32 or int8-delta; the run without DP
+Every arm is a real `zk0 local` run with ZK0_WIRE_FORMAT=fp32 and ZK0_STATS=base (what DP needs; the run without DP
 uses the same); the DP arms set ZK0_DP=client, ZK0_DP_CLIP_NORM and ZK0_DP_TARGET_EPSILON, and the epsilon shown is
 the one the run's round records hold (Flower's RdpAccountant), not the target.
 """
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         s = ServerSettings.load(
             num_rounds=rounds, local_steps=args.local_steps or (2 if args.smoke else 30), seed=args.seed,
             learning_rate=1e-3, eval_batches=1 if args.smoke else None, min_nodes=args.nodes, eval_every=1,
-            checkpoint_every=rounds, wire_format="fp32", dp_delta=args.delta,
+            checkpoint_every=rounds, wire_format="fp32", dp_delta=args.delta, stats="base",
             base_policy=str(demo["base-policy"]), eval_dataset=str(demo["datasets"][SERVER]),
             eval_cameras=demo["cameras"][SERVER],
         )
