@@ -60,7 +60,7 @@ def test_the_ledger_matches_dp_accounting_round_by_round():
         config = ConfigRecord()
         mean.configure(config)
         mean.sample(2, 4)
-        spent.append(mean.spend({"1": 0.5}))
+        spent.append(mean.spend(1))
     assert config[KEY_CLIPPING_NORM] == 0.5
     assert [p["epsilon"] for p in spent] == pytest.approx([direct_epsilon(1.3, r) for r in (1, 2, 3)], rel=1e-9)
     assert all(p["round_epsilon"] == pytest.approx(direct_epsilon(1.3, 1), rel=1e-9) for p in spent)
@@ -68,7 +68,7 @@ def test_the_ledger_matches_dp_accounting_round_by_round():
     resumed = PrivateMean(clip_norm=0.5, noise=1.3, delta=1e-5, rounds_before=2)
     resumed.configure(ConfigRecord())
     resumed.sample(2, 4)
-    assert resumed.spend({})["epsilon"] == pytest.approx(spent[-1]["epsilon"], rel=1e-9)
+    assert resumed.spend(3)["epsilon"] == pytest.approx(spent[-1]["epsilon"], rel=1e-9)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", DELTA])

@@ -118,23 +118,11 @@ class ServerSettings(_Zk0Settings):
         None, ge=1, description="ZK0_AGGREGATION=multikrum: how many of the best-scored updates are averaged, >= 1; "
         "unset = Flower's 1 (Krum).",
     )
-    # Differential privacy (zk0.server.privacy, docs/privacy.md): each lab's update clipped on its node, Gaussian noise
-    # added by the server to the mean, the (epsilon, delta) spent written to every round record.
-    dp: Literal["off", "client"] = Field(
-        "off", description="off, or client: lab-level differential privacy, each node clipping its round's update "
-        "to ZK0_DP_CLIP_NORM before it leaves the node and the server adding Gaussian noise to the mean.",
-    )
-    dp_clip_norm: float | None = Field(
-        None, description="ZK0_DP=client: L2 norm each node clips its round's update (trained - received) to, > 0.",
-    )
-    dp_noise_multiplier: float | None = Field(
-        None, description="ZK0_DP=client: the server's noise std is this x ZK0_DP_CLIP_NORM / sampled nodes, > 0; "
-        "or set ZK0_DP_TARGET_EPSILON instead.",
-    )
-    dp_target_epsilon: float | None = Field(
-        None, description="ZK0_DP=client: the epsilon the whole run may spend; the noise multiplier is chosen to "
-        "reach it in ZK0_NUM_ROUNDS rounds (instead of ZK0_DP_NOISE_MULTIPLIER).",
-    )
+    # Differential privacy (zk0.privacy, zk0.server.privacy, docs/privacy.md): set the noise or the target epsilon.
+    dp: Literal["off", "client"] = Field("off", description="off, or client: lab-level DP (nodes clip, server noises).")
+    dp_clip_norm: float | None = Field(None, description="ZK0_DP=client: L2 norm each node clips its update to, > 0.")
+    dp_noise_multiplier: float | None = Field(None, description="Noise std = this x clip norm / sampled nodes, > 0.")
+    dp_target_epsilon: float | None = Field(None, description="Or the epsilon the run may spend (the noise follows).")
     dp_delta: float = Field(1e-5, description="ZK0_DP=client: the delta of (epsilon, delta), in (0, 1).")
     fraction_train: float = Field(
         1.0, gt=0, le=1, description="Share of nodes sampled per round for training and evaluation, in (0, 1]."
@@ -278,7 +266,6 @@ class ServerSettings(_Zk0Settings):
 
     @model_validator(mode="after")
     def _aggregation_settings(self) -> Self:
-        # One refusal names every problem of the defences and of differential privacy together.
         if problems := aggregation_problems(self) + dp_problems(self):
             raise ValueError("\n  ".join(problems))
         return self

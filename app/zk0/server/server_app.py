@@ -18,7 +18,7 @@ from ..settings import ServerSettings
 from .adaptive import mu_schedule
 from .grid import PromptGrid
 from .influence import Limits
-from .privacy import PrivateMean
+from .privacy import PrivateMean, private
 from .robust import robust_rule
 from .runtime import ServerRuntime
 from .server_opt import Zk0ServerOpt, server_optimizer
@@ -80,10 +80,13 @@ def build_strategy(settings: ServerSettings, runtime: ServerRuntime) -> Zk0FedPr
                       norm_factor=settings.norm_bound_factor, node_frames=runtime.node_frames),
         rule=robust_rule(settings),  # None: the weighted mean
         stats=lambda: runtime.stats,  # merged after the strategy is built (collect_stats)
-        privacy=PrivateMean.maybe(settings, runtime.start_round),  # None unless ZK0_DP is on
     )
     optimizer = server_optimizer(settings)  # None for ZK0_STRATEGY=fedprox: the mean is the server step
-    return Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)
+    privacy = PrivateMean.maybe(settings, runtime.start_round)  # None unless ZK0_DP is on
+    cls = Zk0FedProx if optimizer is None else Zk0ServerOpt
+    strategy = (private(cls) if privacy else cls)(*([optimizer] if optimizer else []), **hooks)
+    strategy.privacy = privacy
+    return strategy
 
 
 @app.main()

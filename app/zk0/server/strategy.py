@@ -6,7 +6,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterable
-from logging import ERROR, INFO, WARNING
+from logging import ERROR, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ from ..wire import (
     unpack,
 )
 from .influence import Limits, decode, update_norm, weighted_mean
-from .privacy import PrivateMean
 from .records import NODE_FIELDS, RunRecorder
 from .robust import robust_aggregate
 
@@ -78,12 +77,9 @@ class Zk0FedProx(FedProx):
         layout_tag: str = "", faults: Path | None = None, eval_in_train: bool = False, last_round: int = 0,
         after_node_eval: Callable[[int], None] | None = None, round_offset: int = 0,
         mu_schedule: Callable[[Iterable[dict]], float] | None = None, limits: Limits | None = None,
-        rule: FedAvg | None = None, stats: Callable[[], str] = str, privacy: PrivateMean | None = None, **kwargs,
+        rule: FedAvg | None = None, stats: Callable[[], str] = str, **kwargs,
     ):
         super().__init__(**kwargs)
-        # ZK0_DP=client (zk0.server.privacy): the clipped updates' noised mean replaces the weighted mean and the limits
-        self.privacy = privacy
-        self._norms: dict[str, float] = {}  # ZK0_DP: node -> the L2 norm its update arrived with, this round
         self.stats = stats  # the run's normalisation statistics (JSON; "": the base policy's), sent with messages
         self.limits = limits or Limits()  # bounded influence; off unless given (the ServerApp gives the settings')
         self.rule = rule  # ZK0_AGGREGATION's Flower class (zk0.server.robust); None: the weighted mean
@@ -121,17 +117,13 @@ class Zk0FedProx(FedProx):
         config["evaluate-first"] = self.eval_in_train and self.is_eval_round(server_round - 1)
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         self._layout = layout_fingerprint(self._shapes, self.layout_tag)
-        if self.wire_format == DELTA or self.limits.norm_factor or self.privacy:  # updates are measured from it
+        if self.wire_format == DELTA or self.limits.norm_factor:  # updates are measured from it
             self._base = pack(arrays.to_torch_state_dict(), "fp32")
         if self.mu_schedule is not None:  # FedProx's configure_train sends self.proximal_mu as the round's mu
             self.proximal_mu = self.mu_schedule(self.recorder.rounds.values())
         self.recorder.set(server_round, proximal_mu=self.proximal_mu)
         arrays = self._to_wire(arrays, config)
-        if self.privacy is not None:  # Flower's clipping-norm key in the nodes' config
-            self.privacy.configure(config)
         messages = _with_stats(list(super().configure_train(server_round, arrays, config, grid)), self.stats())
-        if self.privacy is not None:
-            self.privacy.sample(len(messages), len(list(grid.get_node_ids())))
         self._outbox = [m.metadata for m in messages]
         self._sent = {m.metadata.dst_node_id for m in messages}
         self.recorder.add_bytes(server_round, "sent", _payload_bytes(arrays) * len(messages))
@@ -192,8 +184,6 @@ class Zk0FedProx(FedProx):
         if len(accepted) < self.min_train_nodes:
             self._fail_round(server_round, accepted, rejected)
         arrays, metrics, limited = self._aggregate(accepted)
-        if self.privacy is not None and arrays is not None:
-            self._record_privacy(server_round)
         self.recorder.set(
             server_round,
             contributors=sorted(m.metadata.src_node_id for m in accepted),
@@ -264,8 +254,6 @@ class Zk0FedProx(FedProx):
         replies, _ = self._check_and_log_replies(replies, is_train=True)
         if not replies:
             return None, None, {}
-        if self.privacy is not None:
-            return self._aggregate_private(replies)
         nodes = [m.metadata.src_node_id for m in replies]
         names = [str((m.content.get("node") or {}).get("name", n)) for m, n in zip(replies, nodes, strict=True)]
         # Zero-copy views of the packed replies
@@ -291,33 +279,6 @@ class Zk0FedProx(FedProx):
         for i, why in notes.items():
             log(WARNING, "Limiting node %s's influence: %s", nodes[i], why)
         return ArrayRecord(merged), aggregated, {str(nodes[i]): why for i, why in sorted(notes.items())}
-
-    def _aggregate_private(self, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, dict[str, str]]:
-        """ZK0_DP=client: every lab weighs the same (1 / sampled labs) and its update is within the clipping norm,
-        so the share cap, the claims and the norm bound have nothing left to limit; what the server clipped."""
-        updates, self._norms, notes = [], {}, {}
-        for msg in replies:
-            node = str(msg.metadata.src_node_id)
-            arrays = {k: npy_view(v) for k, v in msg.content["arrays"].items()}
-            update, self._norms[node], why = self.privacy.update(arrays, self._base, self.wire_format)
-            updates.append(update)
-            if why:
-                notes[node] = why
-                log(WARNING, "Node %s: %s", node, why)
-        merged = self.privacy.release(updates, self._base, self._shapes)
-        metrics = [RecordDict({"m": MetricRecord({**dict(m.content["metrics"]), self.weighted_by_key: 1.0})})
-                   for m in replies]
-        aggregated = self.train_metrics_aggr_fn(metrics, self.weighted_by_key)
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in merged.items()}), aggregated, notes
-
-    def _record_privacy(self, server_round: int) -> None:
-        """The round's (epsilon, delta) in its record and the server log."""
-        spent = self.privacy.spend(self._norms)
-        self.recorder.set(server_round, privacy=spent)
-        log(INFO, "Round %d privacy: epsilon %.4g spent so far at delta %g (%.4g this round; noise multiplier %.4g, "
-            "clip norm %g, noise std %.3g, %d node(s) sampled)", server_round, spent["epsilon"], spent["delta"],
-            spent["round_epsilon"], spent["noise_multiplier"], spent["clip_norm"], spent["noise_std"],
-            spent["sampled_nodes"])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round = self.experiment_round(server_round)
