@@ -66,6 +66,7 @@ def run(s: ServerSettings, demo: dict, out: Path, args: argparse.Namespace) -> d
         rows.append(arm_result(name, arm, history, time.perf_counter() - started))
         if arm.dp != "off":
             rows[-1]["noise_multiplier_chosen"] = noise_multiplier(arm)
+        atomic_write_json(out / "arms.json", rows)  # every finished arm survives a run stopped before the last
     load.append(os.getloadavg()[0])
     return {
         "benchmark": "privacy", "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
