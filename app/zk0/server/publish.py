@@ -31,6 +31,9 @@ def _eval_table(history: list[dict]) -> str:
     return "\n".join(rows)
 
 
+SCHEDULE = "SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds"
+
+
 def model_card(settings, history: list[dict], server_round: int) -> str:
     """README.md text with Hub metadata, how the model was trained and how well it does."""
     nodes = {c.get("name", k): c.get("dataset", "?") for r in history for k, c in r.get("clients", {}).items()}
@@ -38,7 +41,6 @@ def model_card(settings, history: list[dict], server_round: int) -> str:
     # Local folders are named relative to the experiment's folder: a card never carries this machine's paths.
     here = Path(settings.output_dir)
     nodes = {name: describe(dataset, here) for name, dataset in nodes.items()}
-    schedule = "SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds"
     repo = settings.hf_repo_id or "PATH_TO_THIS_FOLDER"
     node_lines = "\n".join(f"- `{name}`: `{dataset}`" for name, dataset in sorted(nodes.items())) or "- (none recorded)"
     return f"""---
@@ -59,7 +61,7 @@ server aggregated the trainable weights (server step: {settings.strategy}).
 - FedProx mu: {settings.proximal_mu}
 - server strategy: {settings.strategy}
 - trained weights: {_trained(settings)}
-- peak learning rate: {settings.learning_rate} ({schedule})
+- peak learning rate: {settings.learning_rate} ({SCHEDULE})
 - local steps per round: {settings.local_steps}, batch size {settings.batch_size}
 - server evaluation dataset: `{describe(settings.eval_dataset, here) or 'none'}`
 - differential privacy: {_privacy(settings, history, server_round)}
