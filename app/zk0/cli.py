@@ -82,6 +82,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.attack import main as bench_main
 
         return bench_main(args.rest)
+    if args.name == "privacy":
+        from .bench.privacy import main as bench_main
+
+        return bench_main(args.rest)
     from .bench.perf import main as bench_main
 
     return bench_main([args.name, *args.rest])
@@ -205,7 +209,7 @@ def _add_push_bench_parsers(sub) -> None:
     push.add_argument("--repo-id", required=True, help="owner/name on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.set_defaults(func=_push)
-    names = ["learning", "attack", "wire", "step", "overhead", "aggregate", "demo", "scale", "cli", "gpu"]
+    names = ["learning", "attack", "privacy", "wire", "step", "overhead", "aggregate", "demo", "scale", "cli", "gpu"]
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(names)} (see docs/benchmarks.md)")
     bench.add_argument("name", choices=names)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for each)")

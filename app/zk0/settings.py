@@ -12,8 +12,9 @@ from pydantic import Field, field_validator, model_validator
 from .cameras import CameraMap
 from .hub import check_spec
 from .node_settings import NodeSettings
+from .privacy import dp_problems
 from .settings_base import ENV_PREFIX, SettingsError, default_cache_dir, resolve_device
-from .settings_secagg import SecAggSettings, secagg_problems
+from .settings_secagg import PrivacySettings, secagg_problems
 
 __all__ = [
     "AGGREGATION_SETTINGS", "ENV_PREFIX", "SERVER_OPT_SETTINGS", "NodeSettings", "ServerSettings", "SettingsError",
@@ -63,7 +64,7 @@ def aggregation_problems(s: ServerSettings) -> list[str]:
     return problems
 
 
-class ServerSettings(SecAggSettings):
+class ServerSettings(PrivacySettings):
     """What the ServerApp (and `zk0 local`) needs to run one experiment."""
 
     num_rounds: int = Field(3, ge=1, description="Federated rounds to run; set at least 1.")
@@ -265,7 +266,7 @@ class ServerSettings(SecAggSettings):
 
     @model_validator(mode="after")
     def _aggregation_settings(self) -> Self:
-        if problems := aggregation_problems(self):
+        if problems := aggregation_problems(self) + dp_problems(self):
             raise ValueError("\n  ".join(problems))
         return self
 

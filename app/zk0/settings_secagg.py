@@ -1,4 +1,5 @@
-"""The settings of ZK0_SECURE_AGGREGATION (Flower's SecAgg+, zk0.server.secagg) and what they cannot run with."""
+"""The privacy settings: ZK0_SECURE_AGGREGATION (Flower's SecAgg+, zk0.server.secagg) and what it cannot run with,
+and ZK0_DP (differential privacy; its checks are zk0.privacy's)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,14 @@ def secagg_problems(s) -> list[str]:
                         "needs at least 2 nodes a round (3 or more, or each node can subtract its own update from "
                         "the mean); raise it")
     return problems
+
+
+class PrivacySettings(SecAggSettings):
+    """ServerSettings' privacy fields: SecAgg+ (above) and differential privacy (zk0.privacy, docs/privacy.md)."""
+
+    # Differential privacy (zk0.privacy, zk0.server.privacy, docs/privacy.md): set the noise or the target epsilon.
+    dp: Literal["off", "client"] = Field("off", description="off, or client: lab-level DP (nodes clip, server noises).")
+    dp_clip_norm: float | None = Field(None, description="ZK0_DP=client: L2 norm each node clips its update to, > 0.")
+    dp_noise_multiplier: float | None = Field(None, description="Noise std = this x clip norm / sampled nodes, > 0.")
+    dp_target_epsilon: float | None = Field(None, description="Or the epsilon the run may spend (the noise follows).")
+    dp_delta: float = Field(1e-5, description="ZK0_DP=client: the delta of (epsilon, delta), in (0, 1).")

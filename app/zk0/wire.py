@@ -198,6 +198,13 @@ def quantize_delta(delta: np.ndarray) -> dict[str, np.ndarray]:
     return {PACKED: values.reshape(-1), SCALES: scales.astype(np.float32)}
 
 
+def dequantize(arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+    """An int8-delta reply's update as a flat fp32 array of `size` values."""
+    values = np.asarray(arrays[PACKED]).reshape(-1, DELTA_BLOCK).astype(np.float32)
+    values *= np.asarray(arrays[SCALES], dtype=np.float32)[:, None]
+    return values.reshape(-1)[:size]
+
+
 def aggregate_deltas(base: np.ndarray, updates: list[tuple[Mapping[str, np.ndarray], float]]) -> np.ndarray:
     """base (flat fp32) plus the weighted mean of int8-delta updates, a block row range at a time."""
     total = float(sum(weight for _, weight in updates))

@@ -94,23 +94,25 @@ def _wait_or_stop(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
-def run_env(s: ServerSettings, demo: dict, out: Path) -> dict[str, str]:
-    """The env-file values of one run: the arm's settings, then each node's dataset, cameras and personal folder."""
+def run_env(s: ServerSettings, demo: dict, out: Path, nodes: int = len(NODES)) -> dict[str, str]:
+    """The env-file values of one run: the arm's settings, then each node's dataset, cameras and personal folder
+    (the demo's first `nodes` nodes)."""
     values = {f"ZK0_{k.upper()}": v for k, v in s.model_dump(exclude_none=True).items()}
-    values.update({f"ZK0_NODE_{i}_DATASET": demo["datasets"][name] for i, name in enumerate(NODES)})
-    values.update({f"ZK0_NODE_{i}_CAMERAS": demo["cameras"][name] for i, name in enumerate(NODES)})
-    values.update({f"ZK0_NODE_{i}_PERSONAL_DIR": path for i, path in enumerate(personal_dirs(out).values())})
+    values.update({f"ZK0_NODE_{i}_DATASET": demo["datasets"][name] for i, name in enumerate(NODES[:nodes])})
+    values.update({f"ZK0_NODE_{i}_CAMERAS": demo["cameras"][name] for i, name in enumerate(NODES[:nodes])})
+    personal = list(personal_dirs(out).values())[:nodes]
+    values.update({f"ZK0_NODE_{i}_PERSONAL_DIR": path for i, path in enumerate(personal)})
     return values
 
 
-def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float) -> list[dict]:
-    """One real `zk0 local` run (SuperLink, four SuperNodes, ServerApp); return its history."""
+def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float, nodes: int = len(NODES)) -> list[dict]:
+    """One real `zk0 local` run (SuperLink, the demo's first `nodes` SuperNodes, ServerApp); return its history."""
     out = Path(s.output_dir)
     shutil.rmtree(out, ignore_errors=True)  # stale rounds or checkpoints would pass for this run's
     out.mkdir(parents=True)
     shutil.rmtree(out.with_name(f"{out.name}.nodes"), ignore_errors=True)
     env_file = out / "bench.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in run_env(s, demo, out).items()))
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in run_env(s, demo, out, nodes).items()))
     # The shell outranks an env-file in `zk0 local`: drop ZK0_ variables so FedAvg really gets mu = 0.
     env = {"HF_HUB_OFFLINE": "1", **QUIET}
     env.update({k: v for k, v in os.environ.items() if not k.startswith("ZK0_")})
@@ -128,11 +130,12 @@ def run_federated(arm: str, s: ServerSettings, demo: dict, timeout: float) -> li
     return json.loads((out / "history.json").read_text())
 
 
-def run_with_retries(arm: str, s: ServerSettings, demo: dict, timeout: float, retries: int) -> tuple[list[dict], int]:
+def run_with_retries(arm: str, s: ServerSettings, demo: dict, timeout: float, retries: int,
+                     nodes: int = len(NODES)) -> tuple[list[dict], int]:
     """run_federated, run again up to `retries` times when it fails; (its history, the failed attempts)."""
     for attempt in range(1 + retries):
         try:
-            return run_federated(arm, s, demo, timeout), attempt
+            return run_federated(arm, s, demo, timeout, nodes), attempt
         except RuntimeError as err:
             if attempt == retries:
                 raise

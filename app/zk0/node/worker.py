@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from ..attacks import hostile
 from ..lora import Adapter
 from ..settings import NodeSettings
 from ..train import TrainPlan
-from ..wire import DELTA, PACKED, down_format, pack, quantize_delta, unpack, views
+from ..wire import DELTA, PACKED, dequantize, down_format, pack, quantize_delta, unpack, views
 from .messages import KINDS, NodeReply, NodeRequest
 from .session import NodeSession, evaluate_on_node, open_session, receive_weights, stats_on_node, train_on_node
+
+log = logging.getLogger("zk0")
+CLIPPING_NORM = "clipping_norm"  # Flower's key for it (flwr.supercore.differential_privacy.KEY_CLIPPING_NORM)
 
 
 def _stamp(spec: str | None) -> tuple:
@@ -112,6 +116,38 @@ def train_and_pack(session: NodeSession, request: NodeRequest, received: np.ndar
         for attack in attacks:
             sent, metrics = attack.weights(sent, received, request.batch_seed), attack.metrics(metrics)
         state = {k: torch.from_numpy(v) for k, v in unpack(sent, session.shapes).items()}
+    if CLIPPING_NORM in config:  # ZK0_DP=client: the update is clipped here, before anything leaves the node
+        clip = float(config[CLIPPING_NORM])
+        arrays, norm = clipped_reply(pack(state, "fp32"), received.astype(np.float32), fmt, clip)
+        # The norm before clipping says something about this lab's data: it stays in the node's log.
+        log.info("%s: update L2 norm %.4g, clipped to %g", session.settings.display_name, norm, clip)
+        return metrics, arrays
     if fmt == DELTA:  # the update against the weights as received, not the trained weights
         return metrics, quantize_delta(pack(state, "fp32") - received.astype(np.float32))
     return metrics, {PACKED: pack(state, fmt)}
+
+
+def sent_update(arrays: dict, received: np.ndarray, fmt: str) -> np.ndarray:
+    """The update a packed reply carries, as the server reads it (flat fp32): the int8-delta dequantized, or the fp32
+    weights less the weights received."""
+    return dequantize(arrays, received.size) if fmt == DELTA else arrays[PACKED] - received
+
+
+def clipped_reply(trained: np.ndarray, received: np.ndarray, fmt: str, clip_norm: float) -> tuple[dict, float]:
+    """The reply's arrays for an update (trained - received, flat fp32) clipped to `clip_norm` with Flower's helper,
+    and the update's norm before clipping. Packing rounds (int8 steps, fp32 sums), so the update the server will read
+    is measured as it will be and scaled down until it too is within the norm."""
+    from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
+    if fmt != DELTA and fmt != "fp32":
+        raise ValueError(f"wire format {fmt}: a clipped update travels only as fp32 or int8-delta")
+    update = trained - received
+    norm = get_norm([update])
+    clip_inputs_inplace([update], clip_norm)
+    for _ in range(8):
+        arrays = quantize_delta(update) if fmt == DELTA else {PACKED: received + update}
+        sent = get_norm([sent_update(arrays, received, fmt)])
+        if sent <= clip_norm:
+            return arrays, norm
+        update *= np.float32(clip_norm / sent * (1 - 1e-5))
+    raise RuntimeError(f"could not pack an update within the clipping norm {clip_norm} ({sent} after rounding)")

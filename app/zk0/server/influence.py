@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..wire import DELTA, DELTA_BLOCK, PACKED, SCALES, aggregate, aggregate_deltas, unpack, views
+from ..wire import DELTA, DELTA_BLOCK, PACKED, SCALES, aggregate, aggregate_deltas, dequantize, unpack, views
 
+__all__ = ["Limits", "cap_shares", "decode", "dequantize", "update_norm", "weighted_mean"]
 MIN_FOR_NORM_BOUND = 3  # with two updates there is no majority to say which one is far off
 
 
@@ -85,13 +86,6 @@ class Limits:
                 notes[i] = (f"update L2 norm {dist:.4g} > ZK0_NORM_BOUND_FACTOR x the round's median "
                             f"= {self.norm_factor:g} x {median:.4g}: scaled by {scales[i]:.3g}")
         return scales, notes
-
-
-def dequantize(arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
-    """An int8-delta reply's update as a flat fp32 array of `size` values."""
-    values = np.asarray(arrays[PACKED]).reshape(-1, DELTA_BLOCK).astype(np.float32)
-    values *= np.asarray(arrays[SCALES], dtype=np.float32)[:, None]
-    return values.reshape(-1)[:size]
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], base: np.ndarray, fmt: str) -> float:

@@ -32,6 +32,9 @@ def _eval_table(history: list[dict]) -> str:
     return "\n".join(rows)
 
 
+SCHEDULE = "SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds"
+
+
 def model_card(settings, history: list[dict], server_round: int) -> str:
     """README.md text with Hub metadata, how the model was trained and how well it does."""
     nodes = {c.get("name", k): c.get("dataset", "?") for r in history for k, c in r.get("clients", {}).items()}
@@ -39,7 +42,6 @@ def model_card(settings, history: list[dict], server_round: int) -> str:
     # Local folders are named relative to the experiment's folder: a card never carries this machine's paths.
     here = Path(settings.output_dir)
     nodes = {name: describe(dataset, here) for name, dataset in nodes.items()}
-    schedule = "SmolVLA's AdamW and cosine-with-warm-up presets, one schedule across rounds"
     repo = settings.hf_repo_id or "PATH_TO_THIS_FOLDER"
     node_lines = "\n".join(f"- `{name}`: `{dataset}`" for name, dataset in sorted(nodes.items())) or "- (none recorded)"
     return f"""---
@@ -60,9 +62,10 @@ server aggregated the trainable weights (server step: {settings.strategy}).
 - FedProx mu: {settings.proximal_mu}
 - server strategy: {settings.strategy}
 - trained weights: {_trained(settings)}
-- peak learning rate: {settings.learning_rate} ({schedule})
+- peak learning rate: {settings.learning_rate} ({SCHEDULE})
 - local steps per round: {settings.local_steps}, batch size {settings.batch_size}
 - server evaluation dataset: `{describe(settings.eval_dataset, here) or 'none'}`
+- differential privacy: {_privacy(settings, history, server_round)}
 
 ## Evaluation
 
@@ -82,6 +85,17 @@ policy = SmolVLAPolicy.from_pretrained("{repo}")
 pre, post = make_pre_post_processors(policy.config, pretrained_path="{repo}")
 ```
 {_adapter_use(settings)}"""
+
+
+def _privacy(settings, history: list[dict], server_round: int) -> str:
+    """What the card says of differential privacy: off, or the (epsilon, delta) spent up to this round."""
+    spent = [r["privacy"] for r in history if r.get("privacy") and r["round"] <= server_round]
+    if settings.dp == "off" or not spent:
+        return "off (ZK0_DP=off)"
+    p = spent[-1]
+    return (f"lab-level (epsilon = {p['epsilon']:.3g}, delta = {p['delta']:g}) after {p['releases']} round(s): each "
+            f"lab's update clipped to L2 norm {p['clip_norm']:g} on its node, Gaussian noise (multiplier "
+            f"{p['noise_multiplier']:.3g}) added to the mean by the server; {p['accounting']}")
 
 
 def _card_data(settings, nodes: dict[str, str]) -> ModelCardData:

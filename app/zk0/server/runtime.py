@@ -45,6 +45,7 @@ EXPERIMENT_FIELDS = {
     "strategy", "server_learning_rate", "server_momentum", "server_beta_1", "server_beta_2", "server_tau",
     "adaptive_mu", "adaptive_mu_step", "adaptive_mu_patience", "adaptive_mu_max",
     "max_node_share", "norm_bound_factor", "aggregation", "trim_fraction", "byzantine_nodes", "multikrum_select",
+    "dp", "dp_clip_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta",  # a resumed run's ledger goes on
 }
 STATS_FILE = "norm-stats.json"
 FRAMES_FILE = "node-frames.json"  # training frames each node counted in its statistics, by node name

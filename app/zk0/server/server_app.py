@@ -18,6 +18,7 @@ from ..settings import ServerSettings
 from .adaptive import mu_schedule
 from .grid import PromptGrid
 from .influence import Limits
+from .privacy import PrivateMean, private
 from .robust import robust_rule
 from .runtime import ServerRuntime
 from .secagg import Zk0SecAggPlus, secaggplus_workflow
@@ -85,7 +86,11 @@ def build_strategy(settings: ServerSettings, runtime: ServerRuntime) -> Zk0FedPr
     if settings.secure_aggregation == "secaggplus":  # the settings refuse it with limits, robust rules, optimisers
         return Zk0SecAggPlus(secaggplus_workflow(settings), **hooks)
     optimizer = server_optimizer(settings)  # None for ZK0_STRATEGY=fedprox: the mean is the server step
-    return Zk0FedProx(**hooks) if optimizer is None else Zk0ServerOpt(optimizer, **hooks)
+    privacy = PrivateMean.maybe(settings, runtime.start_round)  # None unless ZK0_DP is on
+    cls = Zk0FedProx if optimizer is None else Zk0ServerOpt
+    strategy = (private(cls) if privacy else cls)(*([optimizer] if optimizer else []), **hooks)
+    strategy.privacy = privacy
+    return strategy
 
 
 @app.main()

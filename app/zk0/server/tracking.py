@@ -32,6 +32,9 @@ def round_metrics(record: dict) -> dict[str, float]:
             out[f"sim/{lab}/{key}"] = value
     for key, value in record.get("bytes", {}).items():
         out[f"bytes/{key}"] = value
+    for key in ("epsilon", "round_epsilon", "noise_std"):  # ZK0_DP: what the round spent (zk0.server.privacy)
+        if key in (record.get("privacy") or {}):
+            out[f"privacy/{key}"] = record["privacy"][key]
     if "contributors" in record:
         out["clients/contributors"] = len(record["contributors"])
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float) and not isinstance(v, bool)}
